@@ -1,1 +1,3 @@
-//! Being written.
+//! metal-hammer: the in-machine agent (being written).
+
+pub mod sys;
