@@ -1,1 +1,186 @@
-//! Being written.
+//! metal-lab: QEMU machines PXE booting from our own services, inside a private network
+//! namespace, driven end to end.
+//!
+//! A [`Lab`] is one namespace with a bridge (`10.99.0.1/24`), radvd, the API and pixie bound
+//! to the bridge address, and the catalog a lab needs. [`vm::Vm`]s join it on taps; their
+//! serial consoles go to files that tests wait on for markers, and their QEMU monitors are the
+//! lab's power control. Everything the lab starts is killed when it is dropped, and the
+//! namespace goes with the process; when a test fails, the serial consoles and service logs
+//! are printed.
+//!
+//! Tests must call [`netns::enter_private_netns`] (done by [`Lab::start`]) before any thread
+//! that should live in the lab is started, which is why lab tests build their tokio runtime
+//! themselves (see [`run_in_lab`]).
+
+pub mod netns;
+pub mod proc;
+pub mod services;
+pub mod vm;
+pub mod wait;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use metal_types::{Image, TokenRequest, TokenResponse, TokenRole};
+
+pub use services::{ApiClient, Paths};
+pub use vm::{DiskBus, DiskSpec, Firmware, Vm, VmSpec};
+pub use wait::{Deadline, LogCursor};
+
+use proc::Service;
+
+/// One running lab.
+pub struct Lab {
+    pub dir: PathBuf,
+    pub paths: Paths,
+    pub admin: ApiClient,
+    pub tenant: ApiClient,
+    pub images: Vec<Image>,
+    pub pixie_token: String,
+    pub admin_token: String,
+    pub vms: Vec<Vm>,
+    passed: bool,
+    api: Option<Service>,
+    pixie: Option<Service>,
+    radvd: Option<Service>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Lab {
+    /// Enters a private network namespace and starts everything. `dir` keeps the logs and
+    /// disks (a temporary directory when `None`; it is kept when `METAL_LAB_KEEP` is set).
+    pub async fn start(dir: Option<&Path>) -> Result<Lab> {
+        vm::check_host()?;
+        let paths = Paths::discover()?;
+        let (tmp, dir) = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.to_path_buf())
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("metal-lab-").tempdir()?;
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        netns::create_bridge()?;
+        let radvd = netns::start_radvd(&dir)?;
+        let admin_token = format!("adm_{}", uuid_like());
+        let api = services::start_api(&paths, &dir, &admin_token).await?;
+        let admin = ApiClient::new(&services::api_url(), &admin_token);
+        let images = services::bootstrap_catalog(&admin, &paths).await.context("bootstrap the lab catalog")?;
+        let pixie: TokenResponse = admin
+            .post("/v1/tokens", &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into() })
+            .await?;
+        let tenant: TokenResponse = admin
+            .post(
+                "/v1/tokens",
+                &TokenRequest { role: TokenRole::Tenant, project: Some(services::PROJECT.into()), description: "lab tenant".into() },
+            )
+            .await?;
+        let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token).await?;
+        let keep = std::env::var_os("METAL_LAB_KEEP").is_some();
+        let tmp = if keep { tmp.map(|t| { let _ = t.keep(); None }).flatten() } else { tmp };
+        Ok(Lab {
+            tenant: ApiClient::new(&services::api_url(), &tenant.token),
+            dir,
+            paths,
+            admin,
+            images,
+            pixie_token: pixie.token,
+            admin_token,
+            vms: Vec::new(),
+            passed: false,
+            api: Some(api),
+            pixie: Some(pixie_svc),
+            radvd: Some(radvd),
+            _tmp: tmp,
+        })
+    }
+
+    /// Adds a VM (powered off).
+    pub fn add_vm(&mut self, spec: VmSpec) -> Result<usize> {
+        let vm = Vm::create(spec, &self.dir)?;
+        self.vms.push(vm);
+        Ok(self.vms.len() - 1)
+    }
+
+    /// The newest image with this name.
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.images.iter().filter(|i| i.manifest.name == name).last()
+    }
+
+    /// Kills the API (like a crash) and starts it again on the same store.
+    pub async fn restart_api(&mut self, crash: bool) -> Result<()> {
+        if let Some(mut a) = self.api.take() {
+            if crash {
+                a.kill();
+            } else {
+                a.stop(std::time::Duration::from_secs(5));
+            }
+        }
+        self.api = Some(services::start_api(&self.paths, &self.dir, &self.admin_token).await?);
+        Ok(())
+    }
+
+    /// Stops pixie and starts it again.
+    pub async fn restart_pixie(&mut self) -> Result<()> {
+        if let Some(mut p) = self.pixie.take() {
+            p.stop(std::time::Duration::from_secs(5));
+        }
+        self.pixie = Some(services::start_pixie(&self.paths, &self.dir, &self.pixie_token).await?);
+        Ok(())
+    }
+
+    /// Marks the scenario as passed; a lab dropped without it prints its failure report.
+    pub fn pass(&mut self) {
+        self.passed = true;
+    }
+
+    /// The serial consoles and service logs, for a failure report.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        for vm in &self.vms {
+            s.push_str(&format!("\n===== serial console of {} (last 80 lines) =====\n{}\n", vm.spec.name, vm.serial_tail(80)));
+        }
+        for svc in [&self.api, &self.pixie, &self.radvd].into_iter().flatten() {
+            s.push_str(&format!("\n===== {} log (last 60 lines) =====\n{}\n", svc.name, svc.tail(60)));
+        }
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.passed {
+            eprintln!("{}", self.report());
+            eprintln!("lab directory: {}", self.dir.display());
+        }
+        for vm in &mut self.vms {
+            vm.power_off();
+        }
+    }
+}
+
+/// Runs `body` inside a fresh lab namespace on a runtime whose threads all live there.
+/// On error the lab's report is printed before the error is returned.
+pub fn run_in_lab<F, Fut>(body: F) -> Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    netns::enter_private_netns()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(body())
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    format!("{n:x}{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}

@@ -1,0 +1,289 @@
+//! The lab's services: the API and pixie bound to the bridge address, and the catalog a lab
+//! needs (partition, size, layout, project, images, tokens).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use metal_types::*;
+
+use crate::netns::HOST_IP;
+use crate::proc::Service;
+use crate::wait::{until, Deadline};
+
+pub const API_PORT: u16 = 8080;
+pub const PIXIE_HTTP_PORT: u16 = 8081;
+pub const PARTITION: &str = "lab";
+pub const SIZE: &str = "lab-small";
+pub const LAYOUT: &str = "lab-efi-ext4";
+pub const PROJECT: &str = "tenant-a";
+
+pub fn api_url() -> String {
+    format!("http://{HOST_IP}:{API_PORT}")
+}
+
+pub fn pixie_url() -> String {
+    format!("http://{HOST_IP}:{PIXIE_HTTP_PORT}")
+}
+
+/// Where the workspace's binaries and lab artifacts are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub bin_dir: PathBuf,
+    pub hammer_dir: PathBuf,
+    pub images_dir: PathBuf,
+}
+
+impl Paths {
+    /// From the workspace layout; `METAL_BIN_DIR` overrides where binaries are looked up
+    /// (the demo uses release builds) and `METAL_LAB_ARTIFACTS` where `hammer/` and `images/` are.
+    pub fn discover() -> Result<Paths> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let bin_dir = std::env::var_os("METAL_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| target.join("debug"));
+        let artifacts = std::env::var_os("METAL_LAB_ARTIFACTS").map(PathBuf::from).unwrap_or_else(|| target.join("lab"));
+        let p = Paths { root, bin_dir, hammer_dir: artifacts.join("hammer"), images_dir: artifacts.join("images") };
+        for bin in ["metal-api", "pixie", "metalctl"] {
+            if !p.bin(bin).exists() {
+                bail!("{} is missing: build the workspace first (cargo build --workspace)", p.bin(bin).display());
+            }
+        }
+        for f in ["vmlinuz", "initrd.img"] {
+            if !p.hammer_dir.join(f).exists() {
+                bail!("{} is missing: run scripts/build-lab first", p.hammer_dir.join(f).display());
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Manifests of the images built for the lab, newest version last per name.
+    pub fn image_manifests(&self) -> Result<Vec<(PathBuf, ImageManifest)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.images_dir).with_context(|| format!("read {}", self.images_dir.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let m: ImageManifest = serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parse {}", p.display()))?;
+                out.push((p, m));
+            }
+        }
+        out.sort_by(|a, b| (&a.1.name, &a.1.version).cmp(&(&b.1.name, &b.1.version)));
+        Ok(out)
+    }
+}
+
+/// A thin typed client for what the lab asks of the API.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub base: String,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: &str) -> ApiClient {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client");
+        ApiClient { base: base.to_string(), token: token.to_string(), http }
+    }
+
+    pub async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
+        let resp = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(body).send().await?;
+        decode(resp, path).await
+    }
+
+    pub async fn get<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R> {
+        let resp = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        decode(resp, path).await
+    }
+
+    pub async fn delete<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R> {
+        let resp = self.http.delete(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        decode(resp, path).await
+    }
+
+    pub async fn machine(&self, id: MachineId) -> Result<Machine> {
+        self.get(&format!("/v1/machines/{id}")).await
+    }
+
+    pub async fn events(&self, id: MachineId) -> Result<Vec<MachineEvent>> {
+        self.get(&format!("/v1/machines/{id}/events")).await
+    }
+
+    /// Waits until the machine's timeline holds `event` (at or after index `from`); returns
+    /// the index just past it. Fails at once on `Crashed` unless that is what is awaited.
+    pub async fn wait_event(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize) -> Result<usize> {
+        let r = until(deadline, &format!("event {event:?} of machine {id}"), || async {
+            let evs = self.events(id).await.ok()?;
+            for (i, e) in evs.iter().enumerate().skip(from) {
+                if e.event == event {
+                    return Some(Ok(i + 1));
+                }
+                if e.event == ProvisioningEvent::Crashed && event != ProvisioningEvent::Crashed {
+                    return Some(Err(e.message.clone()));
+                }
+            }
+            None
+        })
+        .await?;
+        r.map_err(|msg| anyhow::anyhow!("machine {id} reported Crashed while waiting for {event}: {msg}"))
+    }
+}
+
+async fn decode<R: serde::de::DeserializeOwned>(resp: reqwest::Response, path: &str) -> Result<R> {
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+    }
+    let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+    serde_json::from_slice(body).with_context(|| format!("{path}: decode {}", String::from_utf8_lossy(&bytes)))
+}
+
+/// Starts the API on the bridge address with a SQLite store in `dir`.
+pub async fn start_api(paths: &Paths, dir: &Path, admin_token: &str) -> Result<Service> {
+    let mut cmd = Command::new(paths.bin("metal-api"));
+    cmd.arg("--listen").arg(format!("{HOST_IP}:{API_PORT}"));
+    cmd.arg("--db").arg(format!("sqlite://{}", dir.join("metal.db").display()));
+    cmd.arg("--admin-token").arg(admin_token);
+    cmd.env("RUST_LOG", "info");
+    let svc = Service::spawn("metal-api", cmd, &dir.join("metal-api.log"))?;
+    let deadline = Deadline::new("api start", Duration::from_secs(30));
+    let http = reqwest::Client::new();
+    until(&deadline, "API /healthz", || async {
+        let r = http.get(format!("{}/healthz", api_url())).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await?;
+    Ok(svc)
+}
+
+/// The pixie configuration for the lab.
+pub fn pixie_config(paths: &Paths, dir: &Path, pixie_token: &str) -> String {
+    format!(
+        r#"partition = "{PARTITION}"
+
+[api]
+url = "{api}"
+token = "{pixie_token}"
+
+[dhcp]
+mode = "server"
+interface = "{bridge}"
+server_ip = "{HOST_IP}"
+lease_file = "{leases}"
+
+[dhcp.pool]
+subnet = "10.99.0.0/24"
+start = "10.99.0.100"
+end = "10.99.0.199"
+router = "{HOST_IP}"
+dns = ["{HOST_IP}"]
+domain = "lab"
+lease_time_s = 3600
+
+[tftp]
+listen = "{HOST_IP}:69"
+root = "/usr/lib/ipxe"
+
+[http]
+listen = "{HOST_IP}:{PIXIE_HTTP_PORT}"
+public_url = "{pixie}"
+hammer_dir = "{hammer}"
+images_dir = "{images}"
+"#,
+        api = api_url(),
+        bridge = crate::netns::BRIDGE,
+        leases = dir.join("leases.json").display(),
+        pixie = pixie_url(),
+        hammer = paths.hammer_dir.display(),
+        images = paths.images_dir.display(),
+    )
+}
+
+/// Starts pixie with the lab configuration.
+pub async fn start_pixie(paths: &Paths, dir: &Path, pixie_token: &str) -> Result<Service> {
+    let conf = dir.join("pixie.toml");
+    std::fs::write(&conf, pixie_config(paths, dir, pixie_token))?;
+    let mut cmd = Command::new(paths.bin("pixie"));
+    cmd.arg("--config").arg(&conf);
+    cmd.env("RUST_LOG", "info");
+    let svc = Service::spawn("pixie", cmd, &dir.join("pixie.log"))?;
+    let deadline = Deadline::new("pixie start", Duration::from_secs(30));
+    let http = reqwest::Client::new();
+    until(&deadline, "pixie /healthz", || async {
+        let r = http.get(format!("{}/healthz", pixie_url())).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await?;
+    Ok(svc)
+}
+
+/// The lab's catalog: partition, size, layout, project, and every image built for the lab.
+pub async fn bootstrap_catalog(admin: &ApiClient, paths: &Paths) -> Result<Vec<Image>> {
+    let partition = Partition {
+        id: PARTITION.into(),
+        description: "the QEMU lab".into(),
+        boot: PartitionBoot {
+            kernel_url: format!("{}/hammer/vmlinuz", pixie_url()),
+            initrd_url: format!("{}/hammer/initrd.img", pixie_url()),
+            cmdline: "console=ttyS0".into(),
+            api_url: api_url(),
+        },
+    };
+    let _: serde_json::Value = admin.post("/v1/partitions", &partition).await?;
+    const GIB: u64 = 1 << 30;
+    let size = Size {
+        id: SIZE.into(),
+        description: "lab VM".into(),
+        constraints: vec![
+            SizeConstraint { kind: ConstraintKind::Cores, min: 1, max: 64 },
+            SizeConstraint { kind: ConstraintKind::Memory, min: GIB / 2, max: 64 * GIB },
+            SizeConstraint { kind: ConstraintKind::Storage, min: GIB, max: 1024 * GIB },
+        ],
+    };
+    let _: serde_json::Value = admin.post("/v1/sizes", &size).await?;
+    let layout = lab_layout();
+    let _: serde_json::Value = admin.post("/v1/layouts", &layout).await?;
+    let project = Project { id: PROJECT.into(), description: "lab tenant".into() };
+    let _: serde_json::Value = admin.post("/v1/projects", &project).await?;
+    let mut images = Vec::new();
+    for (path, manifest) in paths.image_manifests()? {
+        let file = path.file_name().unwrap().to_string_lossy().trim_end_matches(".json").to_string();
+        let image = Image {
+            id: String::new(),
+            url: format!("{}/images/{file}", pixie_url()),
+            classification: ImageClassification::Supported,
+            expires_at: None,
+            manifest,
+        };
+        let created: Image = admin.post("/v1/images", &image).await?;
+        images.push(created);
+    }
+    Ok(images)
+}
+
+/// ESP + ext4 root on the first disk.
+pub fn lab_layout() -> FilesystemLayout {
+    FilesystemLayout {
+        id: LAYOUT.into(),
+        description: "ESP and ext4 root on the first disk".into(),
+        disks: vec![LayoutDisk {
+            device: "first".into(),
+            partitions: vec![
+                GptPartition { number: 1, label: "efi".into(), size_mib: 64, gpt_type: GptType::Efi },
+                GptPartition { number: 2, label: "root".into(), size_mib: 0, gpt_type: GptType::Linux },
+            ],
+        }],
+        filesystems: vec![
+            Filesystem { source: "first:1".into(), kind: FsKind::Vfat, mount: Some("/boot/efi".into()), label: Some("EFI".into()), options: None },
+            Filesystem { source: "first:2".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()), options: None },
+        ],
+        sizes: vec![],
+        images: vec![],
+    }
+}
