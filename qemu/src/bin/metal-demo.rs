@@ -1,0 +1,177 @@
+//! The demo: one QEMU machine provisioned end to end on the embedded defaults (SQLite), with
+//! the provisioning timeline shown as it happens. Run through `scripts/demo` (as root).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use metal_lab::services::{PARTITION, PROJECT, SIZE};
+use metal_lab::{run_in_lab, Deadline, Lab, VmSpec};
+use metal_types::{Allocation, AllocationRequest, MachineEvent, ProvisioningEvent as Ev};
+
+#[derive(Parser)]
+#[command(about = "Provision a QEMU machine end to end and keep it running until Ctrl-C")]
+struct Args {
+    /// Image name to install (default: debian-12 when built, else test-os).
+    #[arg(long)]
+    image: Option<String>,
+    /// Where the lab keeps logs, disks and the SSH key.
+    #[arg(long, default_value = "/tmp/metal-demo")]
+    dir: PathBuf,
+    /// Memory of the machine in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory_mib: u64,
+    /// Stop after the machine phoned home instead of waiting for Ctrl-C.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir)?;
+    run_in_lab(|| demo(args))
+}
+
+async fn demo(args: Args) -> Result<()> {
+    let started = Instant::now();
+    println!("==> starting the lab: network namespace, radvd, metal-api (SQLite), pixie");
+    let mut lab = Lab::start(Some(&args.dir)).await?;
+    let image = match &args.image {
+        Some(n) => lab.image(n).with_context(|| format!("no image named {n} was built (scripts/build-lab)"))?,
+        None => lab.image("debian-12").or_else(|| lab.image("test-os")).context("no image built")?,
+    }
+    .clone();
+    println!("    API {}  pixie {}  image {} ({} MB compressed)", metal_lab::services::api_url(), metal_lab::services::pixie_url(), image.id, image.manifest.compressed_size / 1_000_000);
+
+    let key = args.dir.join("id_ed25519");
+    let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "metal-demo", "-f"]).arg(&key).status();
+    let pubkey = match status {
+        Ok(s) if s.success() => std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string(),
+        _ => {
+            println!("    (ssh-keygen not found: the machine gets no SSH key)");
+            String::new()
+        }
+    };
+
+    let i = lab.add_vm(VmSpec::new("demo1", 1).memory_mib(args.memory_mib))?;
+    let id = lab.vms[i].machine_id();
+    println!("==> powering on machine {id} (BIOS, PXE); serial console: {}", lab.vms[i].serial.display());
+    lab.vms[i].power_on()?;
+    let mut timeline = Timeline::new(started);
+
+    let d = Deadline::new("power-on to Waiting", Duration::from_secs(300));
+    follow(&lab, &mut timeline, id, Ev::Waiting, &d).await?;
+    let waiting_at = started.elapsed();
+
+    println!("==> allocating it: hostname demo1, image {}", image.id);
+    let req = AllocationRequest {
+        project: PROJECT.into(),
+        partition: PARTITION.into(),
+        size: Some(SIZE.into()),
+        machine: None,
+        image: image.id.clone(),
+        hostname: "demo1".into(),
+        layout: None,
+        ssh_keys: if pubkey.is_empty() { vec![] } else { vec![pubkey] },
+        user_data: serde_json::json!({"expect": {"hostname": "demo1"}}).to_string(),
+        idempotency_key: Some("metal-demo".into()),
+    };
+    let t_alloc = Instant::now();
+    let alloc: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+    println!("    allocation {} on machine {}", alloc.id, alloc.machine);
+    let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(600));
+    follow(&lab, &mut timeline, id, Ev::PhonedHome, &d).await?;
+    let to_phone_home = t_alloc.elapsed();
+
+    println!();
+    println!("==> machine {id} is running {}", image.id);
+    println!("    power-on → Waiting:        {:>6.1} s", waiting_at.as_secs_f64());
+    println!("    allocation → Phoned Home:  {:>6.1} s", to_phone_home.as_secs_f64());
+    let ip = lease_ip(&lab, &lab.vms[i].spec.mac());
+    let me = std::process::id();
+    println!("    reach it from the lab namespace (in another shell, as root):");
+    if let Some(ip) = ip {
+        println!("      nsenter --net=/proc/{me}/ns/net ssh -i {} -o StrictHostKeyChecking=no root@{ip}", key.display());
+    }
+    println!("      nsenter --net=/proc/{me}/ns/net {} --api-url {} --token {} machine ls", lab.paths.bin("metalctl").display(), metal_lab::services::api_url(), lab.admin_token);
+    println!("    serial console: tail -f {}", lab.vms[i].serial.display());
+    lab.pass();
+    if !args.no_wait {
+        println!("==> press Ctrl-C to stop the machine and clean up");
+        tokio::signal::ctrl_c().await?;
+        println!("==> cleaning up");
+    }
+    Ok(())
+}
+
+/// Prints the machine's events as they arrive until `until` is seen.
+async fn follow(lab: &Lab, tl: &mut Timeline, id: metal_types::MachineId, until: Ev, d: &Deadline) -> Result<()> {
+    loop {
+        let events = lab.admin.events(id).await.unwrap_or_default();
+        for e in events.iter().skip(tl.printed) {
+            tl.print(e);
+        }
+        tl.printed = events.len();
+        if let Some(e) = events.iter().rev().find(|e| e.event == Ev::Crashed) {
+            anyhow::bail!("machine crashed: {}", e.message);
+        }
+        if events.iter().any(|e| e.event == until) && tl.seen(until) {
+            return Ok(());
+        }
+        if d.expired() {
+            anyhow::bail!("timed out in phase {:?}\n{}", d.phase, lab.report());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+struct Timeline {
+    started: Instant,
+    printed: usize,
+    counts: HashMap<Ev, usize>,
+    last: Option<Instant>,
+}
+
+impl Timeline {
+    fn new(started: Instant) -> Timeline {
+        Timeline { started, printed: 0, counts: HashMap::new(), last: None }
+    }
+    fn print(&mut self, e: &MachineEvent) {
+        let now = Instant::now();
+        let delta = self.last.map(|l| now - l).unwrap_or_default();
+        self.last = Some(now);
+        *self.counts.entry(e.event).or_default() += 1;
+        let flag = if e.unexpected { "  (unexpected)" } else { "" };
+        println!("    {:>7.1} s  (+{:>5.1} s)  {:<20} {}{flag}", self.started.elapsed().as_secs_f64(), delta.as_secs_f64(), e.event.as_str(), e.message);
+    }
+    fn seen(&self, ev: Ev) -> bool {
+        self.counts.get(&ev).copied().unwrap_or(0) > 0
+    }
+}
+
+/// The address pixie leased to `mac`, read from its lease file.
+fn lease_ip(lab: &Lab, mac: &str) -> Option<String> {
+    let text = std::fs::read_to_string(lab.dir.join("leases.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok().or_else(|| {
+        // A journal of JSON lines: the last entry for the MAC wins.
+        text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.to_string().contains(mac))
+    })?;
+    find_ip_for_mac(&v, mac)
+}
+
+fn find_ip_for_mac(v: &serde_json::Value, mac: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_ip_for_mac(x, mac)),
+        serde_json::Value::Object(o) => {
+            if o.values().any(|x| x.as_str().is_some_and(|s| s.eq_ignore_ascii_case(mac))) {
+                return o.values().filter_map(|x| x.as_str()).find(|s| s.parse::<std::net::Ipv4Addr>().is_ok()).map(String::from);
+            }
+            o.values().find_map(|x| find_ip_for_mac(x, mac))
+        }
+        _ => None,
+    }
+}
