@@ -153,14 +153,14 @@ impl Vm {
             cmd.arg("-drive").arg(format!("file={},if=none,id={id},format=raw,cache=unsafe", p.display()));
             let serial = format!("LAB{:02x}D{i}", s.index);
             let dev = match d.bus {
-                DiskBus::Virtio => format!("virtio-blk-pci,drive={id},serial={serial}"),
-                DiskBus::Nvme => format!("nvme,drive={id},serial={serial}"),
+                DiskBus::Virtio => format!("virtio-blk-pci,drive={id},serial={serial},bootindex={}", i + 2),
+                DiskBus::Nvme => format!("nvme,drive={id},serial={serial},bootindex={}", i + 2),
                 DiskBus::Sata => {
                     if !sata_bus {
                         cmd.args(["-device", "ahci,id=ahci0"]);
                         sata_bus = true;
                     }
-                    format!("ide-hd,drive={id},bus=ahci0.{i},serial={serial}")
+                    format!("ide-hd,drive={id},bus=ahci0.{i},serial={serial},bootindex={}", i + 2)
                 }
             };
             cmd.args(["-device", &dev]);

@@ -3,45 +3,15 @@
 //! These need root, QEMU and the lab artifacts (`scripts/build-lab`); they run in the nextest
 //! profile `e2e` (see `.config/nextest.toml`) and are ignored by plain `cargo test`.
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use metal_lab::services::{self, PARTITION, PROJECT, SIZE};
+use anyhow::{ensure, Context, Result};
+use common::{allocate, metalctl, OLD_DATA};
+use metal_lab::services::SIZE;
 use metal_lab::{run_in_lab, Deadline, Lab, VmSpec};
-use metal_types::{Allocation, Machine, ProvisioningEvent as Ev};
-
-const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMetalLabTestKeyOnlyForTheVerifier lab@test";
-const OLD_DATA: &[u8] = b"TENANT-DATA-THAT-MUST-BE-WIPED";
-
-fn metalctl(lab: &Lab, token: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(lab.paths.bin("metalctl"))
-        .args(["--api-url", &services::api_url(), "--token", token])
-        .args(args)
-        .output()
-        .context("run metalctl")?;
-    if !out.status.success() {
-        bail!("metalctl {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn user_data(hostname: &str) -> String {
-    serde_json::json!({ "expect": { "hostname": hostname, "ssh_key": SSH_KEY, "userdata_marker": "lab-marker-42" } }).to_string()
-}
-
-async fn allocate(lab: &Lab, hostname: &str, image: &str) -> Result<Allocation> {
-    let ud = user_data(hostname);
-    let out = metalctl(
-        lab,
-        &lab.tenant.token,
-        &[
-            "machine", "allocate", "--project", PROJECT, "--partition", PARTITION, "--size", SIZE, "--image", image,
-            "--hostname", hostname, "--ssh-key", SSH_KEY, "--user-data", &ud, "-o", "json",
-        ],
-    )?;
-    serde_json::from_str(&out).with_context(|| format!("metalctl allocate printed {out}"))
-}
+use metal_types::{Machine, ProvisioningEvent as Ev};
 
 /// Scenarios 1 and 4: a BIOS machine PXE boots into metal-hammer, registers with the right
 /// inventory, wipes its disk, waits; is allocated with the test OS, installs it, kexecs, phones

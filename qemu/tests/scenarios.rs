@@ -1,0 +1,128 @@
+//! End-to-end scenarios beyond the basic lifecycle (see `lifecycle.rs` for how they run).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::{allocate, metalctl};
+use metal_lab::{run_in_lab, Deadline, DiskBus, DiskSpec, Firmware, Lab, VmSpec};
+use metal_types::{Image, ProvisioningEvent as Ev};
+
+/// Scenarios 2 and 3: a UEFI machine whose NIC has no option ROM, so OVMF's own PXE fetches
+/// `ipxe.efi` from pixie's TFTP; installs onto an NVMe disk; then is reset, is told by pixie to
+/// boot from its local disk, and its installed OS phones home again.
+#[test]
+#[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
+fn uefi_nvme_install_and_reboot_from_disk() -> Result<()> {
+    run_in_lab(|| async {
+        let mut lab = Lab::start(None).await?;
+        let image = lab.image("test-os").context("no test-os image")?.id.clone();
+        let spec = VmSpec::new("uefi1", 2).firmware(Firmware::Uefi).disks(vec![DiskSpec { bus: DiskBus::Nvme, size_mib: 2048 }]);
+        let i = lab.add_vm(spec)?;
+        let id = lab.vms[i].machine_id();
+        let mut serial = lab.vms[i].serial_cursor();
+        lab.vms[i].power_on()?;
+
+        let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
+        let mut seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
+        let m = lab.admin.machine(id).await?;
+        let inv = m.inventory.context("no inventory")?;
+        ensure!(inv.disks.iter().any(|d| d.name.starts_with("nvme") && d.bus == "nvme"), "no NVMe disk in {:?}", inv.disks);
+
+        allocate(&lab, "uefi1", &image).await?;
+        let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(180));
+        seen = lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
+        serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+
+        lab.vms[i].reset()?;
+        let d = Deadline::new("reboot from disk to Phoned Home", Duration::from_secs(180));
+        serial.wait_for(&d, "TEST-OS booted", &["METAL-HAMMER stage=boot"]).await?;
+        lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
+        serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+        lab.pass();
+        Ok(())
+    })
+}
+
+/// Scenario 5: three machines boot together; three allocations land on three machines.
+#[test]
+#[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
+fn three_machines_at_once() -> Result<()> {
+    run_in_lab(|| async {
+        let mut lab = Lab::start(None).await?;
+        let image = lab.image("test-os").context("no test-os image")?.id.clone();
+        for n in 0..3u8 {
+            let i = lab.add_vm(VmSpec::new(&format!("multi{n}"), 10 + n).memory_mib(768))?;
+            lab.vms[i].power_on()?;
+        }
+        let d = Deadline::new("three machines to Waiting", Duration::from_secs(360));
+        for vm in &lab.vms {
+            lab.admin.wait_event(&d, vm.machine_id(), Ev::Waiting, 0).await?;
+        }
+        let mut machines = Vec::new();
+        for n in 0..3 {
+            machines.push(allocate(&lab, &format!("multi-{n}"), &image).await?.machine);
+        }
+        machines.sort();
+        machines.dedup();
+        ensure!(machines.len() == 3, "allocations landed on {} distinct machines, not 3", machines.len());
+        let err = allocate(&lab, "one-too-many", &image).await.err().context("a fourth allocation succeeded with three machines")?;
+        ensure!(format!("{err:#}").contains("no_machine_available"), "fourth allocation failed without the clear error: {err:#}");
+        let d = Deadline::new("three installs to Phoned Home", Duration::from_secs(360));
+        for vm in &lab.vms {
+            lab.admin.wait_event(&d, vm.machine_id(), Ev::PhonedHome, 0).await?;
+        }
+        lab.pass();
+        Ok(())
+    })
+}
+
+/// Scenario 6: an image whose checksum does not match → `Crashed` with the reason, no kexec,
+/// and after the tenant frees it the machine is clean and waiting again. Meanwhile the API is
+/// killed and restarted while the machine waits, and pixie is restarted while it boots.
+#[test]
+#[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
+fn faults_bad_checksum_and_service_restarts() -> Result<()> {
+    run_in_lab(|| async {
+        let mut lab = Lab::start(None).await?;
+        let good = lab.image("test-os").context("no test-os image")?.clone();
+        let mut bad: Image = good.clone();
+        bad.manifest.version = format!("{}-badsum", good.manifest.version);
+        bad.manifest.sha256 = "0".repeat(64);
+        bad.id = String::new();
+        let bad: Image = lab.admin.post("/v1/images", &bad).await?;
+
+        let i = lab.add_vm(VmSpec::new("fault1", 3))?;
+        let id = lab.vms[i].machine_id();
+        let mut serial = lab.vms[i].serial_cursor();
+        lab.vms[i].power_on()?;
+        // pixie restarted while the machine is in the middle of PXE.
+        let d = Deadline::new("PXE", Duration::from_secs(120));
+        lab.admin.wait_event(&d, id, Ev::PxeBooting, 0).await?;
+        lab.restart_pixie().await?;
+        let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
+        let mut seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
+
+        // The API crashes while the machine waits; the machine reconnects.
+        lab.restart_api(true).await?;
+        allocate(&lab, "fault1", &bad.id).await?;
+        let d = Deadline::new("bad image to Crashed", Duration::from_secs(180));
+        seen = lab.admin.wait_event(&d, id, Ev::Crashed, seen).await?;
+        let events = lab.admin.events(id).await?;
+        let crash = events.iter().rev().find(|e| e.event == Ev::Crashed).unwrap();
+        ensure!(crash.message.to_lowercase().contains("checksum") || crash.message.contains("sha256"), "Crashed without the reason: {:?}", crash.message);
+        ensure!(!events.iter().any(|e| e.event == Ev::BootingNewKernel), "a bad image reached Booting New Kernel");
+
+        metalctl(&lab, &lab.tenant.token, &["machine", "free", &id.to_string()])?;
+        let d = Deadline::new("crash to clean Waiting", Duration::from_secs(240));
+        seen = lab.admin.wait_event(&d, id, Ev::Waiting, seen).await?;
+        ensure!(!lab.vms[i].serial_tail(400).contains("TEST-OS booted"), "the bad image was booted");
+        allocate(&lab, "fault1-good", &good.id).await?;
+        let d = Deadline::new("good image to Phoned Home", Duration::from_secs(180));
+        lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
+        serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+        lab.pass();
+        Ok(())
+    })
+}
