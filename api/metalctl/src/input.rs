@@ -37,20 +37,29 @@ pub fn looks_like_json(text: &str) -> bool {
     matches!(text.trim_start().chars().next(), Some('{' | '['))
 }
 
+/// What a file held: its objects, and whether they came as a list (so output keeps the shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objects<T> {
+    pub items: Vec<T>,
+    pub list: bool,
+}
+
 /// Parses one object or a list of objects of type `T`. `path` and `noun` name the source in
 /// errors; the parser's own message carries line and column.
 pub fn parse_objects<T: DeserializeOwned>(
     text: &str,
     path: &str,
     noun: &'static str,
-) -> Result<Vec<T>, InputError> {
-    let objects = if looks_like_json(text) {
+) -> Result<Objects<T>, InputError> {
+    let list;
+    let items = if looks_like_json(text) {
         let json = |source| InputError::Json {
             path: path.to_string(),
             noun,
             source,
         };
-        if text.trim_start().starts_with('[') {
+        list = text.trim_start().starts_with('[');
+        if list {
             serde_json::from_str::<Vec<T>>(text).map_err(json)?
         } else {
             vec![serde_json::from_str::<T>(text).map_err(json)?]
@@ -63,26 +72,28 @@ pub fn parse_objects<T: DeserializeOwned>(
         };
         // Look at the shape first, then parse the text again as that shape, so errors keep
         // their line numbers.
-        match serde_yaml::from_str::<serde_yaml::Value>(text).map_err(yaml)? {
+        let shape = serde_yaml::from_str::<serde_yaml::Value>(text).map_err(yaml)?;
+        list = shape.is_sequence();
+        match shape {
             serde_yaml::Value::Null => Vec::new(),
             serde_yaml::Value::Sequence(_) => serde_yaml::from_str::<Vec<T>>(text).map_err(yaml)?,
             _ => vec![serde_yaml::from_str::<T>(text).map_err(yaml)?],
         }
     };
-    if objects.is_empty() {
+    if items.is_empty() {
         return Err(InputError::Empty {
             path: path.to_string(),
             noun,
         });
     }
-    Ok(objects)
+    Ok(Objects { items, list })
 }
 
 /// Reads `path` (`-` for standard input) and parses it with [`parse_objects`].
 pub fn read_objects<T: DeserializeOwned>(
     path: &Path,
     noun: &'static str,
-) -> Result<Vec<T>, InputError> {
+) -> Result<Objects<T>, InputError> {
     let name = path.display().to_string();
     let text = if name == "-" {
         std::io::read_to_string(std::io::stdin())
@@ -147,7 +158,9 @@ boot:
 
     #[test]
     fn one_yaml_object() {
-        let p: Vec<Partition> = parse_objects(PARTITION_YAML, "p.yaml", "partition").unwrap();
+        let o = parse_objects::<Partition>(PARTITION_YAML, "p.yaml", "partition").unwrap();
+        assert!(!o.list);
+        let p = o.items;
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].id, "lab");
         assert_eq!(p[0].boot.cmdline, "console=ttyS0");
@@ -156,7 +169,9 @@ boot:
     #[test]
     fn a_yaml_list() {
         let text = "- id: a\n- id: b\n  description: second\n";
-        let p: Vec<Project> = parse_objects(text, "p.yaml", "project").unwrap();
+        let o = parse_objects::<Project>(text, "p.yaml", "project").unwrap();
+        assert!(o.list);
+        let p = o.items;
         assert_eq!(
             p.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
@@ -167,18 +182,22 @@ boot:
     #[test]
     fn one_json_object_and_a_json_list() {
         let one = r#"  {"id": "small", "constraints": [{"kind": "cores", "min": 1, "max": 4}]}"#;
-        let s: Vec<Size> = parse_objects(one, "s.json", "size").unwrap();
-        assert_eq!(s[0].constraints[0].kind, ConstraintKind::Cores);
+        let o = parse_objects::<Size>(one, "s.json", "size").unwrap();
+        assert!(!o.list);
+        assert_eq!(o.items[0].constraints[0].kind, ConstraintKind::Cores);
 
         let list = r#"[{"id": "a"}, {"id": "b"}]"#;
-        let p: Vec<Project> = parse_objects(list, "p.json", "project").unwrap();
-        assert_eq!(p.len(), 2);
+        let o = parse_objects::<Project>(list, "p.json", "project").unwrap();
+        assert!(o.list);
+        assert_eq!(o.items.len(), 2);
     }
 
     #[test]
     fn json_in_a_yaml_named_file_is_still_json() {
         // Content decides, not the name.
-        let p: Vec<Project> = parse_objects(r#"{"id": "x"}"#, "p.yaml", "project").unwrap();
+        let p = parse_objects::<Project>(r#"{"id": "x"}"#, "p.yaml", "project")
+            .unwrap()
+            .items;
         assert_eq!(p[0].id, "x");
     }
 
@@ -231,7 +250,9 @@ uncompressed_size: 300
 sha256: 00ff
 kernel: boot/vmlinuz
 ";
-        let i: Vec<Image> = parse_objects(text, "i.yaml", "image").unwrap();
+        let i = parse_objects::<Image>(text, "i.yaml", "image")
+            .unwrap()
+            .items;
         assert_eq!(i[0].manifest.format, ImageFormat::TarZst);
         assert_eq!(i[0].manifest.id(), "test-os-20261124");
         assert_eq!(i[0].id, "");
@@ -250,7 +271,9 @@ filesystems:
   - {source: 'first:1', kind: vfat, mount: /boot/efi}
   - {source: 'first:2', kind: ext4, mount: /}
 ";
-        let l: Vec<FilesystemLayout> = parse_objects(text, "l.yaml", "layout").unwrap();
+        let l = parse_objects::<FilesystemLayout>(text, "l.yaml", "layout")
+            .unwrap()
+            .items;
         assert_eq!(l[0].disks[0].partitions.len(), 2);
         assert_eq!(l[0].filesystems[1].mount.as_deref(), Some("/"));
     }
@@ -259,5 +282,41 @@ filesystems:
     fn ssh_key_files_skip_blanks_and_comments() {
         let keys = ssh_keys_from_text("# mine\nssh-ed25519 AAAA a@b\n\n  ssh-rsa BBBB c@d  \n");
         assert_eq!(keys, ["ssh-ed25519 AAAA a@b", "ssh-rsa BBBB c@d"]);
+    }
+
+    /// Every example file in `docs/examples/` parses as the kind its name says.
+    #[test]
+    fn the_repository_examples_parse() {
+        use metal_types::Partition;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let n = match name.as_str() {
+                "partition.yaml" => read_objects::<Partition>(&path, "partition")
+                    .unwrap()
+                    .items
+                    .len(),
+                "size.yaml" => read_objects::<Size>(&path, "size").unwrap().items.len(),
+                "layout.yaml" => read_objects::<FilesystemLayout>(&path, "layout")
+                    .unwrap()
+                    .items
+                    .len(),
+                "project.yaml" => read_objects::<Project>(&path, "project")
+                    .unwrap()
+                    .items
+                    .len(),
+                "image.yaml" => read_objects::<Image>(&path, "image").unwrap().items.len(),
+                "metalctl-config.yaml" => {
+                    crate::config::load_file(&path, true).unwrap();
+                    1
+                }
+                other => panic!("docs/examples/{other}: no test knows this example"),
+            };
+            assert!(n > 0, "{name}");
+            seen += 1;
+        }
+        assert_eq!(seen, 6);
     }
 }

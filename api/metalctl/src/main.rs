@@ -355,7 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     description,
                 })
                 .await?;
-            print_list(out, std::slice::from_ref(&token))?;
+            print_item(out, &token)?;
         }
         Command::Machine(cmd) => return machine(&client, cmd, out).await,
         Command::Allocation(AllocationCmd::Ls) => print_list(out, &client.allocations().await?)?,
@@ -377,7 +377,15 @@ fn print_list<T: Serialize + Tabular>(format: Format, items: &[T]) -> anyhow::Re
     Ok(())
 }
 
-/// Prints one object: YAML for the table format (full detail), else JSON/YAML.
+/// Prints one object: as a one-row table, or its JSON/YAML (an object, not a list).
+fn print_item<T: Serialize + Tabular>(format: Format, item: &T) -> anyhow::Result<()> {
+    match format {
+        Format::Table => print_list(format, std::slice::from_ref(item)),
+        _ => print_one(format, item),
+    }
+}
+
+/// Prints one object in full: YAML for the table format, else JSON/YAML.
 fn print_one<T: Serialize>(format: Format, item: &T) -> anyhow::Result<()> {
     print!("{}", output::serialize(format, item)?);
     Ok(())
@@ -389,8 +397,7 @@ where
 {
     match cmd {
         CatalogCmd::Create { file } => {
-            let objects: Vec<K> = input::read_objects(&file, K::NOUN)?;
-            create_all(client, objects, out).await?;
+            create_all(client, input::read_objects::<K>(&file, K::NOUN)?, out).await?;
         }
         CatalogCmd::Ls => print_list(out, &client.list::<K>().await?)?,
         CatalogCmd::Describe { id } => print_one(out, &client.describe::<K>(&id).await?)?,
@@ -402,12 +409,21 @@ where
     Ok(())
 }
 
-/// Creates the objects in order and prints what was created. On an error the ones created
-/// before it stay (and are printed), and the error says how far it got.
-async fn create_all<K>(client: &Client, objects: Vec<K>, out: Format) -> anyhow::Result<()>
+/// Creates the objects in order and prints what was created (JSON/YAML in the shape of the
+/// input: one object or a list). On an error the ones created before it stay (and are printed),
+/// and the error says how far it got.
+async fn create_all<K>(
+    client: &Client,
+    objects: input::Objects<K>,
+    out: Format,
+) -> anyhow::Result<()>
 where
     K: CatalogKind + Tabular + Sync,
 {
+    let input::Objects {
+        items: objects,
+        list,
+    } = objects;
     let total = objects.len();
     let mut created = Vec::with_capacity(total);
     let mut failure = None;
@@ -420,8 +436,10 @@ where
             }
         }
     }
-    if !created.is_empty() {
-        print_list(out, &created)?;
+    match created.as_slice() {
+        [] => {}
+        [one] if !list => print_item(out, one)?,
+        all => print_list(out, all)?,
     }
     match failure {
         None => Ok(()),
@@ -443,8 +461,12 @@ async fn image(client: &Client, cmd: ImageCmd, out: Format) -> anyhow::Result<()
         ImageCmd::Create {
             file: Some(file), ..
         } => {
-            let images: Vec<Image> = input::read_objects(&file, Image::NOUN)?;
-            create_all(client, images, out).await
+            create_all(
+                client,
+                input::read_objects::<Image>(&file, Image::NOUN)?,
+                out,
+            )
+            .await
         }
         ImageCmd::Create {
             file: None,
@@ -468,7 +490,15 @@ async fn image(client: &Client, cmd: ImageCmd, out: Format) -> anyhow::Result<()
                 expires_at,
                 manifest,
             };
-            create_all(client, vec![image], out).await
+            create_all(
+                client,
+                input::Objects {
+                    items: vec![image],
+                    list: false,
+                },
+                out,
+            )
+            .await
         }
         ImageCmd::Ls => print_list(out, &client.list::<Image>().await?),
         ImageCmd::Describe { id_or_name } => {
@@ -704,7 +734,7 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
         }
     };
     let a = &allocated.allocation;
-    print_list(out, std::slice::from_ref(a))?;
+    print_item(out, a)?;
     if !allocated.created {
         eprintln!("note: an earlier request with this idempotency key made this allocation");
     }
