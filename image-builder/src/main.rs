@@ -1,0 +1,122 @@
+//! `image-builder`: builds the kernel cache, the metal-hammer initramfs, the test OS and OS
+//! images, and publishes images to the API. See `docs/images.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use image_builder::{hammer, kernel, publish, testos};
+
+#[derive(Parser)]
+#[command(name = "image-builder", version, about = "Builds what bare-metal machines boot: kernel cache, metal-hammer initramfs, test OS, OS images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download and extract Debian's kernel into <cache>/kernel/<version>/ (idempotent); prints the path.
+    Kernel {
+        #[arg(long, default_value = "/var/cache/metal")]
+        cache: PathBuf,
+        /// Meta package (its linux-image-<version> dependency is used) or a concrete package.
+        #[arg(long, default_value = "linux-image-amd64")]
+        package: String,
+    },
+    /// Build the metal-hammer vmlinuz and initrd.img.
+    Hammer {
+        /// An extracted kernel: <cache>/kernel/<version>.
+        #[arg(long)]
+        kernel_dir: PathBuf,
+        /// The static metal-hammer binary (becomes /init).
+        #[arg(long)]
+        hammer_bin: PathBuf,
+        #[arg(long, default_value = "target/lab/hammer")]
+        out: PathBuf,
+        /// Extra kernel modules to include (with their dependencies).
+        #[arg(long = "module")]
+        modules: Vec<String>,
+        #[arg(long, default_value_t = 19)]
+        zstd_level: i32,
+    },
+    /// Build the small busybox test OS as test-os-<version>.tar.zst + manifest + sha256.
+    TestOs {
+        #[arg(long)]
+        kernel_dir: PathBuf,
+        /// The static phone-home binary (metal-hammer's `phone-home` bin, musl).
+        #[arg(long)]
+        phone_home_bin: PathBuf,
+        #[arg(long, default_value = "target/lab/images")]
+        out: PathBuf,
+        /// Image version; default: today's date (YYYYMMDD).
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long, default_value_t = 19)]
+        zstd_level: i32,
+        #[arg(long, default_value = "/usr/bin/busybox")]
+        busybox: PathBuf,
+    },
+    /// Build an OS image (Debian by mmdebstrap, or from a directory or tarball).
+    Os(image_builder::os::OsArgs),
+    /// Register a built image in the API's catalog (POST /v1/images).
+    Publish {
+        /// The image's manifest (<image>.json).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Where machines download images from, e.g. http://10.99.0.1:8081/images
+        #[arg(long)]
+        url_base: String,
+        /// The API, e.g. http://10.99.0.1:8080
+        #[arg(long, env = "METAL_API")]
+        api: String,
+        /// An admin token.
+        #[arg(long, env = "METAL_TOKEN")]
+        token: String,
+    },
+}
+
+fn run(cli: Cli) -> image_builder::Result<()> {
+    match cli.command {
+        Cmd::Kernel { cache, package } => {
+            let k = kernel::ensure(&cache, &package)?;
+            println!("{}", k.root.display());
+        }
+        Cmd::Hammer { kernel_dir, hammer_bin, out, modules, zstd_level } => {
+            let o = hammer::build(&hammer::HammerOptions { kernel_dir, hammer_bin, out, extra_modules: modules, zstd_level })?;
+            println!("{}", o.vmlinuz.display());
+            println!("{}", o.initrd.path.display());
+        }
+        Cmd::TestOs { kernel_dir, phone_home_bin, out, version, zstd_level, busybox } => {
+            let version = version.unwrap_or_else(image_builder::today);
+            let (file, _) = testos::build(&testos::TestOsOptions { kernel_dir, phone_home_bin, out, version, zstd_level, busybox })?;
+            println!("{}", file.display());
+        }
+        Cmd::Os(args) => {
+            for file in image_builder::os::build(&args)? {
+                println!("{}", file.display());
+            }
+        }
+        Cmd::Publish { manifest, url_base, api, token } => {
+            println!("{}", publish::publish(&manifest, &url_base, &api, &token)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("image-builder: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
