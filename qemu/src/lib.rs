@@ -164,10 +164,10 @@ impl Drop for Lab {
 
 /// Runs `body` inside a fresh lab namespace on a runtime whose threads all live there.
 /// On error the lab's report is printed before the error is returned.
-pub fn run_in_lab<F, Fut>(body: F) -> Result<()>
+pub fn run_in_lab<T, F, Fut>(body: F) -> Result<T>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     netns::enter_private_netns()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
