@@ -132,6 +132,16 @@ impl Lab {
         Ok(())
     }
 
+    /// The address pixie leased to `mac`, read from its lease file.
+    pub fn lease_ip(&self, mac: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join("leases.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok().or_else(|| {
+            // A journal of JSON lines: the last entry for the MAC wins.
+            text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.to_string().contains(mac))
+        })?;
+        find_ip_for_mac(&v, mac)
+    }
+
     /// Marks the scenario as passed; a lab dropped without it prints its failure report.
     pub fn pass(&mut self) {
         self.passed = true;
@@ -183,4 +193,17 @@ fn uuid_like() -> String {
         let _ = f.read_exact(&mut bytes);
     }
     format!("{n:x}{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn find_ip_for_mac(v: &serde_json::Value, mac: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_ip_for_mac(x, mac)),
+        serde_json::Value::Object(o) => {
+            if o.values().any(|x| x.as_str().is_some_and(|s| s.eq_ignore_ascii_case(mac))) {
+                return o.values().filter_map(|x| x.as_str()).find(|s| s.parse::<std::net::Ipv4Addr>().is_ok()).map(String::from);
+            }
+            o.values().find_map(|x| find_ip_for_mac(x, mac))
+        }
+        _ => None,
+    }
 }

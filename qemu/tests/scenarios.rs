@@ -126,3 +126,49 @@ fn faults_bad_checksum_and_service_restarts() -> Result<()> {
         Ok(())
     })
 }
+
+/// Scenario 7: a real Debian image built by image-builder with debootstrap: provisioned, boots
+/// systemd, phones home, and SSH into it works from inside the namespace with the allocated key.
+#[test]
+#[ignore = "end-to-end: needs root, QEMU and scripts/build-lab with WITH_DEBIAN=1"]
+fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
+    run_in_lab(|| async {
+        let mut lab = Lab::start(None).await?;
+        let image = lab.image("debian-12").context("no debian-12 image: scripts/build-lab with WITH_DEBIAN=1")?.id.clone();
+        let key = lab.dir.join("id_ed25519");
+        let st = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status()?;
+        ensure!(st.success(), "ssh-keygen failed");
+        let pubkey = std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
+        let i = lab.add_vm(VmSpec::new("deb1", 4).memory_mib(2048).disks(vec![DiskSpec { bus: DiskBus::Virtio, size_mib: 4096 }]))?;
+        let id = lab.vms[i].machine_id();
+        lab.vms[i].power_on()?;
+        let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
+        let seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
+        let req = metal_types::AllocationRequest {
+            project: metal_lab::services::PROJECT.into(),
+            partition: metal_lab::services::PARTITION.into(),
+            size: None,
+            machine: Some(id),
+            image,
+            hostname: "deb1".into(),
+            layout: None,
+            ssh_keys: vec![pubkey],
+            user_data: String::new(),
+            idempotency_key: None,
+        };
+        let _: metal_types::Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+        let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(300));
+        lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
+        let ip = lab.lease_ip(&lab.vms[i].spec.mac()).context("no lease for the machine in pixie's lease file")?;
+        let out = std::process::Command::new("ssh")
+            .args(["-i"]).arg(&key)
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes"])
+            .arg(format!("root@{ip}"))
+            .args(["cat /etc/hostname; systemctl is-system-running --wait || true"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success() && text.contains("deb1"), "ssh into the Debian machine failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        lab.pass();
+        Ok(())
+    })
+}

@@ -91,7 +91,7 @@ async fn demo(args: Args) -> Result<()> {
     println!("==> machine {id} is running {}", image.id);
     println!("    power-on → Waiting:        {:>6.1} s", waiting_at.as_secs_f64());
     println!("    allocation → Phoned Home:  {:>6.1} s", to_phone_home.as_secs_f64());
-    let ip = lease_ip(&lab, &lab.vms[i].spec.mac());
+    let ip = lab.lease_ip(&lab.vms[i].spec.mac());
     let me = std::process::id();
     println!("    reach it from the lab namespace (in another shell, as root):");
     if let Some(ip) = ip {
@@ -150,28 +150,5 @@ impl Timeline {
     }
     fn seen(&self, ev: Ev) -> bool {
         self.counts.get(&ev).copied().unwrap_or(0) > 0
-    }
-}
-
-/// The address pixie leased to `mac`, read from its lease file.
-fn lease_ip(lab: &Lab, mac: &str) -> Option<String> {
-    let text = std::fs::read_to_string(lab.dir.join("leases.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok().or_else(|| {
-        // A journal of JSON lines: the last entry for the MAC wins.
-        text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.to_string().contains(mac))
-    })?;
-    find_ip_for_mac(&v, mac)
-}
-
-fn find_ip_for_mac(v: &serde_json::Value, mac: &str) -> Option<String> {
-    match v {
-        serde_json::Value::Array(a) => a.iter().find_map(|x| find_ip_for_mac(x, mac)),
-        serde_json::Value::Object(o) => {
-            if o.values().any(|x| x.as_str().is_some_and(|s| s.eq_ignore_ascii_case(mac))) {
-                return o.values().filter_map(|x| x.as_str()).find(|s| s.parse::<std::net::Ipv4Addr>().is_ok()).map(String::from);
-            }
-            o.values().find_map(|x| find_ip_for_mac(x, mac))
-        }
-        _ => None,
     }
 }
