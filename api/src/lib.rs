@@ -1,1 +1,228 @@
-//! Being written.
+//! The allocation API of the bare-metal cloud.
+//!
+//! - [`store`]: the persistent store (sqlx `Any`: SQLite file or PostgreSQL), numbered migrations.
+//! - [`fsm`]: the provisioning event state machine (pure, table-driven).
+//! - [`policy`]: pure decisions: size matching, machine pick, layout and image version choice.
+//! - [`auth`]: tokens (stored hashed) and the caller's identity.
+//! - [`http`]: the axum routes; [`error`]: the one place errors become HTTP responses.
+//! - [`metrics`]: Prometheus text at `/metrics`; [`openapi`]: the OpenAPI document.
+//!
+//! [`start`] binds a listener and serves; the binary and the tests both use it.
+
+pub mod auth;
+pub mod error;
+pub mod fsm;
+pub mod http;
+pub mod metrics;
+pub mod openapi;
+pub mod policy;
+pub mod store;
+
+use metal_types::MachineId;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Largest accepted request body (an inventory of a big machine is well under this).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Longest `GET /v1/agent/wait` long-poll.
+pub const MAX_WAIT_S: u64 = 60;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://metal.db` or `postgres://…`.
+    pub db: String,
+    /// Bootstrap: an admin token with this value is made to exist.
+    pub admin_token: Option<String>,
+    /// Lifetime of enrolment tokens handed out in boot decisions.
+    pub enrolment_ttl_s: u64,
+    /// A machine not heard from for this long is `Dead` (and not allocated).
+    pub dead_after_s: u64,
+    /// A reclaim that has not reached `Waiting` after this long is a failed reclaim.
+    pub reclaim_timeout_s: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            db: "sqlite://metal.db".into(),
+            admin_token: None,
+            enrolment_ttl_s: 3600,
+            dead_after_s: 60,
+            reclaim_timeout_s: 900,
+        }
+    }
+}
+
+/// Wakes long-polling waits of one machine. In-process; on PostgreSQL a LISTEN task feeds it
+/// allocations made by other replicas.
+#[derive(Default)]
+pub struct Waker {
+    map: std::sync::Mutex<HashMap<MachineId, Arc<Notify>>>,
+}
+
+impl Waker {
+    pub fn handle(&self, id: MachineId) -> Arc<Notify> {
+        self.map.lock().expect("waker lock").entry(id).or_default().clone()
+    }
+    pub fn wake(&self, id: MachineId) {
+        if let Some(n) = self.map.lock().expect("waker lock").get(&id) {
+            n.notify_waiters();
+        }
+    }
+    pub fn wake_all(&self) {
+        for n in self.map.lock().expect("waker lock").values() {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// Shared state of one API instance.
+pub struct App {
+    pub store: store::Store,
+    pub config: Config,
+    pub waker: Waker,
+    pub metrics: metrics::Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database")]
+    Db(#[source] error::Error),
+    #[error("cannot listen on {addr}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+impl App {
+    /// Opens the store, applies migrations and the bootstrap admin token.
+    pub async fn open(config: Config) -> Result<Arc<App>, error::Error> {
+        let store = store::Store::open(&config.db).await?;
+        if let Some(token) = &config.admin_token {
+            let mut row = auth::row(token, "admin");
+            row.description = "bootstrap admin token (--admin-token)".into();
+            store.ensure_token(&row).await?;
+        }
+        let app = Arc::new(App { store, config, waker: Waker::default(), metrics: metrics::Metrics::default() });
+        if app.store.backend() == store::Backend::Postgres {
+            tokio::spawn(listen_for_allocations(Arc::downgrade(&app)));
+        }
+        Ok(app)
+    }
+}
+
+/// Feeds PostgreSQL notifications about allocations into the in-process waker, so a machine
+/// long-polling on this replica wakes when another replica allocates it.
+async fn listen_for_allocations(app: std::sync::Weak<App>) {
+    let Some(url) = app.upgrade().map(|a| a.store.url().to_string()) else { return };
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect the allocation listener; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if app.upgrade().is_none() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(store::ALLOCATION_CHANNEL).await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Whatever was missed while (re)connecting: let every wait re-check the database.
+        match app.upgrade() {
+            Some(a) => a.waker.wake_all(),
+            None => return,
+        }
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
+            let Some(app) = app.upgrade() else { return };
+            match n {
+                Err(_) => continue, // idle; check the app still exists
+                Ok(Ok(Some(n))) => {
+                    if let Ok(id) = n.payload().parse::<MachineId>() {
+                        app.waker.wake(id);
+                    }
+                }
+                Ok(Ok(None)) => {
+                    // Connection lost and re-established: notifications may be lost.
+                    app.waker.wake_all();
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "allocation listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A running API instance.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests, closes the pool.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.handle).await;
+        self.app.store.close().await;
+    }
+
+    /// Waits until the server stops (it does not on its own).
+    pub async fn join(self) -> std::io::Result<()> {
+        self.handle.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+/// Opens the store, binds `listen` and serves in a background task.
+pub async fn start(config: Config, listen: &str) -> Result<Running, StartError> {
+    let app = App::open(config).await.map_err(StartError::Db)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
+    let router = http::router(app.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(Running { addr, app, shutdown: Some(tx), handle })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, milliseconds) of a millisecond timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}

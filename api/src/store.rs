@@ -1,0 +1,1069 @@
+//! The persistent store: one sqlx `Any` pool, so the same statements run on SQLite (the default,
+//! a file) and PostgreSQL (several replicas). Numbered migrations live in `api/migrations/`.
+//!
+//! Conventions: ids are TEXT, timestamps BIGINT milliseconds since the epoch, JSON documents TEXT,
+//! flags BIGINT 0/1. Every write runs in a transaction from [`Store::write`]; on SQLite that takes
+//! an in-process lock and `BEGIN IMMEDIATE` (SQLite has one writer anyway; this avoids lock
+//! upgrade deadlocks), on PostgreSQL it is a plain transaction and row locks do the rest.
+
+use crate::error::{Error, Result};
+use crate::fsm::{self, FsmState, Record};
+use crate::policy::{self, Candidate};
+use crate::{now_ms, rfc3339};
+use metal_types::{Allocation, AllocationId, BootInfo, Image, MachineEvent, MachineId, ProvisioningEvent as Ev};
+use serde::de::DeserializeOwned;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::AnyConnection;
+use sqlx::{Any, AnyPool, Row, Transaction};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Numbered migrations: (version, name, SQL). Applied in order, each in its own transaction.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial schema", include_str!("../migrations/0001_initial.sql"))];
+
+/// The PostgreSQL channel that carries "machine X was allocated" between replicas.
+pub const ALLOCATION_CHANNEL: &str = "metal_allocation";
+
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    url: String,
+    write_lock: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction (and, on SQLite, the process-wide writer lock). Dropping it rolls back.
+pub struct Tx {
+    tx: Transaction<'static, Any>,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Tx {
+    pub fn c(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
+
+/// The catalog tables that hold one JSON document per id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Partition,
+    Size,
+    Layout,
+    Project,
+}
+
+impl Kind {
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Partition => "partitions",
+            Kind::Size => "sizes",
+            Kind::Layout => "layouts",
+            Kind::Project => "projects",
+        }
+    }
+    /// The word used in messages, matching the path segment `/v1/<noun>s`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Partition => "partition",
+            Kind::Size => "size",
+            Kind::Layout => "layout",
+            Kind::Project => "project",
+        }
+    }
+}
+
+/// A stored token (never the token itself: only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub id: String,
+    pub hash: String,
+    pub role: String,
+    pub project: Option<String>,
+    pub partition: Option<String>,
+    pub machine: Option<String>,
+    pub allocation: Option<String>,
+    pub description: String,
+    pub expires_ms: Option<i64>,
+}
+
+/// A machine row joined with its current allocation.
+#[derive(Debug, Clone)]
+pub struct MachineRow {
+    pub id: MachineId,
+    pub partition: Option<String>,
+    pub size: String,
+    pub inventory: Option<String>,
+    pub fsm: FsmState,
+    pub last_seen_ms: Option<i64>,
+    pub allocation: Option<Allocation>,
+    pub allocation_phoned_home: bool,
+    pub boot: Option<BootInfo>,
+}
+
+/// What `allocate` should do; the handler has resolved and validated every name.
+#[derive(Debug, Clone)]
+pub struct AllocationPlan {
+    pub project: String,
+    pub partition: String,
+    /// The size to pick from (pool allocation).
+    pub size: Option<String>,
+    /// A specific machine instead of the pool.
+    pub machine: Option<MachineId>,
+    pub image: String,
+    pub hostname: String,
+    pub layout: String,
+    pub ssh_keys: Vec<String>,
+    pub user_data: String,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AllocOutcome {
+    Created(Allocation),
+    /// The idempotency key was used before: the first allocation.
+    Existing(Allocation),
+}
+
+fn parse_json<T: DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| Error::Corrupt { what, source })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("wire types always serialize")
+}
+
+fn parse_machine_id(s: &str) -> Result<MachineId> {
+    s.parse().map_err(|e| Error::Internal(format!("stored machine id: {e}")))
+}
+
+fn parse_event(s: &str) -> Result<Ev> {
+    s.parse().map_err(|e| Error::Internal(format!("stored event: {e}")))
+}
+
+const MACHINE_SELECT: &str = "SELECT m.id, m.partition, m.size, m.inventory, m.state, m.crash_count, m.crash_loop, \
+     m.reclaiming, m.reclaim_ms, m.failed_reclaim, m.last_seen_ms, m.boot, \
+     a.body AS alloc_body, a.phoned_home_ms AS alloc_phoned_home_ms \
+     FROM machines m LEFT JOIN allocations a ON a.id = m.allocation";
+
+fn machine_row(r: &AnyRow) -> Result<MachineRow> {
+    let state: Option<String> = r.try_get("state")?;
+    let alloc_body: Option<String> = r.try_get("alloc_body")?;
+    let boot: Option<String> = r.try_get("boot")?;
+    Ok(MachineRow {
+        id: parse_machine_id(&r.try_get::<String, _>("id")?)?,
+        partition: r.try_get("partition")?,
+        size: r.try_get("size")?,
+        inventory: r.try_get("inventory")?,
+        fsm: FsmState {
+            state: state.as_deref().map(parse_event).transpose()?,
+            crash_count: r.try_get::<i64, _>("crash_count")? as u32,
+            crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
+            reclaiming: r.try_get::<i64, _>("reclaiming")? != 0,
+            reclaim_ms: r.try_get("reclaim_ms")?,
+            failed_reclaim: r.try_get::<i64, _>("failed_reclaim")? != 0,
+        },
+        last_seen_ms: r.try_get("last_seen_ms")?,
+        allocation: alloc_body.as_deref().map(|b| parse_json("allocation", b)).transpose()?,
+        allocation_phoned_home: r.try_get::<Option<i64>, _>("alloc_phoned_home_ms")?.is_some(),
+        boot: boot.as_deref().map(|b| parse_json("boot info", b)).transpose()?,
+    })
+}
+
+fn token_row(r: &AnyRow) -> Result<TokenRow> {
+    Ok(TokenRow {
+        id: r.try_get("id")?,
+        hash: r.try_get("hash")?,
+        role: r.try_get("role")?,
+        project: r.try_get("project")?,
+        partition: r.try_get("partition")?,
+        machine: r.try_get("machine")?,
+        allocation: r.try_get("allocation")?,
+        description: r.try_get("description")?,
+        expires_ms: r.try_get("expires_ms")?,
+    })
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            let url = if url.contains("mode=") {
+                url.to_string()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_string())
+        } else {
+            return Err(Error::BadRequest(format!(
+                "database URL {url:?} is neither sqlite://… nor postgres://…"
+            )));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await?;
+        if backend == Backend::Sqlite {
+            // WAL is a property of the file: readers never block the one writer.
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+        }
+        let store = Store {
+            pool,
+            backend,
+            url,
+            write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Postgres {
+            // Replicas starting together take turns.
+            sqlx::query("SELECT pg_advisory_lock(7460001)").execute(&mut *conn).await?;
+        }
+        let result = async {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_ms BIGINT NOT NULL)",
+            )
+            .execute(&mut *conn)
+            .await?;
+            let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<i64, _>("version"))
+                .collect::<Result<_, _>>()?;
+            let serial = match self.backend {
+                Backend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+                Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+            };
+            for (version, name, sql) in MIGRATIONS {
+                if applied.contains(version) {
+                    continue;
+                }
+                let sql: String = sql
+                    .replace("{serial}", serial)
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("--"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                for stmt in sql.split(';') {
+                    if stmt.trim().is_empty() {
+                        continue;
+                    }
+                    sqlx::query(&stmt).execute(&mut *tx).await?;
+                }
+                sqlx::query("INSERT INTO schema_migrations (version, name, applied_ms) VALUES ($1, $2, $3)")
+                    .bind(*version)
+                    .bind(*name)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                tracing::info!(version, name, "applied migration");
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_unlock(7460001)").execute(&mut *conn).await?;
+        }
+        result
+    }
+
+    /// Starts a write transaction.
+    pub async fn write(&self) -> Result<Tx> {
+        let guard = match &self.write_lock {
+            Some(l) => Some(l.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(Tx { tx, _guard: guard })
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Catalog
+    // -----------------------------------------------------------------------------------------
+
+    /// Inserts a catalog document. `Ok(true)`: created; `Ok(false)`: an identical one existed.
+    pub async fn put_object(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let existing: Option<String> = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", kind.table()))
+            .bind(id)
+            .fetch_optional(tx.c())
+            .await?
+            .map(|r| r.try_get("body"))
+            .transpose()?;
+        if let Some(existing) = existing {
+            let existing: serde_json::Value = parse_json("catalog object", &existing)?;
+            return if &existing == body {
+                Ok(false)
+            } else {
+                Err(Error::Conflict(format!(
+                    "{} {id} exists with different content; DELETE /v1/{}s/{id} first or use another id",
+                    kind.noun(),
+                    kind.noun()
+                )))
+            };
+        }
+        sqlx::query(&format!("INSERT INTO {} (id, body, created_ms) VALUES ($1, $2, $3)", kind.table()))
+            .bind(id)
+            .bind(body.to_string())
+            .bind(now_ms())
+            .execute(tx.c())
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn get_object<T: DeserializeOwned>(&self, kind: Kind, id: &str) -> Result<Option<T>> {
+        let row = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", kind.table()))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse_json(kind.noun(), &r.try_get::<String, _>("body")?)).transpose()
+    }
+
+    pub async fn list_objects<T: DeserializeOwned>(&self, kind: Kind) -> Result<Vec<T>> {
+        sqlx::query(&format!("SELECT body FROM {} ORDER BY id", kind.table()))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| parse_json(kind.noun(), &r.try_get::<String, _>("body")?))
+            .collect()
+    }
+
+    pub async fn delete_object(&self, kind: Kind, id: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(&format!("DELETE FROM {} WHERE id = $1", kind.table()))
+            .bind(id)
+            .execute(tx.c())
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Active allocations that use a catalog object (to refuse deleting it).
+    pub async fn active_allocations_using(&self, column: &str, id: &str) -> Result<i64> {
+        let sql = match column {
+            "project" => "SELECT COUNT(*) AS n FROM allocations WHERE freed_ms IS NULL AND project = $1",
+            _ => return Ok(0),
+        };
+        let r = sqlx::query(sql).bind(id).fetch_one(&self.pool).await?;
+        Ok(r.try_get("n")?)
+    }
+
+    pub async fn put_image(&self, image: &Image, expires_ms: Option<i64>) -> Result<bool> {
+        let body = serde_json::to_value(image).expect("wire types always serialize");
+        let mut tx = self.write().await?;
+        let existing: Option<String> = sqlx::query("SELECT body FROM images WHERE id = $1")
+            .bind(&image.id)
+            .fetch_optional(tx.c())
+            .await?
+            .map(|r| r.try_get("body"))
+            .transpose()?;
+        if let Some(existing) = existing {
+            let existing: serde_json::Value = parse_json("image", &existing)?;
+            return if existing == body {
+                Ok(false)
+            } else {
+                Err(Error::Conflict(format!(
+                    "image {} exists with different content; images are immutable: publish a new version, or DELETE /v1/images/{} first",
+                    image.id, image.id
+                )))
+            };
+        }
+        sqlx::query("INSERT INTO images (id, name, version, expires_ms, body, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&image.id)
+            .bind(&image.manifest.name)
+            .bind(&image.manifest.version)
+            .bind(expires_ms)
+            .bind(body.to_string())
+            .bind(now_ms())
+            .execute(tx.c())
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn get_image(&self, id: &str) -> Result<Option<Image>> {
+        let row = sqlx::query("SELECT body FROM images WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|r| parse_json("image", &r.try_get::<String, _>("body")?)).transpose()
+    }
+
+    /// The newest version of `name` that has not expired at `now`.
+    pub async fn newest_image(&self, name: &str, now: i64) -> Result<Option<Image>> {
+        let rows = sqlx::query("SELECT version, body FROM images WHERE name = $1 AND (expires_ms IS NULL OR expires_ms > $2)")
+            .bind(name)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut best: Option<(String, String)> = None;
+        for r in rows {
+            let v: String = r.try_get("version")?;
+            let b: String = r.try_get("body")?;
+            if best.as_ref().is_none_or(|(bv, _)| policy::compare_versions(&v, bv).is_gt()) {
+                best = Some((v, b));
+            }
+        }
+        best.map(|(_, b)| parse_json("image", &b)).transpose()
+    }
+
+    pub async fn image_expires_ms(&self, id: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT expires_ms FROM images WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get::<Option<i64>, _>("expires_ms")).transpose()?.flatten())
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>> {
+        sqlx::query("SELECT body FROM images ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| parse_json("image", &r.try_get::<String, _>("body")?))
+            .collect()
+    }
+
+    pub async fn delete_image(&self, id: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("DELETE FROM images WHERE id = $1").bind(id).execute(tx.c()).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Tokens
+    // -----------------------------------------------------------------------------------------
+
+    async fn insert_token_in(c: &mut AnyConnection, t: &TokenRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (id, hash, role, project, partition, machine, allocation, description, expires_ms, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&t.id)
+        .bind(&t.hash)
+        .bind(&t.role)
+        .bind(&t.project)
+        .bind(&t.partition)
+        .bind(&t.machine)
+        .bind(&t.allocation)
+        .bind(&t.description)
+        .bind(t.expires_ms)
+        .bind(now_ms())
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn insert_token(&self, t: &TokenRow) -> Result<()> {
+        let mut tx = self.write().await?;
+        Self::insert_token_in(tx.c(), t).await?;
+        tx.commit().await
+    }
+
+    /// Makes sure a token with this hash exists (the bootstrap admin token).
+    pub async fn ensure_token(&self, t: &TokenRow) -> Result<()> {
+        let mut tx = self.write().await?;
+        let exists = sqlx::query("SELECT id FROM tokens WHERE hash = $1").bind(&t.hash).fetch_optional(tx.c()).await?;
+        if exists.is_none() {
+            Self::insert_token_in(tx.c(), t).await?;
+        }
+        match tx.commit().await {
+            Err(e) if e.is_unique_violation() => Ok(()), // another replica did it
+            other => other,
+        }
+    }
+
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
+        sqlx::query("SELECT * FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(token_row)
+            .transpose()
+    }
+
+    /// Issues a short-lived enrolment token (and drops expired ones).
+    pub async fn issue_enrolment(&self, t: &TokenRow, now: i64) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM tokens WHERE role = 'enrolment' AND expires_ms < $1")
+            .bind(now)
+            .execute(tx.c())
+            .await?;
+        Self::insert_token_in(tx.c(), t).await?;
+        tx.commit().await
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Machines and events
+    // -----------------------------------------------------------------------------------------
+
+    pub async fn machine(&self, id: MachineId) -> Result<Option<MachineRow>> {
+        sqlx::query(&format!("{MACHINE_SELECT} WHERE m.id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(machine_row)
+            .transpose()
+    }
+
+    /// All machines, or only those allocated to `project`.
+    pub async fn machines(&self, project: Option<&str>) -> Result<Vec<MachineRow>> {
+        let rows = match project {
+            None => sqlx::query(&format!("{MACHINE_SELECT} ORDER BY m.id")).fetch_all(&self.pool).await?,
+            Some(p) => {
+                sqlx::query(&format!("{MACHINE_SELECT} WHERE a.project = $1 ORDER BY m.id"))
+                    .bind(p)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(machine_row).collect()
+    }
+
+    pub async fn machine_by_mac(&self, mac: &str) -> Result<Option<MachineId>> {
+        let row = sqlx::query("SELECT machine FROM machine_macs WHERE mac = $1")
+            .bind(mac.to_ascii_lowercase())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse_machine_id(&r.try_get::<String, _>("machine")?)).transpose()
+    }
+
+    async fn load_fsm(c: &mut AnyConnection, id: MachineId) -> Result<Option<FsmState>> {
+        let row = sqlx::query(
+            "SELECT state, crash_count, crash_loop, reclaiming, reclaim_ms, failed_reclaim FROM machines WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(c)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let state: Option<String> = r.try_get("state")?;
+        Ok(Some(FsmState {
+            state: state.as_deref().map(parse_event).transpose()?,
+            crash_count: r.try_get::<i64, _>("crash_count")? as u32,
+            crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
+            reclaiming: r.try_get::<i64, _>("reclaiming")? != 0,
+            reclaim_ms: r.try_get("reclaim_ms")?,
+            failed_reclaim: r.try_get::<i64, _>("failed_reclaim")? != 0,
+        }))
+    }
+
+    /// Runs events through the state machine and stores them, inside `c`'s transaction.
+    /// Every event is also a sign of life.
+    async fn apply_events_in(
+        c: &mut AnyConnection,
+        id: MachineId,
+        events: &[(Ev, i64, String)],
+        now: i64,
+    ) -> Result<()> {
+        let Some(mut s) = Self::load_fsm(c, id).await? else {
+            return Err(Error::not_found("machine", id));
+        };
+        for (ev, time_ms, message) in events {
+            let step = fsm::apply(&s, *ev, now);
+            if let Record::Store { unexpected } = step.record {
+                if unexpected {
+                    tracing::warn!(machine = %id, from = ?s.state.map(|e| e.as_str()), event = %ev, "unexpected provisioning event");
+                }
+                sqlx::query(
+                    "INSERT INTO events (machine, event, message, time_ms, received_ms, unexpected) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(id.to_string())
+                .bind(ev.as_str())
+                .bind(message)
+                .bind(*time_ms)
+                .bind(now)
+                .bind(i64::from(unexpected))
+                .execute(&mut *c)
+                .await?;
+            }
+            s = step.next;
+        }
+        sqlx::query(
+            "UPDATE machines SET state = $1, crash_count = $2, crash_loop = $3, reclaiming = $4, reclaim_ms = $5, \
+             failed_reclaim = $6, last_seen_ms = $7, updated_ms = $7 WHERE id = $8",
+        )
+        .bind(s.state.map(|e| e.as_str().to_string()))
+        .bind(i64::from(s.crash_count))
+        .bind(i64::from(s.crash_loop))
+        .bind(i64::from(s.reclaiming))
+        .bind(s.reclaim_ms)
+        .bind(i64::from(s.failed_reclaim))
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_events(&self, id: MachineId, events: &[(Ev, i64, String)]) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        Self::apply_events_in(tx.c(), id, events, now).await?;
+        tx.commit().await
+    }
+
+    /// A `PXE Booting` from pixie; creates the machine record for an unknown UUID.
+    pub async fn pxe_event(&self, id: MachineId, partition: &str, mac: &str, message: &str) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO machines (id, partition, size, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(partition)
+        .bind(policy::UNKNOWN_SIZE)
+        .bind(now)
+        .execute(tx.c())
+        .await?;
+        if !mac.is_empty() {
+            sqlx::query("INSERT INTO machine_macs (mac, machine) VALUES ($1, $2) ON CONFLICT (mac) DO UPDATE SET machine = excluded.machine")
+                .bind(mac.to_ascii_lowercase())
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
+        }
+        Self::apply_events_in(tx.c(), id, &[(Ev::PxeBooting, now, message.to_string())], now).await?;
+        tx.commit().await
+    }
+
+    /// A heartbeat: the machine's agent is alive.
+    pub async fn heartbeat(&self, id: MachineId) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(tx.c())
+            .await?;
+        tx.commit().await
+    }
+
+    /// Registers (or re-registers) a machine and replaces its credential.
+    pub async fn register(
+        &self,
+        id: MachineId,
+        partition: &str,
+        size: &str,
+        inventory: &metal_types::Inventory,
+        credential: &TokenRow,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO machines (id, partition, size, inventory, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5) \
+             ON CONFLICT (id) DO UPDATE SET partition = excluded.partition, size = excluded.size, \
+             inventory = excluded.inventory, updated_ms = excluded.updated_ms",
+        )
+        .bind(id.to_string())
+        .bind(partition)
+        .bind(size)
+        .bind(to_json(inventory))
+        .bind(now)
+        .execute(tx.c())
+        .await?;
+        for nic in &inventory.nics {
+            if nic.mac.is_empty() {
+                continue;
+            }
+            sqlx::query("INSERT INTO machine_macs (mac, machine) VALUES ($1, $2) ON CONFLICT (mac) DO UPDATE SET machine = excluded.machine")
+                .bind(nic.mac.to_ascii_lowercase())
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
+        }
+        sqlx::query("DELETE FROM tokens WHERE role = 'machine' AND machine = $1")
+            .bind(id.to_string())
+            .execute(tx.c())
+            .await?;
+        Self::insert_token_in(tx.c(), credential).await?;
+        Self::apply_events_in(tx.c(), id, &[(Ev::Registering, now, "registered".into())], now).await?;
+        tx.commit().await
+    }
+
+    pub async fn set_wipe_report(&self, id: MachineId, report: &metal_types::WipeReport) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE machines SET wipe = $1, last_seen_ms = $2 WHERE id = $3")
+            .bind(to_json(report))
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(tx.c())
+            .await?;
+        tx.commit().await
+    }
+
+    /// Stores an install report for the machine's current allocation.
+    pub async fn install_report(&self, id: MachineId, report: &metal_types::InstallReport) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        let current: Option<String> = sqlx::query("SELECT allocation FROM machines WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(tx.c())
+            .await?
+            .map(|r| r.try_get::<Option<String>, _>("allocation"))
+            .transpose()?
+            .flatten();
+        if current.as_deref() != Some(report.allocation.to_string().as_str()) {
+            return Err(Error::Conflict(format!(
+                "allocation {} is not this machine's current allocation; wait for new instructions",
+                report.allocation
+            )));
+        }
+        if let Some(boot) = &report.boot {
+            sqlx::query("UPDATE machines SET boot = $1 WHERE id = $2")
+                .bind(to_json(boot))
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
+        }
+        if !report.success {
+            let msg = format!("install failed: {}", report.message);
+            Self::apply_events_in(tx.c(), id, &[(Ev::Crashed, now, msg)], now).await?;
+        } else {
+            sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn events(&self, id: MachineId) -> Result<Vec<MachineEvent>> {
+        sqlx::query("SELECT event, message, time_ms, received_ms, unexpected FROM events WHERE machine = $1 ORDER BY seq")
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(MachineEvent {
+                    event: parse_event(&r.try_get::<String, _>("event")?)?,
+                    message: r.try_get("message")?,
+                    time: rfc3339(r.try_get("time_ms")?),
+                    received: rfc3339(r.try_get("received_ms")?),
+                    unexpected: r.try_get::<i64, _>("unexpected")? != 0,
+                })
+            })
+            .collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Allocations
+    // -----------------------------------------------------------------------------------------
+
+    async fn allocation_by_key(c: &mut AnyConnection, project: &str, key: &str) -> Result<Option<Allocation>> {
+        let row = sqlx::query("SELECT body FROM allocations WHERE project = $1 AND idempotency_key = $2")
+            .bind(project)
+            .bind(key)
+            .fetch_optional(c)
+            .await?;
+        row.map(|r| parse_json("allocation", &r.try_get::<String, _>("body")?)).transpose()
+    }
+
+    /// Picks a machine and allocates it in one transaction; see [`policy::pick`].
+    pub async fn allocate(&self, plan: &AllocationPlan, dead_after_ms: i64) -> Result<AllocOutcome> {
+        const ATTEMPTS: usize = 16;
+        for attempt in 0..ATTEMPTS {
+            let now = now_ms();
+            let mut tx = self.write().await?;
+            if let Some(key) = &plan.idempotency_key {
+                if let Some(a) = Self::allocation_by_key(tx.c(), &plan.project, key).await? {
+                    tx.rollback().await?;
+                    return Ok(AllocOutcome::Existing(a));
+                }
+            }
+            let lock = if self.backend == Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+            let rows = match (&plan.machine, &plan.size) {
+                (Some(m), _) => {
+                    sqlx::query(&format!(
+                        "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines WHERE id = $1 AND partition = $2{}",
+                        if lock.is_empty() { "" } else { " FOR UPDATE" }
+                    ))
+                    .bind(m.to_string())
+                    .bind(&plan.partition)
+                    .fetch_all(tx.c())
+                    .await?
+                }
+                (None, Some(size)) => {
+                    // Pre-filter in SQL; the pick re-checks every condition.
+                    let limit = if self.backend == Backend::Postgres { 1 } else { 16 };
+                    sqlx::query(&format!(
+                        "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines \
+                         WHERE partition = $1 AND size = $2 AND state = 'Waiting' AND allocation IS NULL \
+                         AND crash_loop = 0 AND last_seen_ms > $3 ORDER BY last_seen_ms DESC LIMIT {limit}{lock}"
+                    ))
+                    .bind(&plan.partition)
+                    .bind(size)
+                    .bind(now - dead_after_ms)
+                    .fetch_all(tx.c())
+                    .await?
+                }
+                (None, None) => return Err(Error::bad_request("give a size or a machine")),
+            };
+            let cands: Vec<Candidate> = rows
+                .iter()
+                .map(|r| {
+                    let state: Option<String> = r.try_get("state")?;
+                    Ok(Candidate {
+                        id: parse_machine_id(&r.try_get::<String, _>("id")?)?,
+                        state: state.as_deref().map(parse_event).transpose()?,
+                        allocated: r.try_get::<Option<String>, _>("allocation")?.is_some(),
+                        crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
+                        last_seen_ms: r.try_get("last_seen_ms")?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let Some(machine) = policy::pick(&cands, now, dead_after_ms, rand::random()) else {
+                tx.rollback().await?;
+                return Err(self.why_no_machine(plan, cands.first(), now, dead_after_ms));
+            };
+            let alloc = Allocation {
+                id: AllocationId::new_random(),
+                machine,
+                project: plan.project.clone(),
+                partition: plan.partition.clone(),
+                image: plan.image.clone(),
+                hostname: plan.hostname.clone(),
+                layout: plan.layout.clone(),
+                ssh_keys: plan.ssh_keys.clone(),
+                user_data: plan.user_data.clone(),
+                created_at: rfc3339(now),
+                idempotency_key: plan.idempotency_key.clone(),
+            };
+            // The re-check: only a machine that is still free and waiting is taken.
+            let n = sqlx::query(
+                "UPDATE machines SET allocation = $1, updated_ms = $2 WHERE id = $3 AND allocation IS NULL AND state = 'Waiting'",
+            )
+            .bind(alloc.id.to_string())
+            .bind(now)
+            .bind(machine.to_string())
+            .execute(tx.c())
+            .await?
+            .rows_affected();
+            if n == 0 {
+                tx.rollback().await?;
+                tracing::debug!(attempt, %machine, "lost the race for a machine; retrying");
+                continue;
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO allocations (id, machine, project, body, idempotency_key, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(alloc.id.to_string())
+            .bind(machine.to_string())
+            .bind(&alloc.project)
+            .bind(to_json(&alloc))
+            .bind(&alloc.idempotency_key)
+            .bind(now)
+            .execute(tx.c())
+            .await;
+            if let Err(e) = inserted {
+                let e = Error::from(e);
+                drop(tx);
+                if e.is_unique_violation() {
+                    if let Some(key) = &plan.idempotency_key {
+                        // A concurrent request with the same key won.
+                        let mut c = self.pool.acquire().await?;
+                        if let Some(a) = Self::allocation_by_key(&mut c, &plan.project, key).await? {
+                            return Ok(AllocOutcome::Existing(a));
+                        }
+                    }
+                    continue;
+                }
+                return Err(e);
+            }
+            if self.backend == Backend::Postgres {
+                // Delivered to every replica's listener when the transaction commits. The
+                // payload is a UUID (hex and dashes), safe to inline.
+                sqlx::query(&format!("NOTIFY {ALLOCATION_CHANNEL}, '{machine}'")).execute(tx.c()).await?;
+            }
+            match tx.commit().await {
+                Ok(()) => return Ok(AllocOutcome::Created(alloc)),
+                Err(e) if e.is_unique_violation() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "could not allocate after {ATTEMPTS} attempts because of concurrent allocations; retry the request"
+        )))
+    }
+
+    fn why_no_machine(&self, plan: &AllocationPlan, cand: Option<&Candidate>, now: i64, dead_after_ms: i64) -> Error {
+        match (&plan.machine, cand) {
+            (Some(m), None) => Error::NotFound(format!("machine {m} not found in partition {}", plan.partition)),
+            (Some(m), Some(c)) => {
+                let why = if c.allocated {
+                    "it is already allocated".to_string()
+                } else if c.crash_loop {
+                    "it is crash-looping".to_string()
+                } else if c.state != Some(Ev::Waiting) {
+                    format!("it is not Waiting (state: {})", c.state.map_or("none", |e| e.as_str()))
+                } else if !c.eligible(now, dead_after_ms) {
+                    format!("it has not been heard from in {} s", dead_after_ms / 1000)
+                } else {
+                    "it was taken concurrently".to_string()
+                };
+                Error::NoMachineAvailable(format!("machine {m} cannot be allocated: {why}; pick another machine or ask for a size"))
+            }
+            (None, _) => Error::NoMachineAvailable(format!(
+                "no machine of size {} is waiting in partition {}; retry when machines return to the pool, or try another size or partition",
+                plan.size.as_deref().unwrap_or("?"),
+                plan.partition
+            )),
+        }
+    }
+
+    pub async fn allocations(&self, project: Option<&str>) -> Result<Vec<Allocation>> {
+        let rows = match project {
+            None => {
+                sqlx::query("SELECT body FROM allocations WHERE freed_ms IS NULL ORDER BY created_ms, id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(p) => {
+                sqlx::query("SELECT body FROM allocations WHERE freed_ms IS NULL AND project = $1 ORDER BY created_ms, id")
+                    .bind(p)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(|r| parse_json("allocation", &r.try_get::<String, _>("body")?)).collect()
+    }
+
+    /// Whether the allocation is still active and belongs to `machine`.
+    pub async fn allocation_active(&self, id: AllocationId, machine: MachineId) -> Result<bool> {
+        let row = sqlx::query("SELECT machine, freed_ms FROM allocations WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            None => false,
+            Some(r) => {
+                r.try_get::<String, _>("machine")? == machine.to_string()
+                    && r.try_get::<Option<i64>, _>("freed_ms")?.is_none()
+            }
+        })
+    }
+
+    /// Records the phone home of an allocation's OS.
+    pub async fn phoned_home(&self, machine: MachineId, allocation: AllocationId, time_ms: i64, message: &str) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE allocations SET phoned_home_ms = $1 WHERE id = $2 AND phoned_home_ms IS NULL")
+            .bind(now)
+            .bind(allocation.to_string())
+            .execute(tx.c())
+            .await?;
+        Self::apply_events_in(tx.c(), machine, &[(Ev::PhonedHome, time_ms, message.to_string())], now).await?;
+        tx.commit().await
+    }
+
+    /// Frees the machine's allocation and records `Machine Reclaim`. With `project`, only an
+    /// allocation of that project is freed (others look like a missing machine).
+    pub async fn free(&self, id: MachineId, project: Option<&str>) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write().await?;
+        let row = sqlx::query("SELECT m.allocation, a.project FROM machines m LEFT JOIN allocations a ON a.id = m.allocation WHERE m.id = $1")
+            .bind(id.to_string())
+            .fetch_optional(tx.c())
+            .await?;
+        let Some(row) = row else { return Err(Error::not_found("machine", id)) };
+        let alloc: Option<String> = row.try_get("allocation")?;
+        let owner: Option<String> = row.try_get("project")?;
+        if let Some(p) = project {
+            if owner.as_deref() != Some(p) {
+                return Err(Error::not_found("machine", id));
+            }
+        }
+        let Some(alloc) = alloc else {
+            return Err(Error::Conflict(format!("machine {id} is not allocated; there is nothing to free")));
+        };
+        sqlx::query("UPDATE allocations SET freed_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&alloc)
+            .execute(tx.c())
+            .await?;
+        sqlx::query("UPDATE machines SET allocation = NULL, boot = NULL, updated_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(tx.c())
+            .await?;
+        Self::apply_events_in(tx.c(), id, &[(Ev::MachineReclaim, now, format!("allocation {alloc} freed"))], now).await?;
+        tx.commit().await
+    }
+
+    /// Stores a phone-home token for the machine's allocation.
+    pub async fn issue_phone_home(&self, t: &TokenRow) -> Result<()> {
+        self.insert_token(t).await
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Metrics
+    // -----------------------------------------------------------------------------------------
+
+    pub async fn machines_by_state(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query("SELECT state, COUNT(*) AS n FROM machines GROUP BY state ORDER BY state")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((r.try_get::<Option<String>, _>("state")?.unwrap_or_else(|| "none".into()), r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    pub async fn allocation_counts(&self) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS total, COUNT(freed_ms) AS freed FROM allocations",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let total: i64 = r.try_get("total")?;
+        let freed: i64 = r.try_get("freed")?;
+        Ok((total, total - freed))
+    }
+}
