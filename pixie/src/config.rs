@@ -1,0 +1,609 @@
+//! Configuration in two steps: the strict TOML shape ([`File`], unknown keys are errors that
+//! name the key) and the validated runtime types ([`Config`]) built from it with `TryFrom`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0}")]
+    Value(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Value(msg.into())
+}
+
+/// A MAC address, shown lower case and colon separated (the form the API uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.trim().split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(format!("{s:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)"));
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(format!("{s:?} is not a MAC address"));
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        Ok(Mac(mac))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------------------------
+
+/// The TOML file exactly as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub partition: String,
+    pub api: FileApi,
+    #[serde(default)]
+    pub dhcp: Option<FileDhcp>,
+    #[serde(default)]
+    pub tftp: Option<FileTftp>,
+    pub http: FileHttp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApi {
+    pub url: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// How long the HTTP iPXE endpoint waits for the API before it answers with a retry script.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DhcpMode {
+    /// Hands out addresses and boot information.
+    Server,
+    /// Beside another DHCP server: boot information for PXE clients only, never an address.
+    Proxy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDhcp {
+    pub mode: DhcpMode,
+    pub interface: String,
+    pub server_ip: Ipv4Addr,
+    #[serde(default)]
+    pub pool: Option<FilePool>,
+    /// More pools, for relayed subnets (chosen by giaddr).
+    #[serde(default)]
+    pub pools: Vec<FilePool>,
+    #[serde(default)]
+    pub reservations: Vec<FileReservation>,
+    #[serde(default)]
+    pub lease_file: Option<PathBuf>,
+    #[serde(default)]
+    pub boot: Option<FileBoot>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub subnet: String,
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub lease_time_s: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReservation {
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBoot {
+    /// TFTP file for legacy BIOS PXE (option 93 = 0). Default `undionly.kpxe`.
+    #[serde(default)]
+    pub bios: Option<String>,
+    /// TFTP file for x86-64 UEFI PXE (option 93 = 7 or 9). Default `ipxe.efi`; `snponly.efi` also works.
+    #[serde(default)]
+    pub uefi: Option<String>,
+    /// TFTP file for ARM64 UEFI (option 93 = 11). No default: such clients get no boot file.
+    #[serde(default)]
+    pub uefi_arm64: Option<String>,
+    /// URL for UEFI HTTP boot clients. Default `<http.public_url>/boot/<uefi file>`.
+    #[serde(default)]
+    pub uefi_http_url: Option<String>,
+    /// TFTP server address put in siaddr (next-server). Default: `dhcp.server_ip`.
+    #[serde(default)]
+    pub tftp_server: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTftp {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    /// Largest block size granted (RFC 2348 allows up to 65464).
+    #[serde(default)]
+    pub max_blksize: Option<u16>,
+    /// Largest window granted (RFC 7440).
+    #[serde(default)]
+    pub max_windowsize: Option<u16>,
+    /// Retransmissions of one window before the transfer is abandoned.
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    #[serde(default)]
+    pub hammer_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub images_dir: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated runtime types
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub partition: String,
+    pub api: ApiConfig,
+    pub dhcp: Option<DhcpConfig>,
+    pub tftp: Option<TftpConfig>,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Without a trailing slash.
+    pub url: String,
+    pub token: TokenSource,
+    pub timeout: Duration,
+}
+
+impl ApiConfig {
+    /// The pixie token, read from its file when configured that way.
+    pub fn read_token(&self) -> Result<String, ConfigError> {
+        match &self.token {
+            TokenSource::Inline(t) => Ok(t.clone()),
+            TokenSource::File(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+                let t = t.trim().to_string();
+                if t.is_empty() {
+                    return Err(invalid(format!("api.token_file {} is empty", p.display())));
+                }
+                Ok(t)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DhcpConfig {
+    pub mode: DhcpMode,
+    pub interface: String,
+    pub server_ip: Ipv4Addr,
+    /// In server mode at least one; the first whose subnet holds `server_ip` serves the local link.
+    pub pools: Vec<Pool>,
+    pub reservations: HashMap<Mac, Reservation>,
+    pub lease_file: Option<PathBuf>,
+    pub boot: BootConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub ip: Ipv4Addr,
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub lease_time: Duration,
+}
+
+impl Pool {
+    pub fn netmask(&self) -> Ipv4Addr {
+        prefix_mask(self.prefix)
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.netmask()) == u32::from(self.network)
+    }
+    pub fn in_range(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.start)..=u32::from(self.end)).contains(&u32::from(ip))
+    }
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !u32::from(self.netmask()))
+    }
+}
+
+fn prefix_mask(prefix: u8) -> Ipv4Addr {
+    if prefix == 0 {
+        Ipv4Addr::UNSPECIFIED
+    } else {
+        Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix)))
+    }
+}
+
+/// What each kind of client is offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    pub bios_file: String,
+    pub uefi_file: String,
+    pub uefi_arm64_file: Option<String>,
+    pub uefi_http_url: String,
+    pub tftp_server: Ipv4Addr,
+    /// `<http.public_url>/ipxe`: iPXE clients get this plus `?mac=…&uuid=…&arch=…`.
+    pub ipxe_script_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TftpConfig {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Without a trailing slash.
+    pub public_url: String,
+    pub hammer_dir: Option<PathBuf>,
+    pub images_dir: Option<PathBuf>,
+}
+
+pub const DEFAULT_BIOS_FILE: &str = "undionly.kpxe";
+pub const DEFAULT_UEFI_FILE: &str = "ipxe.efi";
+
+fn parse_subnet(s: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| invalid(format!("subnet {s:?}: expected address/prefix, e.g. 10.99.0.0/24")))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| invalid(format!("subnet {s:?}: bad address")))?;
+    let prefix: u8 = prefix.parse().map_err(|_| invalid(format!("subnet {s:?}: bad prefix")))?;
+    if prefix > 30 {
+        return Err(invalid(format!("subnet {s:?}: prefix must be at most /30")));
+    }
+    let network = Ipv4Addr::from(u32::from(addr) & u32::from(prefix_mask(prefix)));
+    if network != addr {
+        return Err(invalid(format!("subnet {s:?}: host bits set (did you mean {network}/{prefix}?)")));
+    }
+    Ok((network, prefix))
+}
+
+fn check_http_url(what: &str, url: &str) -> Result<String, ConfigError> {
+    let u = url.trim_end_matches('/');
+    if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= "http://".len() {
+        return Err(invalid(format!("{what} {url:?} must be an http:// or https:// URL")));
+    }
+    if u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(format!("{what} {url:?} contains whitespace")));
+    }
+    Ok(u.to_string())
+}
+
+fn check_file_name(what: &str, name: &str) -> Result<String, ConfigError> {
+    if name.is_empty() || name.len() > 127 || !name.is_ascii() || name.chars().any(|c| c.is_control()) {
+        return Err(invalid(format!("{what} {name:?} must be 1..127 printable ASCII characters")));
+    }
+    Ok(name.to_string())
+}
+
+impl TryFrom<FilePool> for Pool {
+    type Error = ConfigError;
+    fn try_from(p: FilePool) -> Result<Self, Self::Error> {
+        let (network, prefix) = parse_subnet(&p.subnet)?;
+        let pool = Pool {
+            network,
+            prefix,
+            start: p.start,
+            end: p.end,
+            router: p.router,
+            dns: p.dns,
+            domain: p.domain,
+            lease_time: Duration::from_secs(u64::from(p.lease_time_s.unwrap_or(3600))),
+        };
+        for (what, ip) in [("start", pool.start), ("end", pool.end)] {
+            if !pool.contains(ip) || ip == pool.network || ip == pool.broadcast() {
+                return Err(invalid(format!("pool {what} {ip} is not a host address of {}", p.subnet)));
+            }
+        }
+        if u32::from(pool.start) > u32::from(pool.end) {
+            return Err(invalid(format!("pool start {} is after end {}", pool.start, pool.end)));
+        }
+        if let Some(r) = pool.router {
+            if !pool.contains(r) {
+                return Err(invalid(format!("pool router {r} is outside {}", p.subnet)));
+            }
+        }
+        if pool.lease_time < Duration::from_secs(60) {
+            return Err(invalid("pool lease_time_s must be at least 60"));
+        }
+        if let Some(d) = &pool.domain {
+            if d.is_empty() || d.len() > 253 || d.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(format!("pool domain {d:?} is not a domain name")));
+            }
+        }
+        Ok(pool)
+    }
+}
+
+impl TryFrom<File> for Config {
+    type Error = ConfigError;
+    fn try_from(f: File) -> Result<Self, Self::Error> {
+        if f.partition.trim().is_empty() {
+            return Err(invalid("partition must not be empty"));
+        }
+        let token = match (f.api.token, f.api.token_file) {
+            (Some(t), None) if !t.trim().is_empty() => TokenSource::Inline(t.trim().to_string()),
+            (None, Some(p)) => TokenSource::File(p),
+            (Some(_), Some(_)) => return Err(invalid("api: give either token or token_file, not both")),
+            _ => return Err(invalid("api: a token or token_file is required (pixie's token for the API)")),
+        };
+        let api = ApiConfig {
+            url: check_http_url("api.url", &f.api.url)?,
+            token,
+            timeout: Duration::from_millis(f.api.timeout_ms.unwrap_or(2000).clamp(100, 60_000)),
+        };
+        let http = HttpConfig {
+            listen: f.http.listen,
+            public_url: check_http_url("http.public_url", &f.http.public_url)?,
+            hammer_dir: f.http.hammer_dir,
+            images_dir: f.http.images_dir,
+        };
+        let tftp = match f.tftp {
+            None => None,
+            Some(t) => {
+                let max_blksize = t.max_blksize.unwrap_or(65464);
+                if !(512..=65464).contains(&max_blksize) {
+                    return Err(invalid("tftp.max_blksize must be within 512..=65464"));
+                }
+                let max_windowsize = t.max_windowsize.unwrap_or(64);
+                if !(1..=1024).contains(&max_windowsize) {
+                    return Err(invalid("tftp.max_windowsize must be within 1..=1024"));
+                }
+                Some(TftpConfig {
+                    listen: t.listen,
+                    root: t.root,
+                    max_blksize,
+                    max_windowsize,
+                    retries: t.retries.unwrap_or(5).clamp(1, 100),
+                })
+            }
+        };
+        let dhcp = match f.dhcp {
+            None => None,
+            Some(d) => Some(validate_dhcp(d, &http)?),
+        };
+        Ok(Config { partition: f.partition.trim().to_string(), api, dhcp, tftp, http })
+    }
+}
+
+fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigError> {
+    if d.interface.is_empty() || d.interface.len() > 15 {
+        return Err(invalid(format!("dhcp.interface {:?} is not an interface name", d.interface)));
+    }
+    let mut pools = Vec::new();
+    for p in d.pool.into_iter().chain(d.pools) {
+        pools.push(Pool::try_from(p)?);
+    }
+    for (i, a) in pools.iter().enumerate() {
+        for b in &pools[i + 1..] {
+            if a.contains(b.network) || b.contains(a.network) {
+                return Err(invalid(format!("dhcp pools {}/{} and {}/{} overlap", a.network, a.prefix, b.network, b.prefix)));
+            }
+        }
+    }
+    match d.mode {
+        DhcpMode::Server if pools.is_empty() => {
+            return Err(invalid("dhcp.mode = \"server\" needs a [dhcp.pool]"));
+        }
+        DhcpMode::Proxy if !pools.is_empty() || !d.reservations.is_empty() => {
+            return Err(invalid("dhcp.mode = \"proxy\" hands out no addresses: remove dhcp.pool/pools/reservations"));
+        }
+        _ => {}
+    }
+    let mut reservations = HashMap::new();
+    let mut taken = HashMap::new();
+    for r in d.reservations {
+        let mac: Mac = r.mac.parse().map_err(invalid)?;
+        if !pools.iter().any(|p| p.contains(r.ip)) {
+            return Err(invalid(format!("reservation {mac} → {} is outside every pool's subnet", r.ip)));
+        }
+        if let Some(other) = taken.insert(r.ip, mac) {
+            return Err(invalid(format!("reservation {} is given to both {other} and {mac}", r.ip)));
+        }
+        if reservations.insert(mac, Reservation { ip: r.ip, hostname: r.hostname }).is_some() {
+            return Err(invalid(format!("reservation for {mac} is listed twice")));
+        }
+    }
+    let b = d.boot.unwrap_or(FileBoot {
+        bios: None,
+        uefi: None,
+        uefi_arm64: None,
+        uefi_http_url: None,
+        tftp_server: None,
+    });
+    let uefi_file = check_file_name("dhcp.boot.uefi", b.uefi.as_deref().unwrap_or(DEFAULT_UEFI_FILE))?;
+    let uefi_http_url = match b.uefi_http_url {
+        Some(u) => check_http_url("dhcp.boot.uefi_http_url", &u)?,
+        None => format!("{}/boot/{}", http.public_url, uefi_file),
+    };
+    let boot = BootConfig {
+        bios_file: check_file_name("dhcp.boot.bios", b.bios.as_deref().unwrap_or(DEFAULT_BIOS_FILE))?,
+        uefi_file,
+        uefi_arm64_file: b.uefi_arm64.map(|f| check_file_name("dhcp.boot.uefi_arm64", &f)).transpose()?,
+        uefi_http_url,
+        tftp_server: b.tftp_server.unwrap_or(d.server_ip),
+        ipxe_script_url: format!("{}/ipxe", http.public_url),
+    };
+    Ok(DhcpConfig {
+        mode: d.mode,
+        interface: d.interface,
+        server_ip: d.server_ip,
+        pools,
+        reservations,
+        lease_file: d.lease_file,
+        boot,
+    })
+}
+
+impl Config {
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        Config::try_from(file).map_err(|e| match e {
+            ConfigError::Value(message) => ConfigError::Invalid { path: path.to_path_buf(), message },
+            other => other,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(path, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+partition = "lab"
+[api]
+url = "http://10.99.0.1:8080/"
+token = "secret"
+[dhcp]
+mode = "server"
+interface = "metalbr0"
+server_ip = "10.99.0.1"
+reservations = [{ mac = "52:54:00:00:00:01", ip = "10.99.0.50" }]
+[dhcp.pool]
+subnet = "10.99.0.0/24"
+start = "10.99.0.100"
+end = "10.99.0.199"
+router = "10.99.0.1"
+dns = ["10.99.0.1"]
+domain = "lab"
+lease_time_s = 3600
+[tftp]
+listen = "10.99.0.1:69"
+root = "/usr/lib/ipxe"
+[http]
+listen = "10.99.0.1:8081"
+public_url = "http://10.99.0.1:8081"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("test.toml"), s)
+    }
+
+    #[test]
+    fn lab_config_parses_with_defaults() {
+        let c = parse(LAB).unwrap();
+        assert_eq!(c.api.url, "http://10.99.0.1:8080");
+        let d = c.dhcp.unwrap();
+        assert_eq!(d.pools[0].netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(d.boot.bios_file, "undionly.kpxe");
+        assert_eq!(d.boot.ipxe_script_url, "http://10.99.0.1:8081/ipxe");
+        assert_eq!(d.boot.uefi_http_url, "http://10.99.0.1:8081/boot/ipxe.efi");
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(d.reservations[&mac].ip, Ipv4Addr::new(10, 99, 0, 50));
+        assert_eq!(c.tftp.unwrap().max_blksize, 65464);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = LAB.replace("domain = \"lab\"", "domian = \"lab\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("domian"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (from, to, needle) in [
+            ("start = \"10.99.0.100\"", "start = \"10.98.0.100\"", "not a host address"),
+            ("end = \"10.99.0.199\"", "end = \"10.99.0.99\"", "after end"),
+            ("subnet = \"10.99.0.0/24\"", "subnet = \"10.99.0.1/24\"", "host bits"),
+            ("mode = \"server\"", "mode = \"proxy\"", "proxy"),
+            ("token = \"secret\"", "", "token"),
+            ("ip = \"10.99.0.50\"", "ip = \"10.1.0.50\"", "outside"),
+            ("url = \"http://10.99.0.1:8080/\"", "url = \"ftp://x\"", "http://"),
+        ] {
+            let text = LAB.replace(from, to);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{from} → {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn mac_parses_and_prints() {
+        let m: Mac = "52-54-00-AB-cd-0F".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
+        assert!("52:54:00:ab:cd".parse::<Mac>().is_err());
+        assert!("52:54:00:ab:cd:0f0".parse::<Mac>().is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! `pixie --config pixie.toml`: DHCP, TFTP and HTTP for one partition.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use pixie::api::{ApiClient, EventQueue};
+use pixie::config::{Config, TokenSource};
+use pixie::http::{router, HttpState, StaticDirs};
+use pixie::metrics::Metrics;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "pixie: DHCP, TFTP and HTTP boot service driven by the metal API")]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c', env = "PIXIE_CONFIG")]
+    config: PathBuf,
+    /// Overrides dhcp.interface.
+    #[arg(long)]
+    interface: Option<String>,
+    /// Overrides api.url.
+    #[arg(long)]
+    api_url: Option<String>,
+    /// Overrides api.token / api.token_file: read the token from this file.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Overrides http.listen.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Overrides tftp.listen.
+    #[arg(long)]
+    tftp_listen: Option<SocketAddr>,
+    /// Run without DHCP even when the file configures it.
+    #[arg(long)]
+    no_dhcp: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("pixie: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn apply_overrides(cfg: &mut Config, cli: &Cli) {
+    if let (Some(i), Some(d)) = (&cli.interface, cfg.dhcp.as_mut()) {
+        d.interface = i.clone();
+    }
+    if let Some(u) = &cli.api_url {
+        cfg.api.url = u.trim_end_matches('/').to_string();
+    }
+    if let Some(p) = &cli.api_token_file {
+        cfg.api.token = TokenSource::File(p.clone());
+    }
+    if let Some(l) = cli.http_listen {
+        cfg.http.listen = l;
+    }
+    if let (Some(l), Some(t)) = (cli.tftp_listen, cfg.tftp.as_mut()) {
+        t.listen = l;
+    }
+    if cli.no_dhcp {
+        cfg.dhcp = None;
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut cfg = Config::load(&cli.config)?;
+    apply_overrides(&mut cfg, &cli);
+    let token = cfg.api.read_token()?;
+    if cli.check {
+        println!("{}: ok", cli.config.display());
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(serve(cfg, token))
+}
+
+async fn serve(cfg: Config, token: String) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let api = ApiClient::new(&cfg.api.url, &token, cfg.api.timeout);
+    let events = EventQueue::spawn(api.clone(), 1024, metrics.clone());
+
+    if let Some(t) = &cfg.tftp {
+        let addr = pixie::tftp::server::start(t, metrics.clone()).await?;
+        tracing::info!(%addr, "TFTP started");
+    }
+    if let Some(d) = &cfg.dhcp {
+        let handler = pixie::dhcp::server::Handler::new(Arc::new(d.clone()), cfg.partition.clone(), events.clone(), metrics.clone())?;
+        pixie::dhcp::server::start(Arc::new(handler))?;
+    }
+    let state = Arc::new(HttpState { api, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
+    let dirs = StaticDirs {
+        hammer: cfg.http.hammer_dir.clone(),
+        images: cfg.http.images_dir.clone(),
+        boot: cfg.tftp.as_ref().map(|t| t.root.clone()),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("binding HTTP on {}", cfg.http.listen))?;
+    tracing::info!(listen = %cfg.http.listen, public_url = %cfg.http.public_url, partition = %cfg.partition, "HTTP listening");
+    axum::serve(listener, router(state, &dirs))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("HTTP server")?;
+    Ok(())
+}

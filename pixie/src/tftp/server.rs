@@ -1,0 +1,427 @@
+//! The TFTP server: the listening socket only reads requests; every transfer runs in its own
+//! task with its own socket (a new TID, connected to the client), with windowed sending
+//! (RFC 7440), retransmission on timeout and a retry limit.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio::time::timeout;
+
+use super::codec::{self, code, Limits, Packet, Rq};
+use super::{resolve, PathError};
+use crate::config::TftpConfig;
+use crate::metrics::Metrics;
+
+pub struct TftpServer {
+    root: PathBuf,
+    limits: Limits,
+    retries: u32,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TftpStartError {
+    #[error("TFTP root {path}")]
+    Root { path: PathBuf, source: io::Error },
+    #[error("binding TFTP on {addr}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    NotFound,
+    Denied,
+    OptionsRefused,
+    Aborted,
+    TimedOut,
+    Failed,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NotFound => "not_found",
+            Outcome::Denied => "denied",
+            Outcome::OptionsRefused => "options_refused",
+            Outcome::Aborted => "aborted",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl TftpServer {
+    pub fn new(cfg: &TftpConfig, metrics: Arc<Metrics>) -> Result<TftpServer, TftpStartError> {
+        let root = cfg.root.canonicalize().map_err(|source| TftpStartError::Root { path: cfg.root.clone(), source })?;
+        Ok(TftpServer {
+            root,
+            limits: Limits { max_blksize: cfg.max_blksize, max_windowsize: cfg.max_windowsize },
+            retries: cfg.retries,
+            metrics,
+        })
+    }
+
+    /// Serves requests arriving on `sock` until it fails.
+    pub async fn serve(self: Arc<Self>, sock: UdpSocket) -> io::Error {
+        let local_ip = match sock.local_addr() {
+            Ok(a) => a.ip(),
+            Err(e) => return e,
+        };
+        tracing::info!(listen = ?sock.local_addr().ok(), root = %self.root.display(), "TFTP listening");
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, peer) = match sock.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors from earlier sends surface here on Linux; they are not fatal.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return e,
+            };
+            match codec::decode(&buf[..n]) {
+                Ok(Packet::Rrq(rq)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let filename = rq.filename.clone();
+                        let outcome = me.transfer(local_ip, peer, rq).await;
+                        me.metrics.inc("pixie_tftp_transfers_total", &[("result", outcome.label())]);
+                        match outcome {
+                            Outcome::Ok => tracing::info!(%peer, file = %filename, "TFTP transfer complete"),
+                            Outcome::OptionsRefused => {
+                                tracing::debug!(%peer, file = %filename, "client took the OACK's tsize and ended the transfer (UEFI habit)")
+                            }
+                            other => tracing::info!(%peer, file = %filename, result = other.label(), "TFTP transfer ended"),
+                        }
+                    });
+                }
+                Ok(Packet::Wrq(rq)) => {
+                    self.metrics.inc("pixie_tftp_transfers_total", &[("result", "write_refused")]);
+                    tracing::info!(%peer, file = %rq.filename, "TFTP write refused (read-only server)");
+                    let _ = sock.send_to(&codec::error(code::ACCESS_VIOLATION, "read-only server"), peer).await;
+                }
+                Ok(other) => {
+                    tracing::debug!(%peer, packet = ?packet_kind(&other), "TFTP packet for no transfer ignored");
+                }
+                Err(e) => {
+                    self.metrics.inc("pixie_tftp_transfers_total", &[("result", "malformed")]);
+                    tracing::info!(%peer, error = %e, len = n, "malformed TFTP request ignored");
+                }
+            }
+        }
+    }
+
+    async fn transfer(&self, local_ip: std::net::IpAddr, peer: SocketAddr, rq: Rq) -> Outcome {
+        let sock = match UdpSocket::bind(SocketAddr::new(local_ip, 0)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no socket for a TFTP transfer");
+                return Outcome::Failed;
+            }
+        };
+        if sock.connect(peer).await.is_err() {
+            return Outcome::Failed;
+        }
+        let mode = rq.mode.to_ascii_lowercase();
+        if mode != "octet" && mode != "netascii" {
+            let _ = sock.send(&codec::error(code::ILLEGAL_OPERATION, "only octet mode")).await;
+            return Outcome::Denied;
+        }
+        let path = match resolve(&self.root, &rq.filename) {
+            Ok(p) => p,
+            Err(e) => {
+                let (c, outcome) = match e {
+                    PathError::NotFound(_) | PathError::NotAFile(_) => (code::FILE_NOT_FOUND, Outcome::NotFound),
+                    PathError::Escapes(_) | PathError::BadChar(_) => (code::ACCESS_VIOLATION, Outcome::Denied),
+                };
+                tracing::info!(%peer, error = %e, "TFTP request refused");
+                let _ = sock.send(&codec::error(c, &e.to_string())).await;
+                return outcome;
+            }
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(_) => {
+                let _ = sock.send(&codec::error(code::FILE_NOT_FOUND, "cannot open file")).await;
+                return Outcome::NotFound;
+            }
+        };
+        let size = match file.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => return Outcome::Failed,
+        };
+        let neg = codec::negotiate(&rq.options, size, &self.limits);
+        tracing::debug!(%peer, file = %rq.filename, size, blksize = neg.blksize, windowsize = neg.windowsize, "TFTP transfer starts");
+        let mut rbuf = vec![0u8; 1024];
+        if !neg.oack.is_empty() {
+            let oack = codec::encode(&Packet::Oack { options: neg.oack.clone() });
+            let mut tries = 0;
+            loop {
+                if sock.send(&oack).await.is_err() {
+                    return Outcome::Failed;
+                }
+                match timeout(neg.timeout, sock.recv(&mut rbuf)).await {
+                    Err(_) => {
+                        tries += 1;
+                        if tries > self.retries {
+                            return Outcome::TimedOut;
+                        }
+                    }
+                    Ok(Err(_)) => return Outcome::Aborted,
+                    Ok(Ok(n)) => match codec::decode(&rbuf[..n]) {
+                        Ok(Packet::Ack { block: 0 }) => break,
+                        Ok(Packet::Error { code: code::OPTION_REFUSED, .. }) => return Outcome::OptionsRefused,
+                        Ok(Packet::Error { code: 0, .. }) if rq.options.iter().any(|(k, _)| k.eq_ignore_ascii_case("tsize")) => {
+                            return Outcome::OptionsRefused
+                        }
+                        Ok(Packet::Error { .. }) => return Outcome::Aborted,
+                        _ => {}
+                    },
+                }
+            }
+        }
+        let blk = u64::from(neg.blksize);
+        let last = size / blk + 1; // the last block is shorter than blksize, maybe empty
+        let window = u64::from(neg.windowsize);
+        let mut base: u64 = 1;
+        let mut tries = 0;
+        let mut pkt = Vec::with_capacity(neg.blksize as usize + 4);
+        let mut sent_bytes = 0u64;
+        loop {
+            let end = (base + window - 1).min(last);
+            for b in base..=end {
+                pkt.clear();
+                codec::encode_data_header(&mut pkt, b as u16);
+                let off = (b - 1) * blk;
+                let len = size.saturating_sub(off).min(blk) as usize;
+                pkt.resize(4 + len, 0);
+                if let Err(e) = read_exact_at(&file, &mut pkt[4..], off) {
+                    tracing::warn!(error = %e, path = %path.display(), "TFTP read failed");
+                    let _ = sock.send(&codec::error(code::NOT_DEFINED, "read error")).await;
+                    return Outcome::Failed;
+                }
+                if let Err(e) = sock.send(&pkt).await {
+                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                        return Outcome::Aborted;
+                    }
+                }
+                sent_bytes += len as u64;
+            }
+            // Wait for an ACK inside this window; older duplicates are ignored (no Sorcerer's
+            // Apprentice), a timeout resends the window from the first unacknowledged block.
+            let acked = loop {
+                match timeout(neg.timeout, sock.recv(&mut rbuf)).await {
+                    Err(_) => break None,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Outcome::Aborted,
+                    Ok(Err(_)) => return Outcome::Failed,
+                    Ok(Ok(n)) => match codec::decode(&rbuf[..n]) {
+                        Ok(Packet::Ack { block }) => {
+                            if let Some(a) = (base - 1..=end).rev().find(|a| *a as u16 == block) {
+                                break Some(a);
+                            }
+                        }
+                        Ok(Packet::Error { .. }) => return Outcome::Aborted,
+                        _ => {}
+                    },
+                }
+            };
+            match acked {
+                None => {
+                    tries += 1;
+                    if tries > self.retries {
+                        return Outcome::TimedOut;
+                    }
+                }
+                Some(a) => {
+                    if a >= base {
+                        tries = 0;
+                    }
+                    if a == last {
+                        self.metrics.add("pixie_tftp_bytes_total", &[], sent_bytes);
+                        return Outcome::Ok;
+                    }
+                    base = a + 1;
+                }
+            }
+        }
+    }
+}
+
+fn read_exact_at(f: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match f.read_at(buf, off) {
+            Ok(0) => {
+                // The file shrank under us: send zeros rather than a wrong length.
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn packet_kind(p: &Packet) -> &'static str {
+    match p {
+        Packet::Rrq(_) => "RRQ",
+        Packet::Wrq(_) => "WRQ",
+        Packet::Data { .. } => "DATA",
+        Packet::Ack { .. } => "ACK",
+        Packet::Error { .. } => "ERROR",
+        Packet::Oack { .. } => "OACK",
+    }
+}
+
+/// Starts the server on `cfg.listen` in a background task.
+pub async fn start(cfg: &TftpConfig, metrics: Arc<Metrics>) -> Result<SocketAddr, TftpStartError> {
+    let server = Arc::new(TftpServer::new(cfg, metrics)?);
+    let sock = UdpSocket::bind(cfg.listen).await.map_err(|source| TftpStartError::Bind { addr: cfg.listen, source })?;
+    let addr = sock.local_addr().map_err(|source| TftpStartError::Bind { addr: cfg.listen, source })?;
+    tokio::spawn(async move {
+        let e = server.serve(sock).await;
+        tracing::error!(error = %e, "TFTP socket failed; TFTP stopped");
+    });
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn server(root: &std::path::Path) -> (SocketAddr, Arc<Metrics>) {
+        let cfg = TftpConfig { listen: "127.0.0.1:0".parse().unwrap(), root: root.to_path_buf(), max_blksize: 65464, max_windowsize: 64, retries: 3 };
+        let m = Arc::new(Metrics::default());
+        (start(&cfg, m.clone()).await.unwrap(), m)
+    }
+
+    /// A minimal client: RRQ with options, ACK everything in order, return the bytes.
+    async fn fetch(addr: SocketAddr, file: &str, opts: &[(&str, &str)], drop_first_of_block: Option<u16>) -> Result<Vec<u8>, (u16, String)> {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rq = Rq { filename: file.into(), mode: "octet".into(), options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect() };
+        sock.send_to(&codec::encode(&Packet::Rrq(rq)), addr).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 70000];
+        let mut expect: u16 = 1;
+        let mut blksize = 512usize;
+        let mut window = 1u16;
+        let mut dropped = false;
+        let mut in_window = 0u16;
+        loop {
+            let (n, from) = timeout(Duration::from_secs(5), sock.recv_from(&mut buf)).await.expect("server went quiet").unwrap();
+            match codec::decode(&buf[..n]).unwrap() {
+                Packet::Oack { options } => {
+                    for (k, v) in options {
+                        match k.as_str() {
+                            "blksize" => blksize = v.parse().unwrap(),
+                            "windowsize" => window = v.parse().unwrap(),
+                            _ => {}
+                        }
+                    }
+                    sock.send_to(&codec::encode(&Packet::Ack { block: 0 }), from).await.unwrap();
+                }
+                Packet::Data { block, data } => {
+                    if Some(block) == drop_first_of_block && !dropped {
+                        dropped = true;
+                        continue;
+                    }
+                    if block != expect {
+                        continue;
+                    }
+                    out.extend_from_slice(&data);
+                    expect = expect.wrapping_add(1);
+                    in_window += 1;
+                    let done = data.len() < blksize;
+                    if done || in_window == window {
+                        in_window = 0;
+                        sock.send_to(&codec::encode(&Packet::Ack { block }), from).await.unwrap();
+                    }
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                Packet::Error { code, message } => return Err((code, message)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn content(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn serves_files_with_every_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(200_000);
+        std::fs::write(dir.path().join("f.bin"), &data).unwrap();
+        std::fs::write(dir.path().join("exact.bin"), content(1024)).unwrap();
+        std::fs::write(dir.path().join("empty.bin"), b"").unwrap();
+        let (addr, m) = server(dir.path()).await;
+        assert_eq!(fetch(addr, "f.bin", &[], None).await.unwrap(), data);
+        assert_eq!(fetch(addr, "/f.bin", &[("blksize", "1468"), ("tsize", "0")], None).await.unwrap(), data);
+        assert_eq!(fetch(addr, "f.bin", &[("blksize", "1468"), ("windowsize", "16")], None).await.unwrap(), data);
+        assert_eq!(fetch(addr, "f.bin", &[("blksize", "99999"), ("windowsize", "999999"), ("timeout", "1")], None).await.unwrap(), data);
+        assert_eq!(fetch(addr, "exact.bin", &[], None).await.unwrap(), content(1024));
+        assert_eq!(fetch(addr, "empty.bin", &[("tsize", "0")], None).await.unwrap(), b"");
+        // A lost DATA packet is resent after the timeout.
+        assert_eq!(fetch(addr, "f.bin", &[("blksize", "1024"), ("windowsize", "4"), ("timeout", "1")], Some(6)).await.unwrap(), data);
+        wait_metric(&m, "ok", 7).await;
+    }
+
+    #[tokio::test]
+    async fn refuses_escapes_writes_and_garbage_and_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"hello").unwrap();
+        let (addr, _) = server(dir.path()).await;
+        assert_eq!(fetch(addr, "../etc/passwd", &[], None).await.unwrap_err().0, code::ACCESS_VIOLATION);
+        assert_eq!(fetch(addr, "nope", &[], None).await.unwrap_err().0, code::FILE_NOT_FOUND);
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(b"\x00\x02a\x00octet\x00", addr).await.unwrap();
+        let mut buf = [0u8; 600];
+        let (n, _) = timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert!(matches!(codec::decode(&buf[..n]), Ok(Packet::Error { code: code::ACCESS_VIOLATION, .. })));
+        for junk in [&b""[..], b"\x00", b"\x00\x01abc", b"\x00\x63xx", b"\x00\x04\x00\x01"] {
+            sock.send_to(junk, addr).await.unwrap();
+        }
+        assert_eq!(fetch(addr, "a", &[], None).await.unwrap(), b"hello");
+    }
+
+    #[tokio::test]
+    async fn uefi_tsize_probe_then_real_request() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ipxe.efi"), content(3000)).unwrap();
+        let (addr, m) = server(dir.path()).await;
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rq = Rq { filename: "ipxe.efi".into(), mode: "octet".into(), options: vec![("tsize".into(), "0".into()), ("blksize".into(), "1468".into())] };
+        sock.send_to(&codec::encode(&Packet::Rrq(rq)), addr).await.unwrap();
+        let mut buf = [0u8; 600];
+        let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+        let Packet::Oack { options } = codec::decode(&buf[..n]).unwrap() else { panic!() };
+        assert!(options.contains(&("tsize".to_string(), "3000".to_string())));
+        sock.send_to(&codec::error(code::OPTION_REFUSED, "tsize only"), from).await.unwrap();
+        assert_eq!(fetch(addr, "ipxe.efi", &[("blksize", "1468")], None).await.unwrap(), content(3000));
+        wait_metric(&m, "options_refused", 1).await;
+    }
+
+    async fn wait_metric(m: &Metrics, result: &str, at_least: u64) {
+        for _ in 0..100 {
+            if m.get("pixie_tftp_transfers_total", &[("result", result)]) >= at_least {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {at_least} transfers counted as {result}");
+    }
+}
