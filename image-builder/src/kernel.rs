@@ -69,6 +69,7 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
         ))
     })?;
     let deb = find_deb(&download, &concrete)?;
+    let deb_version = deb.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('_').nth(1)).unwrap_or("").to_string();
 
     eprintln!("kernel {version}: extracting {} (dpkg -x)…", deb.display());
     tools::run(Command::new(&dpkg).arg("-x").arg(&deb).arg(&root))?;
@@ -85,6 +86,8 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
     eprintln!("kernel {version}: generating modules.dep and modules.alias (depmod -b)…");
     tools::run(Command::new(depmod).arg("-b").arg(&root).arg(&version))?;
     fs::remove_dir_all(&download).map_err(at(&download))?;
+    let package_file = root.join(crate::kmod::PACKAGE_FILE);
+    fs::write(&package_file, format!("{concrete} {deb_version}\n")).map_err(at(&package_file))?;
 
     fs::rename(&root, &dest).map_err(at(&dest))?;
     fs::remove_dir_all(&work).map_err(at(&work))?;

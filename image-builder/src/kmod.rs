@@ -147,6 +147,9 @@ pub fn restrict_alias(alias: &str, names: &BTreeSet<String>) -> String {
     out
 }
 
+/// File in an extracted kernel naming the package it came from: `<package> <version>`.
+pub const PACKAGE_FILE: &str = "metal-kernel-package";
+
 /// The `lib/modules/<version>` directory of an extracted kernel, and the kernel image beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelDir {
@@ -184,6 +187,11 @@ impl KernelDir {
 
     pub fn vmlinuz(&self) -> PathBuf {
         self.root.join("boot").join(format!("vmlinuz-{}", self.version))
+    }
+
+    /// `linux-image-6.1.0-56-amd64 6.1.192-2`, when `image-builder kernel` recorded it.
+    pub fn package(&self) -> Option<String> {
+        fs::read_to_string(self.root.join(PACKAGE_FILE)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
     }
 
     pub fn modules_dir(&self) -> PathBuf {

@@ -143,7 +143,7 @@ pub fn build(opts: &TestOsOptions) -> Result<(PathBuf, ImageManifest)> {
     let file = opts.out.join(format!("{NAME}-{}.{}", opts.version, ImageFormat::TarZst.extension()));
     let mtime = archive::source_date_epoch();
     let written = archive::write_zst(&file, opts.zstd_level, "test-os", |w| archive::write_tar(&tree, w, mtime))?;
-    let mut packages = vec![format!("linux-image-{} {}", kernel.version, dpkg_version("linux-image-amd64").unwrap_or_default())];
+    let mut packages = vec![kernel.package().unwrap_or_else(|| format!("linux-image-{}", kernel.version))];
     if let Some(v) = dpkg_version("busybox-static") {
         packages.push(format!("busybox-static {v}"));
     }
