@@ -286,7 +286,7 @@ impl Store {
                     if stmt.trim().is_empty() {
                         continue;
                     }
-                    sqlx::query(&stmt).execute(&mut *tx).await?;
+                    sqlx::query(stmt).execute(&mut *tx).await?;
                 }
                 sqlx::query("INSERT INTO schema_migrations (version, name, applied_ms) VALUES ($1, $2, $3)")
                     .bind(*version)
