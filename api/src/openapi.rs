@@ -32,6 +32,8 @@ enum Out {
     One(&'static str),
     Many(&'static str),
     Text,
+    /// A JSON object without a named schema.
+    Object,
     Empty,
 }
 
@@ -66,7 +68,7 @@ const MACHINE: Option<&str> = Some("machine credential");
 
 fn routes() -> Vec<Route> {
     let mut v = vec![
-        r(Get, "/healthz", "Liveness of the API and its database", None, None, "200", Out::Text),
+        r(Get, "/healthz", "Liveness of the API and its database: {\"status\": \"ok\"}", None, None, "200", Out::Object),
         r(Get, "/metrics", "Prometheus metrics", None, None, "200", Out::Text),
     ];
     for (plural, schema) in
@@ -123,7 +125,20 @@ pub fn document() -> Doc {
         SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
     );
     for route in routes() {
-        let mut op = OperationBuilder::new().summary(Some(route.summary));
+        let method = match route.method {
+            Get => "get",
+            Post => "post",
+            Delete => "delete",
+            _ => "other",
+        };
+        let op_id: String = format!("{method}{}", route.path)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>()
+            .replace("__", "_")
+            .trim_end_matches('_')
+            .to_string();
+        let mut op = OperationBuilder::new().summary(Some(route.summary)).operation_id(Some(op_id));
         if let Some(who) = route.auth {
             op = op
                 .description(Some(format!("Authorization: Bearer token ({who}).")))
@@ -160,6 +175,9 @@ pub fn document() -> Doc {
             Out::Text => ResponseBuilder::new()
                 .description("success")
                 .content("text/plain", ContentBuilder::new().build()),
+            Out::Object => ResponseBuilder::new()
+                .description("success")
+                .content("application/json", ContentBuilder::new().build()),
             Out::Empty => ResponseBuilder::new().description("success, no content"),
         };
         op = op.response(route.status, ok.build());

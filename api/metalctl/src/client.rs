@@ -232,12 +232,13 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).trim().to_string())
     }
 
-    /// `POST /v1/<kind>`: the object as the API stored it.
-    pub async fn create<K: CatalogKind + Sync>(&self, object: &K) -> Result<K> {
-        Ok(self
+    /// `POST /v1/<kind>`: the object as the API stored it, and whether it is new (201) or
+    /// an identical one existed already (200). Different content under the same id is a 409.
+    pub async fn create<K: CatalogKind + Sync>(&self, object: &K) -> Result<(K, bool)> {
+        let (status, stored) = self
             .call(Method::POST, &["v1", K::PATH], Some(object))
-            .await?
-            .1)
+            .await?;
+        Ok((stored, status == StatusCode::CREATED))
     }
 
     /// `GET /v1/<kind>`.

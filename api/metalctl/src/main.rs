@@ -361,10 +361,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Allocation(AllocationCmd::Ls) => print_list(out, &client.allocations().await?)?,
         Command::Health => {
             let body = client.health().await?;
-            println!("{}", if body.is_empty() { "ok" } else { &body });
+            println!("{}", health_text(out, &body));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `health` prints: the API's `status` for the table format (`ok`), else its body.
+fn health_text(format: Format, body: &str) -> String {
+    let status = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("status")?.as_str().map(str::to_string));
+    match (format, status) {
+        (Format::Table, Some(status)) => status,
+        (Format::Yaml, _) => match serde_json::from_str::<serde_yaml::Value>(body) {
+            Ok(v) => serde_yaml::to_string(&v)
+                .unwrap_or_else(|_| body.to_string())
+                .trim_end()
+                .to_string(),
+            Err(_) => body.to_string(),
+        },
+        _ if body.is_empty() => "ok".to_string(),
+        _ => body.to_string(),
+    }
 }
 
 /// Prints a list: a table, or the JSON/YAML of the list.
@@ -429,7 +448,16 @@ where
     let mut failure = None;
     for object in &objects {
         match client.create(object).await {
-            Ok(c) => created.push(c),
+            Ok((c, new)) => {
+                if !new {
+                    eprintln!(
+                        "{} {} exists already with this content: unchanged",
+                        K::NOUN,
+                        c.id()
+                    );
+                }
+                created.push(c)
+            }
             Err(e) => {
                 failure = Some(e);
                 break;
@@ -784,6 +812,16 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn health_output() {
+        let body = r#"{"status":"ok"}"#;
+        assert_eq!(health_text(Format::Table, body), "ok");
+        assert_eq!(health_text(Format::Json, body), body);
+        assert_eq!(health_text(Format::Yaml, body), "status: ok");
+        assert_eq!(health_text(Format::Table, ""), "ok");
+        assert_eq!(health_text(Format::Table, "fine"), "fine");
     }
 
     #[test]

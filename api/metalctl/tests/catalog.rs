@@ -106,12 +106,25 @@ fn catalog_from_the_example_files_in_every_format() {
         .json(&["project describe"]);
     assert_eq!(d.id, "tenant-a");
 
-    // Creating the same object again is the API's conflict, reported as such.
-    let err = api
-        .admin(&["size", "create", "-f", &example("size.yaml")])
-        .fails(1, "duplicate size");
+    // Creating the same object again changes nothing; other content under the same id is the
+    // API's conflict, reported as such.
+    let r = api.admin(&["size", "create", "-f", &example("size.yaml")]);
     assert!(
-        err.starts_with("error: ") && err.contains("(conflict, HTTP 409)"),
+        r.stderr
+            .contains("size lab-small exists already with this content: unchanged"),
+        "{r:?}"
+    );
+    r.ok(&["size create again"]);
+    let changed = api.dir.path().join("size.yaml");
+    let text = std::fs::read_to_string(example("size.yaml"))
+        .unwrap()
+        .replace("lab VM", "changed");
+    std::fs::write(&changed, text).unwrap();
+    let err = api
+        .admin(&["size", "create", "-f", changed.to_str().unwrap()])
+        .fails(1, "changed size");
+    assert!(
+        err.starts_with("error: ") && err.trim_end().ends_with("(conflict, HTTP 409)"),
         "{err}"
     );
 
@@ -185,7 +198,7 @@ fn wrong_or_missing_tokens_are_clear_errors() {
     let err = api.ctl(None, &["size", "ls"]).fails(1, "no token");
     assert!(err.contains("(unauthorized, HTTP 401)"), "{err}");
     // Health needs no token.
-    api.ctl(None, &["health"]).ok(&["health"]);
+    assert_eq!(api.ctl(None, &["health"]).ok(&["health"]).trim(), "ok");
 }
 
 #[test]
@@ -335,7 +348,7 @@ fn bad_files_name_the_problem() {
     let c = "constraints: [{kind: cores, min: 1, max: 2}]";
     std::fs::write(
         &f,
-        format!("- {{id: a, {c}}}\n- {{id: a, {c}}}\n- {{id: c, {c}}}\n"),
+        format!("- {{id: a, {c}}}\n- {{id: a, description: other, {c}}}\n- {{id: c, {c}}}\n"),
     )
     .unwrap();
     let r = api.admin(&["size", "create", "-f", f.to_str().unwrap()]);

@@ -449,9 +449,19 @@ impl SimAgent {
             time_ms: now_ms(),
             message: "booted".into(),
         };
+        // The URL names the API as the partition's machines reach it (the lab address of the
+        // example partition); this test's API listens on loopback, so only the path is used.
+        let path = "/v1/agent/phone-home";
+        if !ins.phone_home.url.ends_with(path) {
+            bail!(
+                "phone-home URL {} does not end with {path}",
+                ins.phone_home.url
+            );
+        }
+        let url = format!("{}{path}", self.api);
         send(
             self.http
-                .post(&ins.phone_home.url)
+                .post(url)
                 .bearer_auth(&ins.phone_home.token)
                 .json(&ph),
         )
