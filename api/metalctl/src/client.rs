@@ -39,6 +39,13 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
+    /// The request body could not be turned into JSON.
+    #[error("cannot encode the body of {request}")]
+    Encode {
+        request: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("API URL {url:?} is not a usable http(s) URL")]
     BadUrl { url: String },
 }
@@ -173,7 +180,7 @@ impl Client {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
-            let json = body.to_json().map_err(|source| ClientError::Decode {
+            let json = body.to_json().map_err(|source| ClientError::Encode {
                 request: request.clone(),
                 source,
             })?;
@@ -305,6 +312,32 @@ impl Client {
         })
     }
 
+    /// [`Client::allocate`], retried up to `attempts` times in all when the request may not
+    /// have reached the API. Safe only because the request carries an idempotency key (a
+    /// retry of a request the API did process returns that first allocation); refused without.
+    /// `on_retry` hears about each failed attempt before the pause.
+    pub async fn allocate_retrying(
+        &self,
+        req: &AllocationRequest,
+        attempts: u32,
+        pause: Duration,
+        on_retry: &mut dyn FnMut(&ClientError),
+    ) -> Result<Allocated> {
+        let mut attempt = 1;
+        loop {
+            match self.allocate(req).await {
+                Err(e)
+                    if e.is_transport() && attempt < attempts && req.idempotency_key.is_some() =>
+                {
+                    on_retry(&e);
+                    tokio::time::sleep(pause * attempt).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// `GET /v1/allocations` (a tenant sees only its project's).
     pub async fn allocations(&self) -> Result<Vec<Allocation>> {
         self.get(&["v1", "allocations"]).await
@@ -371,5 +404,204 @@ mod tests {
             e.to_string(),
             "no waiting machine of size small in partition lab (no_machine_available, HTTP 409)"
         );
+    }
+
+    /// A loopback HTTP/1.1 server for these unit tests: each connection gets the next scripted
+    /// reply (`None`: the connection is closed without an answer); requests are recorded.
+    struct Scripted {
+        url: String,
+        requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    async fn scripted(replies: Vec<Option<(u16, &'static str)>>) -> Scripted {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            for reply in replies {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then as much body as Content-Length says.
+                let request = loop {
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break text;
+                        }
+                    }
+                    if n == 0 {
+                        break text;
+                    }
+                };
+                seen.lock().unwrap().push(request);
+                if let Some((status, body)) = reply {
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    sock.write_all(resp.as_bytes()).await.unwrap();
+                }
+            }
+        });
+        Scripted { url, requests }
+    }
+
+    const ALLOCATION: &str = r#"{"id":"00000000-0000-0000-0000-0000000000aa","machine":"00000000-0000-0000-0000-000000000001",
+        "project":"p","partition":"lab","image":"test-os-1","hostname":"h","layout":"l","ssh_keys":[],
+        "user_data":"","created_at":"2026-11-24T12:00:00Z","idempotency_key":"k1"}"#;
+
+    fn request(key: Option<&str>) -> AllocationRequest {
+        AllocationRequest {
+            project: "p".into(),
+            partition: "lab".into(),
+            size: Some("small".into()),
+            machine: None,
+            image: "test-os".into(),
+            hostname: "h".into(),
+            layout: None,
+            ssh_keys: vec![],
+            user_data: String::new(),
+            idempotency_key: key.map(Into::into),
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_are_sorted_by_what_came_back() {
+        let s = scripted(vec![
+            Some((409, r#"{"code":"no_machine_available","message":"no machine of size small is waiting"}"#)),
+            Some((502, "<html>Bad Gateway</html>")),
+            Some((200, r#"{"not":"a list"}"#)),
+            Some((200, "[]")),
+        ])
+        .await;
+        let c = Client::new(&s.url, Some("tok".into())).unwrap();
+
+        let e = c.allocate(&request(None)).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no machine of size small is waiting (no_machine_available, HTTP 409)"
+        );
+        let e = c.machines().await.unwrap_err();
+        assert!(matches!(e, ClientError::Http { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "HTTP 502 from GET {}/v1/machines: <html>Bad Gateway</html>",
+                s.url
+            )
+        );
+        let e = c.list::<Project>().await.unwrap_err();
+        assert!(matches!(e, ClientError::Decode { .. }), "{e:?}");
+        assert!(c.list::<Size>().await.unwrap().is_empty());
+
+        let reqs = s.requests.lock().unwrap().clone();
+        assert!(
+            reqs[0].starts_with("POST /v1/allocations HTTP/1.1"),
+            "{}",
+            reqs[0]
+        );
+        assert!(
+            reqs[0]
+                .to_ascii_lowercase()
+                .contains("authorization: bearer tok"),
+            "{}",
+            reqs[0]
+        );
+        assert!(reqs[0].contains(r#""hostname":"h""#), "{}", reqs[0]);
+        assert!(reqs[3].starts_with("GET /v1/sizes HTTP/1.1"), "{}", reqs[3]);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_transport_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let c = Client::new(&format!("http://{addr}"), None).unwrap();
+        let e = c.health().await.unwrap_err();
+        assert!(e.is_transport(), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot reach the API: GET http://{addr}/healthz")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn allocation_is_retried_with_the_same_key_after_a_lost_answer() {
+        let s = scripted(vec![None, Some((201, ALLOCATION))]).await;
+        let c = Client::new(&s.url, None).unwrap();
+        let mut retries = 0;
+        let a = c
+            .allocate_retrying(
+                &request(Some("k1")),
+                3,
+                Duration::from_millis(1),
+                &mut |_| retries += 1,
+            )
+            .await
+            .unwrap();
+        assert!(a.created);
+        assert_eq!(a.allocation.hostname, "h");
+        assert_eq!(retries, 1);
+        let reqs = s.requests.lock().unwrap().clone();
+        assert_eq!(reqs.len(), 2);
+        assert!(
+            reqs.iter().all(|r| r.contains(r#""idempotency_key":"k1""#)),
+            "{reqs:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_retry_without_a_key_nor_after_an_api_answer() {
+        let s = scripted(vec![None]).await;
+        let c = Client::new(&s.url, None).unwrap();
+        let e = c
+            .allocate_retrying(&request(None), 3, Duration::from_millis(1), &mut |_| {
+                panic!("retried")
+            })
+            .await;
+        assert!(e.unwrap_err().is_transport());
+
+        let s = scripted(vec![Some((200, ALLOCATION))]).await;
+        let c = Client::new(&s.url, None).unwrap();
+        let a = c
+            .allocate_retrying(
+                &request(Some("k1")),
+                3,
+                Duration::from_millis(1),
+                &mut |_| panic!("retried"),
+            )
+            .await;
+        assert!(
+            !a.unwrap().created,
+            "200 means an earlier request with this key made it"
+        );
+
+        let s = scripted(vec![Some((409, r#"{"code":"conflict","message":"m"}"#))]).await;
+        let c = Client::new(&s.url, None).unwrap();
+        let e = c
+            .allocate_retrying(
+                &request(Some("k1")),
+                3,
+                Duration::from_millis(1),
+                &mut |_| panic!("retried"),
+            )
+            .await;
+        assert!(matches!(e.unwrap_err(), ClientError::Api { .. }));
     }
 }

@@ -613,7 +613,7 @@ async fn machine_ls_watch(
         }
         let body = match client.machines().await {
             Ok(ms) => machines_text(out, &filter_machines(ms, ls))?,
-            Err(e) => format!("error: {:#}\n", anyhow::Error::from(e)),
+            Err(e) => format!("error: {}\n", output::error_chain(&e)),
         };
         let now = OffsetDateTime::now_utc();
         let mut stdout = std::io::stdout().lock();
@@ -746,21 +746,14 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
     };
 
     // The idempotency key makes a retry after a lost answer safe: it returns the same allocation.
-    let mut attempt = 0;
-    let allocated = loop {
-        attempt += 1;
-        match client.allocate(&request).await {
-            Ok(a) => break a,
-            Err(e) if e.is_transport() && attempt < 3 => {
-                eprintln!(
-                    "warning: {:#} (retrying with the same idempotency key)",
-                    anyhow::Error::from(e)
-                );
-                tokio::time::sleep(Duration::from_secs(attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let allocated = client
+        .allocate_retrying(&request, 3, Duration::from_secs(1), &mut |e| {
+            eprintln!(
+                "warning: {:#} (retrying with the same idempotency key)",
+                output::error_chain(e)
+            );
+        })
+        .await?;
     let a = &allocated.allocation;
     print_item(out, a)?;
     if !allocated.created {

@@ -540,6 +540,18 @@ pub fn timeline(events: &[MachineEvent]) -> String {
 // Small formatting helpers
 // ---------------------------------------------------------------------------------------------
 
+/// An error and its sources on one line, `a: b: c`, as `main` prints errors.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 pub fn parse_time(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339)
         .ok()

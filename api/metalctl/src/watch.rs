@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::client::Client;
-use crate::output::{parse_time, timeline_line};
+use crate::output::{error_chain, parse_time, timeline_line};
 
 /// Identity of an event in the timeline (the API has no event ids).
 type Key = (String, String, ProvisioningEvent, String);
@@ -158,7 +158,7 @@ pub async fn follow(
                 }
             }
             Err(e) if e.is_transport() => {
-                eprintln!("warning: {:#} (retrying)", anyhow::Error::from(e))
+                eprintln!("warning: {} (retrying)", error_chain(&e))
             }
             Err(e) => return Err(e.into()),
         }
