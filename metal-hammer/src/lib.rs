@@ -1,3 +1,4 @@
 //! metal-hammer: the in-machine agent (being written).
 
+pub mod install;
 pub mod sys;

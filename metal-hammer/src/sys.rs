@@ -9,7 +9,11 @@
 //! block device or an image file), not through this trait: those writers are tested on loop
 //! devices and image files instead.
 
-use std::io;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -26,6 +30,7 @@ pub enum Call {
     KexecReboot,
     Reboot,
     Sync,
+    RereadPartitions { device: PathBuf },
 }
 
 /// Privileged operations. Implementations must be usable from several threads (disks are
@@ -51,13 +56,22 @@ pub trait Sys: Send + Sync {
     fn reboot(&self) -> io::Result<()>;
     /// `sync(2)`.
     fn sync(&self);
+    /// Makes the kernel use the partition table just written to `disk`: `BLKRRPART` (retried
+    /// while the device is busy), then `BLKPG_ADD_PARTITION` for any partition of `parts` the
+    /// kernel did not find itself (a kernel without a GPT parser), then waits up to 10 s for
+    /// every partition's device node. Does nothing for a regular (image) file.
+    fn reread_partitions(&self, disk: &Path, parts: &[PartitionSpan]) -> io::Result<()> {
+        reread_partitions_and_wait(disk, parts)
+    }
 }
+
+type CallPredicate = Box<dyn Fn(&Call) -> bool + Send + Sync>;
 
 /// Records every call; fails the calls that `fail_on` matches.
 #[derive(Default)]
 pub struct RecordingSys {
     calls: Mutex<Vec<Call>>,
-    fail_on: Mutex<Option<Box<dyn Fn(&Call) -> bool + Send + Sync>>>,
+    fail_on: Mutex<Option<(i32, CallPredicate)>>,
 }
 
 impl RecordingSys {
@@ -67,7 +81,13 @@ impl RecordingSys {
 
     /// Makes every call for which `pred` is true fail with `EIO` (it is still recorded).
     pub fn fail_when(&self, pred: impl Fn(&Call) -> bool + Send + Sync + 'static) {
-        *self.fail_on.lock().unwrap() = Some(Box::new(pred));
+        self.fail_with(libc::EIO, pred);
+    }
+
+    /// Makes every call for which `pred` is true fail with `errno` (e.g. `EOPNOTSUPP` to
+    /// exercise a fallback).
+    pub fn fail_with(&self, errno: i32, pred: impl Fn(&Call) -> bool + Send + Sync + 'static) {
+        *self.fail_on.lock().unwrap() = Some((errno, Box::new(pred)));
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -75,17 +95,19 @@ impl RecordingSys {
     }
 
     fn record(&self, call: Call) -> io::Result<()> {
-        let fail = self.fail_on.lock().unwrap().as_ref().is_some_and(|p| p(&call));
+        let fail = self.fail_on.lock().unwrap().as_ref().and_then(|(errno, p)| p(&call).then_some(*errno));
         self.calls.lock().unwrap().push(call);
-        if fail {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        } else {
-            Ok(())
+        match fail {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
         }
     }
 }
 
 impl Sys for RecordingSys {
+    fn reread_partitions(&self, disk: &Path, _parts: &[PartitionSpan]) -> io::Result<()> {
+        self.record(Call::RereadPartitions { device: disk.into() })
+    }
     fn mount(&self, source: &str, target: &Path, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()> {
         self.record(Call::Mount {
             source: source.into(),
@@ -122,4 +144,211 @@ impl Sys for RecordingSys {
     fn sync(&self) {
         let _ = self.record(Call::Sync);
     }
+}
+
+// Block-device ioctls from <linux/fs.h>: `_IO(0x12, n)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKSECDISCARD: libc::c_ulong = 0x127d;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// `kexec_file_load` flag: no initramfs is passed.
+const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
+
+/// The real thing: every call is a syscall (or a child process for `run`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSys;
+
+fn nix_err(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Issues a `{start, len}` range ioctl on a block device.
+fn range_ioctl(device: &Path, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).open(device)?;
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: the ioctls take a pointer to two u64 that outlive the call; the fd is open.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, range.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Sys for LinuxSys {
+    fn mount(&self, source: &str, target: &Path, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()> {
+        let flags = nix::mount::MsFlags::from_bits_retain(flags as libc::c_ulong);
+        nix::mount::mount(Some(source), target, Some(fstype), flags, data).map_err(nix_err)
+    }
+
+    fn umount(&self, target: &Path) -> io::Result<()> {
+        nix::mount::umount(target).map_err(nix_err)
+    }
+
+    fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
+        let file = File::open(path)?;
+        let params = CString::new(params).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "module parameters contain NUL"))?;
+        // SAFETY: finit_module(fd, const char *params, int flags); both outlive the call.
+        let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EEXIST) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn discard(&self, device: &Path, offset: u64, len: u64, secure: bool) -> io::Result<()> {
+        range_ioctl(device, if secure { BLKSECDISCARD } else { BLKDISCARD }, offset, len)
+    }
+
+    fn zero_range(&self, device: &Path, offset: u64, len: u64) -> io::Result<()> {
+        if std::fs::metadata(device)?.file_type().is_block_device() {
+            return range_ioctl(device, BLKZEROOUT, offset, len);
+        }
+        use std::io::{Seek, SeekFrom};
+        let mut file = OpenOptions::new().write(true).open(device)?;
+        file.seek(SeekFrom::Start(offset))?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_data()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> io::Result<()> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(io::Error::other(format!("{program} {} failed ({}): {}", args.join(" "), out.status, stderr.trim())))
+    }
+
+    fn kexec_load(&self, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> io::Result<()> {
+        let kernel = File::open(kernel)?;
+        let initrd = initrd.map(File::open).transpose()?;
+        let cmdline = CString::new(cmdline).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cmdline contains NUL"))?;
+        let bytes = cmdline.as_bytes_with_nul();
+        let (initrd_fd, flags) = match &initrd {
+            Some(f) => (f.as_raw_fd(), 0),
+            None => (-1, KEXEC_FILE_NO_INITRAMFS),
+        };
+        // SAFETY: kexec_file_load(kernel_fd, initrd_fd, cmdline_len, cmdline, flags); the fds and
+        // the NUL-terminated command line outlive the call; the length includes the NUL.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_kexec_file_load, kernel.as_raw_fd(), initrd_fd, bytes.len(), bytes.as_ptr(), flags)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn kexec_reboot(&self) -> io::Result<()> {
+        nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC).map(|_| ()).map_err(nix_err)
+    }
+
+    fn reboot(&self) -> io::Result<()> {
+        nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).map(|_| ()).map_err(nix_err)
+    }
+
+    fn sync(&self) {
+        nix::unistd::sync();
+    }
+}
+
+/// One partition of a table just written, for [`Sys::reread_partitions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionSpan {
+    pub number: u32,
+    /// Offset and length in bytes.
+    pub start: u64,
+    pub len: u64,
+    /// The device node it gets, e.g. `/dev/vda1`.
+    pub node: PathBuf,
+}
+
+/// The real [`Sys::reread_partitions`].
+pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::Result<()> {
+    use std::time::{Duration, Instant};
+    // From <linux/fs.h> and <linux/blkpg.h>.
+    const BLKRRPART: libc::c_ulong = 0x125f;
+    const BLKPG: libc::c_ulong = 0x1269;
+    const BLKPG_ADD_PARTITION: libc::c_int = 1;
+    #[repr(C)]
+    struct BlkpgIoctlArg {
+        op: libc::c_int,
+        flags: libc::c_int,
+        datalen: libc::c_int,
+        data: *mut libc::c_void,
+    }
+    #[repr(C)]
+    struct BlkpgPartition {
+        start: libc::c_longlong,
+        length: libc::c_longlong,
+        pno: libc::c_int,
+        devname: [libc::c_char; 64],
+        volname: [libc::c_char; 64],
+    }
+
+    let file = File::open(disk)?;
+    if !file.metadata()?.file_type().is_block_device() {
+        return Ok(());
+    }
+    let mut tries = 0;
+    loop {
+        // SAFETY: BLKRRPART takes no argument; the fd is open for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKRRPART as _) };
+        if rc == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        tries += 1;
+        if err.raw_os_error() != Some(libc::EBUSY) || tries >= 20 {
+            return Err(err);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The kernel registers the partitions it parsed in sysfs before BLKRRPART returns.
+    for p in parts {
+        let name = p.node.file_name().unwrap_or_default();
+        if Path::new("/sys/class/block").join(name).exists() {
+            continue;
+        }
+        let mut part = BlkpgPartition { start: p.start as _, length: p.len as _, pno: p.number as _, devname: [0; 64], volname: [0; 64] };
+        let mut arg = BlkpgIoctlArg {
+            op: BLKPG_ADD_PARTITION,
+            flags: 0,
+            datalen: std::mem::size_of::<BlkpgPartition>() as _,
+            data: (&mut part as *mut BlkpgPartition).cast(),
+        };
+        // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition; both
+        // live on this stack frame for the duration of the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKPG as _, &mut arg) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            return Err(io::Error::new(err.kind(), format!("adding partition {} of {}: {err}", p.number, disk.display())));
+        }
+    }
+    drop(file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in parts {
+        while !p.node.exists() {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{} did not appear after re-reading the partition table", p.node.display())));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,498 @@
+//! Unpacking a rootfs tar stream onto the mounted filesystems.
+//!
+//! Regular files, directories, symbolic and hard links, device nodes and FIFOs are created with
+//! the archive's owner, mode, modification time and `SCHILY.xattr.*` extended attributes
+//! (file capabilities, for one). Entries are confined to the root: absolute names are taken as
+//! relative, a `..` component is refused, and no entry may be created through a symbolic link the
+//! archive made earlier (the target filesystems start empty, so those are the only links there
+//! are). Files are opened with `O_NOFOLLOW`.
+//!
+//! Below the mount points of filesystems without Unix ownership (vfat), failing `chown`/`chmod`
+//! is expected and ignored; anywhere else it is an error.
+//!
+//! Durability: files are written through the page cache; the caller syncs the filesystems
+//! (`syncfs`) once at the end, which is much faster than an `fsync` per file and gives the same
+//! guarantee at the point that matters (before the install is reported).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tar::EntryType;
+
+/// Why an archive could not be unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("reading the archive")]
+    Read(#[source] io::Error),
+    #[error("archive entry {path:?} would land outside the root")]
+    Unsafe { path: String },
+    #[error("unpacking {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How the unpacked tree looks, for the install report and the benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub other: u64,
+    /// Bytes of regular file content written.
+    pub bytes: u64,
+}
+
+/// Options for [`unpack`].
+#[derive(Debug, Clone, Default)]
+pub struct ExtractOptions {
+    /// Paths (relative to the root) below which ownership and mode errors are ignored: the
+    /// mount points of vfat filesystems.
+    pub lenient: Vec<PathBuf>,
+    /// Apply the archive's owners (needs root; on by default when running as root).
+    pub same_owner: bool,
+}
+
+/// Makes an archive member name a safe relative path: leading `/` and `.` dropped, `..` refused.
+pub fn sanitize(name: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in name.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => return None,
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    Some(out)
+}
+
+struct Unpacker<'a> {
+    root: &'a Path,
+    opts: &'a ExtractOptions,
+    symlinks: HashSet<PathBuf>,
+    /// Directories whose mode and mtime are set at the end (adding entries changes the mtime,
+    /// and a read-only mode would not stop root anyway).
+    dirs: Vec<(PathBuf, u32, u64)>,
+    stats: ExtractStats,
+    buf: Vec<u8>,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn lchown(p: &Path, uid: u64, gid: u64) -> io::Result<()> {
+    let c = cstr(p)?;
+    // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+    cvt(unsafe { libc::lchown(c.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) })
+}
+
+fn lsetxattr(p: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let c = cstr(p)?;
+    let n = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    // SAFETY: both strings are NUL-terminated and the value slice is valid for its length.
+    cvt(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
+fn set_symlink_mtime(p: &Path, mtime: u64) -> io::Result<()> {
+    let c = cstr(p)?;
+    let t = libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 };
+    let times = [t, t];
+    // SAFETY: valid path and a two-element timespec array, as utimensat requires.
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+/// Runs `op`; when it fails because a parent directory is missing (archives need not list
+/// every directory), creates the parents (0755, as GNU tar does) and runs it once more.
+fn with_parents<T>(dst: &Path, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dst.parent() {
+                fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            }
+            op()
+        }
+        r => r,
+    }
+}
+
+/// Removes whatever is at `p` unless it is a directory (tar semantics: a later entry replaces
+/// an earlier one).
+fn remove_non_dir(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Unpacker<'_> {
+    fn is_lenient(&self, rel: &Path) -> bool {
+        self.opts.lenient.iter().any(|l| rel.starts_with(l))
+    }
+
+    /// Ownership/mode errors are fatal except on filesystems that cannot store them.
+    fn meta_result(&self, rel: &Path, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(e) if self.is_lenient(rel) && matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP | libc::EINVAL)) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn through_symlink(&self, rel: &Path) -> bool {
+        rel.ancestors().skip(1).any(|a| self.symlinks.contains(a))
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+        let name = entry.path().map_err(ExtractError::Read)?.into_owned();
+        let rel = sanitize(&name).ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
+        if self.through_symlink(&rel) {
+            return Err(ExtractError::Unsafe { path: name.display().to_string() });
+        }
+        let dst = self.root.join(&rel);
+        let wrap = |source: io::Error| ExtractError::Write { path: rel.clone(), source };
+        let xattrs = self.xattrs(entry)?;
+        let h = entry.header();
+        let kind = h.entry_type();
+        let mode = h.mode().map_err(ExtractError::Read)? & 0o7777;
+        let uid = h.uid().map_err(ExtractError::Read)?;
+        let gid = h.gid().map_err(ExtractError::Read)?;
+        let mtime = h.mtime().unwrap_or(0);
+
+        match kind {
+            EntryType::Directory => {
+                if rel.as_os_str().is_empty() {
+                    // The root itself ("./"): only its metadata.
+                } else {
+                    match with_parents(&dst, || fs::create_dir(&dst)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            if !fs::symlink_metadata(&dst).map_err(wrap)?.is_dir() {
+                                fs::remove_file(&dst).map_err(wrap)?;
+                                fs::create_dir(&dst).map_err(wrap)?;
+                            }
+                        }
+                        Err(e) => return Err(wrap(e)),
+                    }
+                }
+                if self.opts.same_owner {
+                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                }
+                self.set_xattrs(&rel, &dst, &xattrs).map_err(wrap)?;
+                self.dirs.push((rel.clone(), mode, mtime));
+                self.stats.dirs += 1;
+            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let mut f = match with_parents(&dst, || self.create(&dst)) {
+                    Ok(f) => f,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EISDIR)) => {
+                        if fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false) {
+                            fs::remove_dir(&dst).map_err(wrap)?;
+                        } else {
+                            fs::remove_file(&dst).map_err(wrap)?;
+                        }
+                        self.symlinks.remove(&rel);
+                        self.create(&dst).map_err(wrap)?
+                    }
+                    Err(e) => return Err(wrap(e)),
+                };
+                let n = self.copy(entry, &mut f, &rel)?;
+                if self.opts.same_owner {
+                    let r = std::os::unix::fs::fchown(&f, Some(uid as u32), Some(gid as u32));
+                    self.meta_result(&rel, r).map_err(wrap)?;
+                }
+                // After chown, which clears set-id bits.
+                let r = f.set_permissions(fs::Permissions::from_mode(mode));
+                self.meta_result(&rel, r).map_err(wrap)?;
+                self.set_xattrs(&rel, &dst, &xattrs).map_err(wrap)?;
+                let r = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
+                self.meta_result(&rel, r).map_err(wrap)?;
+                self.stats.files += 1;
+                self.stats.bytes += n;
+            }
+            EntryType::Symlink => {
+                let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
+                remove_non_dir(&dst).map_err(wrap)?;
+                with_parents(&dst, || std::os::unix::fs::symlink(&target, &dst)).map_err(wrap)?;
+                if self.opts.same_owner {
+                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                }
+                self.meta_result(&rel, set_symlink_mtime(&dst, mtime)).map_err(wrap)?;
+                self.symlinks.insert(rel.clone());
+                self.stats.symlinks += 1;
+            }
+            EntryType::Link => {
+                let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
+                let trel = sanitize(&target).ok_or_else(|| ExtractError::Unsafe { path: target.display().to_string() })?;
+                if self.through_symlink(&trel) || trel.as_os_str().is_empty() {
+                    return Err(ExtractError::Unsafe { path: target.display().to_string() });
+                }
+                if trel != rel {
+                    remove_non_dir(&dst).map_err(wrap)?;
+                    with_parents(&dst, || fs::hard_link(self.root.join(&trel), &dst)).map_err(wrap)?;
+                }
+                self.stats.hardlinks += 1;
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let major = h.device_major().map_err(ExtractError::Read)?.unwrap_or(0);
+                let minor = h.device_minor().map_err(ExtractError::Read)?.unwrap_or(0);
+                let ft = match kind {
+                    EntryType::Char => libc::S_IFCHR,
+                    EntryType::Block => libc::S_IFBLK,
+                    _ => libc::S_IFIFO,
+                };
+                remove_non_dir(&dst).map_err(wrap)?;
+                let c = cstr(&dst).map_err(wrap)?;
+                // SAFETY: valid NUL-terminated path; mknod has no other pointer arguments.
+                with_parents(&dst, || cvt(unsafe { libc::mknod(c.as_ptr(), ft | mode, libc::makedev(major, minor)) })).map_err(wrap)?;
+                if self.opts.same_owner {
+                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                }
+                self.meta_result(&rel, fs::set_permissions(&dst, fs::Permissions::from_mode(mode))).map_err(wrap)?;
+                self.stats.other += 1;
+            }
+            // PAX/GNU headers are consumed by the tar reader; anything else has no place in a
+            // root filesystem.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn create(&self, dst: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dst)
+    }
+
+    fn copy<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, f: &mut File, rel: &Path) -> Result<u64, ExtractError> {
+        let mut total = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ExtractError::Read(e)),
+            };
+            f.write_all(&self.buf[..n]).map_err(|source| ExtractError::Write { path: rel.to_path_buf(), source })?;
+            total += n as u64;
+            (self.progress)(n as u64);
+        }
+        Ok(total)
+    }
+
+    fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, ExtractError> {
+        let mut out = Vec::new();
+        if let Some(exts) = entry.pax_extensions().map_err(ExtractError::Read)? {
+            for ext in exts {
+                let ext = ext.map_err(ExtractError::Read)?;
+                if let Ok(key) = ext.key() {
+                    if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                        out.push((name.to_string(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_xattrs(&self, rel: &Path, dst: &Path, xattrs: &[(String, Vec<u8>)]) -> io::Result<()> {
+        for (name, value) in xattrs {
+            self.meta_result(rel, lsetxattr(dst, name, value))?;
+        }
+        Ok(())
+    }
+
+    fn finish_dirs(&mut self) -> Result<(), ExtractError> {
+        // Children before parents, so setting a child's mtime does not touch the parent's again.
+        let dirs = std::mem::take(&mut self.dirs);
+        for (rel, mode, mtime) in dirs.iter().rev() {
+            let dst = self.root.join(rel);
+            let wrap = |source: io::Error| ExtractError::Write { path: rel.clone(), source };
+            self.meta_result(rel, fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))).map_err(wrap)?;
+            let f = File::open(&dst).map_err(wrap)?;
+            self.meta_result(rel, f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime))).map_err(wrap)?;
+        }
+        Ok(())
+    }
+}
+
+/// Unpacks the tar stream `reader` into `root`. `progress` is called with the number of bytes
+/// of file content written since the last call.
+pub fn unpack<R: Read>(reader: R, root: &Path, opts: &ExtractOptions, progress: &mut dyn FnMut(u64)) -> Result<ExtractStats, ExtractError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut u = Unpacker { root, opts, symlinks: HashSet::new(), dirs: Vec::new(), stats: ExtractStats::default(), buf: vec![0u8; 256 * 1024], progress };
+    for entry in archive.entries().map_err(ExtractError::Read)? {
+        let mut entry = entry.map_err(ExtractError::Read)?;
+        u.entry(&mut entry)?;
+    }
+    u.finish_dirs()?;
+    Ok(u.stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn header(kind: EntryType, size: u64, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    /// Builds a tar with raw names (the tar builder refuses `..`, but attackers do not).
+    fn raw_tar(entries: &[(&str, EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, kind, data, link) in entries {
+            let mut h = header(*kind, data.len() as u64, 0o644);
+            let bytes = h.as_old_mut();
+            bytes.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(l) = link {
+                bytes.linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    fn opts() -> ExtractOptions {
+        ExtractOptions { lenient: vec![], same_owner: nix::unistd::geteuid().is_root() }
+    }
+
+    #[test]
+    fn sanitize_names() {
+        assert_eq!(sanitize(Path::new("./etc/passwd")), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(sanitize(Path::new("/etc/passwd")), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(sanitize(Path::new("./")), Some(PathBuf::new()));
+        assert_eq!(sanitize(Path::new("a/../../b")), None);
+    }
+
+    #[test]
+    fn unpacks_files_links_and_modes() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(EntryType::Directory, 0, 0o755);
+        b.append_data(&mut h, "./", io::empty()).unwrap();
+        let mut h = header(EntryType::Directory, 0, 0o750);
+        b.append_data(&mut h, "./etc/", io::empty()).unwrap();
+        let mut h = header(EntryType::Regular, 5, 0o4755);
+        b.append_data(&mut h, "./etc/prog", &b"hello"[..]).unwrap();
+        let mut h = header(EntryType::Symlink, 0, 0o777);
+        b.append_link(&mut h, "./etc/link", "prog").unwrap();
+        let mut h = header(EntryType::Link, 0, 0o644);
+        b.append_link(&mut h, "./etc/hard", "./etc/prog").unwrap();
+        let mut h = header(EntryType::Regular, 3, 0o600);
+        b.append_pax_extensions([("SCHILY.xattr.user.test", &b"v1"[..])]).unwrap();
+        b.append_data(&mut h, "./etc/xattr", &b"abc"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = 0;
+        let stats = unpack(&data[..], dir.path(), &opts(), &mut |n| seen += n).unwrap();
+        assert_eq!(stats.files, 2);
+        assert_eq!(stats.symlinks, 1);
+        assert_eq!(stats.hardlinks, 1);
+        assert_eq!(stats.bytes, 8);
+        assert_eq!(seen, 8);
+        let root = dir.path();
+        assert_eq!(fs::read(root.join("etc/prog")).unwrap(), b"hello");
+        let m = fs::metadata(root.join("etc/prog")).unwrap();
+        if opts().same_owner {
+            assert_eq!(m.mode() & 0o7777, 0o4755);
+        }
+        assert_eq!(m.mtime(), 1_700_000_000);
+        assert_eq!(m.nlink(), 2);
+        assert_eq!(fs::read_link(root.join("etc/link")).unwrap(), Path::new("prog"));
+        assert_eq!(fs::metadata(root.join("etc")).unwrap().mode() & 0o7777, 0o750);
+        assert_eq!(fs::metadata(root.join("etc")).unwrap().mtime(), 1_700_000_000);
+        // user.* xattrs work on tmpfs and ext4; skip the check where the filesystem refuses.
+        if let Ok(v) = xattr_get(&root.join("etc/xattr"), "user.test") {
+            assert_eq!(v, b"v1");
+        }
+    }
+
+    fn xattr_get(p: &Path, name: &str) -> io::Result<Vec<u8>> {
+        let c = cstr(p)?;
+        let n = CString::new(name).unwrap();
+        let mut buf = vec![0u8; 64];
+        // SAFETY: valid strings and a buffer of the given length.
+        let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    #[test]
+    fn refuses_dotdot() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let data = raw_tar(&[("a/../../escape", EntryType::Regular, b"x", None)]);
+        assert!(matches!(unpack(&data[..], &root, &opts(), &mut |_| {}), Err(ExtractError::Unsafe { .. })));
+        assert!(!dir.path().join("escape").exists());
+    }
+
+    #[test]
+    fn refuses_writing_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let target = outside.path().to_str().unwrap().to_string();
+        let data = raw_tar(&[("evil", EntryType::Symlink, b"", Some(&target)), ("evil/file", EntryType::Regular, b"x", None)]);
+        assert!(matches!(unpack(&data[..], root, &opts(), &mut |_| {}), Err(ExtractError::Unsafe { .. })));
+        assert!(!outside.path().join("file").exists());
+    }
+
+    #[test]
+    fn a_file_replaces_a_symlink_instead_of_following_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let target = victim.to_str().unwrap().to_string();
+        let data = raw_tar(&[("f", EntryType::Symlink, b"", Some(&target)), ("f", EntryType::Regular, b"new", None)]);
+        unpack(&data[..], dir.path(), &opts(), &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn hardlink_target_may_not_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = raw_tar(&[("h", EntryType::Link, b"", Some("../../etc/passwd"))]);
+        assert!(matches!(unpack(&data[..], dir.path(), &opts(), &mut |_| {}), Err(ExtractError::Unsafe { .. })));
+    }
+}

@@ -1,0 +1,262 @@
+//! Unit tests of the install sequence through [`RecordingSys`]: the disk is a sparse image file
+//! (the GPT really is written to it), mkfs and mount are only recorded, so the image unpacks
+//! into a temporary directory that stands for the mounted root.
+
+use super::configure::tests::instructions;
+use super::testing::{compress, sample_rootfs_tar, ImageServer};
+use super::*;
+use crate::sys::{Call, RecordingSys};
+use metal_types::ImageFormat;
+use std::time::Duration;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    disk: PathBuf,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(512 << 20).unwrap();
+    let root = dir.path().join("target");
+    Fixture { disk, root, _dir: dir }
+}
+
+fn fast() -> InstallOptions {
+    InstallOptions {
+        fetch: FetchOptions { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50), ..Default::default() },
+    }
+}
+
+fn position(calls: &[Call], pred: impl Fn(&Call) -> bool) -> usize {
+    calls.iter().position(pred).unwrap_or_else(|| panic!("no such call in {calls:#?}"))
+}
+
+fn is_mkfs(c: &Call) -> bool {
+    matches!(c, Call::Run { program, .. } if program.ends_with("mke2fs") || program.ends_with("mkfs.fat"))
+}
+
+#[test]
+fn tar_install_order_and_result() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("test-os.tar.zst"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let mut events = Vec::new();
+    let boot = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |p| events.push(p)).unwrap();
+
+    let calls = sys.calls();
+    let reread = position(&calls, |c| matches!(c, Call::RereadPartitions { device } if device == &f.disk));
+    let mkfs_root = position(&calls, |c| matches!(c, Call::Run { program, .. } if program.ends_with("mke2fs")));
+    let mkfs_esp = position(&calls, |c| matches!(c, Call::Run { program, .. } if program.ends_with("mkfs.fat")));
+    let mount_root = position(&calls, |c| matches!(c, Call::Mount { target, flags: 0, .. } if target == &f.root));
+    let mount_esp = position(&calls, |c| matches!(c, Call::Mount { target, .. } if target == &f.root.join("boot/efi")));
+    assert!(reread < mkfs_root && reread < mkfs_esp);
+    assert!(mkfs_root.max(mkfs_esp) < mount_root);
+    assert!(mount_root < mount_esp);
+    // The end: ESP unmounted, sync, root remounted read-only, sync.
+    let n = calls.len();
+    assert_eq!(calls[n - 4], Call::Umount { target: f.root.join("boot/efi") });
+    assert_eq!(calls[n - 3], Call::Sync);
+    assert!(matches!(&calls[n - 2], Call::Mount { target, flags, .. } if target == &f.root && *flags == libc::MS_REMOUNT | libc::MS_RDONLY));
+    assert_eq!(calls[n - 1], Call::Sync);
+
+    // mkfs got the UUID that fstab and the command line use.
+    let Call::Run { args, .. } = &calls[mkfs_root] else { unreachable!() };
+    let uuid = &args[args.iter().position(|a| a == "-U").unwrap() + 1];
+    assert_eq!(&boot.root_uuid, uuid);
+    assert_eq!(boot.cmdline, format!("root=UUID={uuid} console=ttyS0 quiet"));
+    assert!(std::fs::read_to_string(f.root.join("etc/fstab")).unwrap().contains(&format!("UUID={uuid}\t/\text4")));
+    // Kernel and initrd resolved through their symlinks (one of them absolute) inside the root.
+    assert_eq!(boot.kernel, f.root.join("boot/vmlinuz-6.1.0-test").display().to_string());
+    assert_eq!(boot.initrd, f.root.join("boot/initrd.img-6.1.0-test").display().to_string());
+
+    // The GPT really is on the disk image.
+    let mut disk = std::fs::File::open(&f.disk).unwrap();
+    let gpt = gptman::GPT::read_from(&mut disk, 512).unwrap();
+    assert_eq!(gpt[1].starting_lba, 2048);
+    assert_eq!(gpt[2].partition_name.as_str(), "root");
+
+    // Unpacked and configured.
+    assert_eq!(std::fs::read(f.root.join("usr/big.bin")).unwrap(), testing::sample_big_file());
+    assert_eq!(std::fs::read_to_string(f.root.join("etc/hostname")).unwrap(), "web-1.example.org\n");
+    assert!(f.root.join("etc/systemd/network/10-metal.network").is_file());
+
+    // Stage markers in order, each started and finished.
+    let stages: Vec<(Stage, StageStatus)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Progress::Stage { stage, status, .. } => Some((*stage, *status)),
+            _ => None,
+        })
+        .collect();
+    use StageStatus::{Ok as K, Start as S};
+    assert_eq!(
+        stages,
+        [(Stage::Partition, S), (Stage::Partition, K), (Stage::Mkfs, S), (Stage::Mkfs, K), (Stage::Mount, S), (Stage::Mount, K), (Stage::Stream, S), (Stage::Stream, K), (Stage::Configure, S), (Stage::Configure, K)]
+    );
+    let last = events.iter().rev().find_map(|e| match e {
+        Progress::Stream(s) => Some(*s),
+        _ => None,
+    });
+    let last = last.expect("stream progress");
+    assert_eq!(last.downloaded, z.len() as u64);
+    assert_eq!(last.total, z.len() as u64);
+}
+
+#[test]
+fn nothing_is_mounted_when_mkfs_fails() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    sys.fail_when(|c| matches!(c, Call::Run { program, .. } if program.ends_with("mkfs.fat")));
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Mkfs { kind: "vfat", .. }), "{err:?}");
+    assert!(!sys.calls().iter().any(|c| matches!(c, Call::Mount { .. })));
+    assert!(server.ranges.lock().unwrap().is_empty(), "no download before the filesystems exist");
+}
+
+#[test]
+fn checksum_mismatch_fails_and_unmounts_everything() {
+    let f = fixture();
+    let (z, _) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let wrong = "ab".repeat(32);
+    let instr = instructions(&server.url("i"), &wrong, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let mut events = Vec::new();
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |p| events.push(p)).unwrap_err();
+    assert!(matches!(&err, InstallError::Checksum { expected, .. } if expected == &wrong), "{err:?}");
+    let calls = sys.calls();
+    let mounts: Vec<_> = calls.iter().filter_map(|c| if let Call::Mount { target, .. } = c { Some(target.clone()) } else { None }).collect();
+    let umounts: Vec<_> = calls.iter().filter_map(|c| if let Call::Umount { target } = c { Some(target.clone()) } else { None }).collect();
+    assert_eq!(umounts, mounts.iter().rev().cloned().collect::<Vec<_>>());
+    assert!(events.iter().any(|e| matches!(e, Progress::Stage { stage: Stage::Stream, status: StageStatus::Error, .. })));
+    assert!(!events.iter().any(|e| matches!(e, Progress::Stage { stage: Stage::Configure, .. })));
+}
+
+#[test]
+fn corrupted_bytes_are_a_checksum_error() {
+    let f = fixture();
+    let (mut z, sha) = compress(&sample_rootfs_tar());
+    let mid = z.len() / 2;
+    z[mid] ^= 0xff;
+    z[mid + 1] ^= 0x55;
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Checksum { .. }), "{err:?}");
+}
+
+#[test]
+fn dropped_connections_resume_with_range() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    server.cut(100_000, 3);
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap();
+    let ranges = server.ranges.lock().unwrap().clone();
+    assert_eq!(ranges, [None, Some("bytes=100000-".into()), Some("bytes=200000-".into()), Some("bytes=300000-".into())]);
+    assert_eq!(std::fs::read(f.root.join("usr/big.bin")).unwrap(), testing::sample_big_file());
+}
+
+#[test]
+fn server_ignoring_range_still_gives_a_correct_stream() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    server.cut(70_000, 1);
+    server.behaviour.ignore_range.store(true, Ordering::SeqCst);
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    install_with(&RecordingSys::new(), &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap();
+    assert_eq!(server.ranges.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn gives_up_after_bounded_retries() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    // Every response is cut before its first byte: no progress, so the retries are counted.
+    server.cut(0, u64::MAX / 2);
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let mut opts = fast();
+    opts.fetch.max_attempts = 3;
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Download(FetchError::GaveUp { attempts: 3, .. })), "{err:?}");
+    assert_eq!(server.ranges.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn invalid_manifest_touches_nothing() {
+    let f = fixture();
+    let instr = instructions("http://127.0.0.1:9/none", "not-a-digest", 1, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Invalid(_)));
+    assert!(sys.calls().is_empty());
+    let mut disk = std::fs::File::open(&f.disk).unwrap();
+    assert!(gptman::GPT::read_from(&mut disk, 512).is_err());
+}
+
+#[test]
+fn bootloader_hook_runs_in_a_chroot_with_bind_mounts() {
+    let f = fixture();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(10);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    tar.append_data(&mut h.clone(), "usr/local/sbin/metal-bootloader-hook", &b"#!/bin/sh\n"[..]).unwrap();
+    h.set_mode(0o644);
+    tar.append_data(&mut h, "boot/vmlinuz", &b"kernel...\n"[..]).unwrap();
+    let (z, sha) = compress(&tar.into_inner().unwrap());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let mut instr = instr;
+    instr.image.manifest.initrd = String::new();
+    let sys = RecordingSys::new();
+    let boot = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap();
+    assert_eq!(boot.initrd, "");
+    let calls = sys.calls();
+    let chroot = position(&calls, |c| matches!(c, Call::Run { program, .. } if program.ends_with("chroot")));
+    let Call::Run { args, .. } = &calls[chroot] else { unreachable!() };
+    assert_eq!(args, &[f.root.display().to_string(), "/usr/local/sbin/metal-bootloader-hook".into(), f.disk.display().to_string()]);
+    for d in ["dev", "proc", "sys"] {
+        let m = position(&calls, |c| matches!(c, Call::Mount { target, flags, .. } if target == &f.root.join(d) && *flags == libc::MS_BIND));
+        let u = position(&calls, |c| matches!(c, Call::Umount { target } if target == &f.root.join(d)));
+        assert!(m < chroot && chroot < u);
+    }
+    // Configuration is written before the hook runs (it may read install.json).
+    assert!(f.root.join("etc/metal/install.json").is_file());
+}
+
+#[test]
+fn resolve_in_root_stays_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    std::fs::create_dir_all(r.join("boot")).unwrap();
+    std::fs::write(r.join("boot/k-1"), b"k").unwrap();
+    std::os::unix::fs::symlink("/boot/k-1", r.join("boot/abs")).unwrap();
+    std::os::unix::fs::symlink("../../../../boot/k-1", r.join("boot/up")).unwrap();
+    std::os::unix::fs::symlink("loop", r.join("boot/loop")).unwrap();
+    assert_eq!(resolve_in_root(r, "boot/abs").unwrap(), r.join("boot/k-1"));
+    assert_eq!(resolve_in_root(r, "/boot/up").unwrap(), r.join("boot/k-1"));
+    assert!(resolve_in_root(r, "boot/loop").is_err());
+}
+
+#[test]
+fn is_mkfs_helper_matches_tools() {
+    assert!(is_mkfs(&Call::Run { program: "/usr/sbin/mke2fs".into(), args: vec![] }));
+}
