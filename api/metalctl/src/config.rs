@@ -81,6 +81,14 @@ pub fn load_file(path: &Path, required: bool) -> Result<ConfigFile, ConfigError>
     })
 }
 
+/// The file's mode when a token file is readable or writable by group or others (it should be
+/// 0600, like an SSH key); `None` when it is private or cannot be inspected.
+pub fn loose_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
 /// Flags win over the environment, the environment over the file. Empty values count as unset.
 pub fn resolve(
     flag_api_url: Option<&str>,
@@ -227,6 +235,19 @@ mod tests {
             default_path(&env_of(&[("HOME", "/home/a")])),
             PathBuf::from("/home/a/.config/metalctl/config.yaml")
         );
+    }
+
+    #[test]
+    fn token_files_readable_by_others_are_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, "token: x\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(loose_mode(&path), Some(0o644));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(loose_mode(&path), None);
+        assert_eq!(loose_mode(&dir.path().join("missing")), None);
     }
 
     #[test]

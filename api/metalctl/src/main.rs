@@ -316,6 +316,14 @@ fn settings(cli: &Cli) -> anyhow::Result<config::Settings> {
         None => (config::default_path(&env), false),
     };
     let file = config::load_file(&path, required)?;
+    if file.token.is_some() {
+        if let Some(mode) = config::loose_mode(&path) {
+            eprintln!(
+                "warning: {} holds a token and is readable by others (mode {mode:04o}); run chmod 600 on it",
+                path.display()
+            );
+        }
+    }
     Ok(config::resolve(
         cli.api_url.as_deref(),
         cli.token.as_deref(),
