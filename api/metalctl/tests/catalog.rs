@@ -266,13 +266,17 @@ fn flags_beat_env_beat_config_file() {
         Run::from(cmd.output().unwrap())
     };
 
-    // The default config file alone is enough.
-    assert_eq!(
-        run(&[], &["project", "ls", "-o", "json"])
-            .ok(&["config file"])
-            .trim(),
-        "[]"
-    );
+    // The default config file alone is enough; a token in a file others can read is pointed out.
+    use std::os::unix::fs::PermissionsExt;
+    let cfg = cfg_dir.join("config.yaml");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run(&[], &["project", "ls", "-o", "json"]);
+    assert!(r.stderr.contains("readable by others (mode 0644)"), "{r:?}");
+    assert_eq!(r.ok(&["config file"]).trim(), "[]");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(&[], &["project", "ls"]);
+    assert_eq!(r.stderr, "");
+    r.ok(&["private config file"]);
     // The environment beats the file …
     let err = run(&[("METAL_TOKEN", "wrong")], &["project", "ls"]).fails(1, "env token");
     assert!(err.contains("HTTP 401"), "{err}");

@@ -1,0 +1,143 @@
+//! Operations and the state machine through the API: /healthz, /metrics, crash-loop and
+//! failed-reclaim detection, liveliness, images by name.
+
+mod common;
+
+use common::*;
+use metal_types::ProvisioningEvent as Ev;
+use metal_types::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+fn alloc_body(hostname: &str) -> serde_json::Value {
+    json!({"project": "p1", "partition": "lab", "size": "small", "image": "test-os", "hostname": hostname})
+}
+
+#[tokio::test]
+async fn healthz_and_metrics() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    let (s, v) = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let cat = api.catalog().await;
+    for i in 0..3 {
+        Agent::new(20 + i).join_pool(&api, &cat.pixie).await;
+    }
+    let _: Allocation = api.ok(Method::POST, "/v1/allocations", &cat.tenant1, Some(alloc_body("m1"))).await;
+    let text = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("metal_machines{state=\"Waiting\"} 3"), "{text}");
+    assert!(text.contains("metal_allocations_total 1"), "{text}");
+    assert!(text.contains("metal_allocations_active 1"), "{text}");
+    assert!(
+        text.contains("metal_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/allocations\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("metal_http_requests_total{method=\"POST\",route=\"/v1/agent/register\",status=\"200\"} 3"), "{text}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn crash_loop_is_detected_and_a_reclaim_resets_it() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    let cat = api.catalog().await;
+    let mut agent = Agent::new(30);
+    agent.join_pool(&api, &cat.pixie).await;
+    let a: Allocation = api.ok(Method::POST, "/v1/allocations", &cat.tenant1, Some(alloc_body("cl"))).await;
+    for attempt in 1..=metal_api::fsm::CRASH_LOOP_THRESHOLD {
+        // The agent comes back after a crash, still allocated: the first wait returns the same install.
+        let instr = agent.wait(&api, 0).await.expect("still allocated");
+        assert_eq!(instr.allocation, a.id);
+        agent.events(&api, &[Ev::Installing]).await;
+        // The machine dies mid-install and PXE boots again.
+        let d = agent.pxe_boot(&api, &cat.pixie).await;
+        assert!(matches!(d, BootDecision::Hammer { .. }));
+        let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+        assert_eq!(m.crash_loop, attempt >= metal_api::fsm::CRASH_LOOP_THRESHOLD, "attempt {attempt}");
+        agent.register(&api, &d).await;
+        agent.events(&api, &[Ev::Waiting]).await;
+    }
+    // (A crash-looping machine is never picked: see policy::tests.) A reclaim starts over.
+    let m: Machine = api.ok(Method::DELETE, &format!("/v1/machines/{}/allocation", agent.machine), ADMIN, None).await;
+    assert!(!m.crash_loop, "a reclaim starts over");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn failed_reclaim_when_the_old_os_phones_home() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    let cat = api.catalog().await;
+    let mut agent = Agent::new(40);
+    agent.join_pool(&api, &cat.pixie).await;
+    let a: Allocation = api.ok(Method::POST, "/v1/allocations", &cat.tenant1, Some(alloc_body("fr"))).await;
+    let instr = agent.wait(&api, 0).await.unwrap();
+    agent.events(&api, &[Ev::Installing]).await;
+    let report = json!({"allocation": a.id, "success": true});
+    assert_eq!(api.post("/v1/agent/install-report", &agent.credential, report).await.0, StatusCode::NO_CONTENT);
+    agent.events(&api, &[Ev::BootingNewKernel]).await;
+    let ph = json!({"machine": agent.machine, "time_ms": 1});
+    assert_eq!(api.post("/v1/agent/phone-home", &instr.phone_home.token, ph.clone()).await.0, StatusCode::NO_CONTENT);
+    let m: Machine = api.ok(Method::DELETE, &format!("/v1/machines/{}/allocation", agent.machine), &cat.tenant1, None).await;
+    assert!(!m.failed_reclaim);
+    // The power cycle did not reach metal-hammer: the old OS booted and phones home.
+    let (s, v) = api.post("/v1/agent/phone-home", &instr.phone_home.token, ph).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert!(m.failed_reclaim);
+    assert_eq!(m.state, Some(Ev::PhonedHome));
+    // The freed machine boots metal-hammer, not its disk, and a good reclaim clears the flag.
+    let d = agent.pxe_boot(&api, &cat.pixie).await;
+    assert!(matches!(d, BootDecision::Hammer { .. }));
+    agent.register(&api, &d).await;
+    agent.events(&api, &[Ev::Waiting]).await;
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert!(!m.failed_reclaim);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn dead_machines_are_not_allocated() {
+    let db = Db::sqlite();
+    let mut api = Api::start_with(&db, |c| c.dead_after_s = 1).await;
+    let cat = api.catalog().await;
+    let mut agent = Agent::new(50);
+    agent.join_pool(&api, &cat.pixie).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // let the heartbeat age
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert_eq!(m.liveliness, Liveliness::Dead);
+    let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("d")).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("no_machine_available")), "{v}");
+    // One heartbeat (a wait) and it is alive and allocatable again.
+    assert_eq!(agent.wait(&api, 0).await, None);
+    let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("d")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn image_names_resolve_to_the_newest_unexpired_version() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    api.catalog().await; // test-os-20261124
+    let image = |version: &str, expires: Option<&str>| {
+        json!({"url": format!("http://x/test-os-{version}.tar.zst"), "name": "test-os", "version": version,
+               "format": "tar.zst", "compressed_size": 1, "uncompressed_size": 2, "sha256": "c".repeat(64),
+               "kernel": "boot/vmlinuz", "expires_at": expires})
+    };
+    let (s, _) = api.post("/v1/images", ADMIN, image("20261124.1", None)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = api.post("/v1/images", ADMIN, image("20261124.1", None)).await;
+    assert_eq!(s, StatusCode::OK, "posting the identical image again is idempotent");
+    let (s, _) = api.post("/v1/images", ADMIN, image("20270101", Some("2020-01-01T00:00:00Z"))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let i: Image = api.ok(Method::GET, "/v1/images/test-os", ADMIN, None).await;
+    assert_eq!(i.id, "test-os-20261124.1", "the expired 20270101 is skipped");
+    let i: Image = api.ok(Method::GET, "/v1/images/test-os-20270101", ADMIN, None).await;
+    assert_eq!(i.id, "test-os-20270101", "an exact id still resolves");
+    let (s, _) = api.delete("/v1/images/test-os-20261124.1", ADMIN).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let i: Image = api.ok(Method::GET, "/v1/images/test-os", ADMIN, None).await;
+    assert_eq!(i.id, "test-os-20261124");
+    api.stop().await;
+}
