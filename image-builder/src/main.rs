@@ -37,7 +37,7 @@ enum Cmd {
         /// Extra kernel modules to include (with their dependencies).
         #[arg(long = "module")]
         modules: Vec<String>,
-        #[arg(long, default_value_t = 19)]
+        #[arg(long, default_value_t = 9)]
         zstd_level: i32,
     },
     /// Build the small busybox test OS as test-os-<version>.tar.zst + manifest + sha256.
@@ -52,7 +52,7 @@ enum Cmd {
         /// Image version; default: today's date (YYYYMMDD).
         #[arg(long)]
         version: Option<String>,
-        #[arg(long, default_value_t = 19)]
+        #[arg(long, default_value_t = 9)]
         zstd_level: i32,
         #[arg(long, default_value = "/usr/bin/busybox")]
         busybox: PathBuf,

@@ -87,6 +87,26 @@ impl Tree {
             .sum()
     }
 
+    /// Removes every entry whose path satisfies `doomed` (and, for directories, what is under
+    /// them); returns how many entries went.
+    pub fn remove_where(&mut self, doomed: impl Fn(&str) -> bool) -> usize {
+        let roots: Vec<String> = self.entries.keys().filter(|p| doomed(p)).cloned().collect();
+        let before = self.entries.len();
+        self.entries.retain(|p, _| !roots.iter().any(|r| p == r || (p.starts_with(r.as_str()) && p.as_bytes().get(r.len()) == Some(&b'/'))));
+        before - self.entries.len()
+    }
+
+    /// Paths of the entries directly inside directory `dir`.
+    pub fn children(&self, dir: &str) -> Vec<&str> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        self.entries
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.as_str())
+            .filter(|p| !p[prefix.len()..].contains('/'))
+            .collect()
+    }
+
     /// Inserts an entry, creating missing parent directories (0755, root).
     pub fn insert(&mut self, path: &str, entry: Entry) -> Result<()> {
         let path = normalize(path)?;
@@ -229,6 +249,20 @@ mod tests {
         let mut t = Tree::new();
         t.bytes("a", 0o644, b"x".to_vec()).unwrap();
         assert!(t.bytes("a/b", 0o644, b"y".to_vec()).is_err());
+    }
+
+    #[test]
+    fn remove_and_children() {
+        let mut t = Tree::new();
+        t.bytes("etc/ssh/ssh_host_rsa_key", 0o600, b"k".to_vec()).unwrap();
+        t.bytes("etc/ssh/sshd_config", 0o644, b"c".to_vec()).unwrap();
+        t.bytes("etc/sshd", 0o644, b"x".to_vec()).unwrap();
+        t.bytes("var/log/x/y", 0o644, b"x".to_vec()).unwrap();
+        assert_eq!(t.children("etc/ssh"), ["etc/ssh/ssh_host_rsa_key", "etc/ssh/sshd_config"]);
+        assert_eq!(t.remove_where(|p| p.starts_with("etc/ssh/ssh_host_")), 1);
+        assert_eq!(t.remove_where(|p| p == "var/log/x"), 2);
+        assert!(t.get("etc/sshd").is_some());
+        assert!(t.get("var/log").is_some());
     }
 
     #[test]
