@@ -189,6 +189,7 @@ lease_time_s = 3600
 [tftp]
 listen = "{HOST_IP}:69"
 root = "/usr/lib/ipxe"
+symlink_targets = ["/boot"]
 
 [http]
 listen = "{HOST_IP}:{PIXIE_HTTP_PORT}"
