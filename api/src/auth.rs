@@ -22,7 +22,7 @@ pub enum Principal {
     Tenant { project: String },
     Pixie,
     /// A short-lived token from the kernel command line, for `POST /v1/agent/register`.
-    Enrolment { partition: Option<String> },
+    Enrolment { partition: Option<String>, mac: Option<String> },
     /// A machine's credential, bound to its UUID.
     Machine { machine: MachineId },
     /// An installed OS phoning home for one allocation.
@@ -119,6 +119,7 @@ pub fn row(token: &str, role: &str) -> TokenRow {
         partition: None,
         machine: None,
         allocation: None,
+        mac: None,
         description: String::new(),
         expires_ms: None,
     }
@@ -172,7 +173,7 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
             project: t.project.clone().ok_or_else(|| Error::Internal(format!("tenant token {} has no project", t.id)))?,
         },
         "pixie" => Principal::Pixie,
-        "enrolment" => Principal::Enrolment { partition: t.partition.clone() },
+        "enrolment" => Principal::Enrolment { partition: t.partition.clone(), mac: t.mac.clone() },
         "machine" => Principal::Machine { machine: machine()? },
         "phone_home" => Principal::PhoneHome {
             machine: machine()?,

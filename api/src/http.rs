@@ -99,6 +99,11 @@ async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
+/// MACs compare lower case, colon separated.
+fn normalize_mac(mac: &str) -> String {
+    mac.trim().to_ascii_lowercase().replace('-', ":")
+}
+
 fn parse_machine(s: &str) -> Result<MachineId> {
     s.parse().map_err(|e: metal_types::ParseIdError| Error::BadRequest(e.to_string()))
 }
@@ -555,13 +560,21 @@ async fn list_allocations(State(app): AppState, p: Principal) -> Result<Json<Vec
 async fn register(State(app): AppState, p: Principal, Body(req): Body<RegisterRequest>) -> Result<Json<RegisterResponse>> {
     match &p {
         Principal::Admin => {}
-        Principal::Enrolment { partition } => {
+        Principal::Enrolment { partition, mac } => {
             if partition.as_deref().is_some_and(|tp| tp != req.partition) {
                 return Err(Error::Forbidden(format!(
                     "the enrolment token was issued for partition {}, not {}",
                     partition.as_deref().unwrap_or_default(),
                     req.partition
                 )));
+            }
+            if let Some(mac) = mac {
+                if !req.inventory.nics.iter().any(|n| normalize_mac(&n.mac) == *mac) {
+                    return Err(Error::Forbidden(format!(
+                        "the enrolment token was issued to the machine that PXE booted with MAC {mac}, \
+                         but the inventory has no NIC with that MAC; PXE boot this machine for its own token"
+                    )));
+                }
             }
         }
         _ => {
@@ -665,7 +678,10 @@ async fn wait(
     let Query(q) = q?;
     let timeout = Duration::from_secs(q.timeout_s.unwrap_or(30).min(MAX_WAIT_S));
     let deadline = tokio::time::Instant::now() + timeout;
+    // A parked wait is a live machine: beat often enough that it never looks dead meanwhile.
+    let beat_every = Duration::from_millis((app.config.dead_after_s * 1000 / 2).max(500));
     app.store.heartbeat(machine).await?;
+    let mut next_beat = tokio::time::Instant::now() + beat_every;
     let notify = app.waker.handle(machine);
     loop {
         let notified = notify.notified();
@@ -676,10 +692,15 @@ async fn wait(
         }
         tokio::select! {
             _ = &mut notified => continue,
-            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(next_beat.min(deadline)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                app.store.heartbeat(machine).await?;
+                next_beat = tokio::time::Instant::now() + beat_every;
+            }
         }
     }
-    app.store.heartbeat(machine).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -741,6 +762,7 @@ async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootReq
     let token = auth::generate("enr");
     let mut row = auth::row(&token, "enrolment");
     row.partition = Some(partition.id.clone());
+    row.mac = Some(normalize_mac(&req.mac)).filter(|m| !m.is_empty());
     row.expires_ms = Some(now + app.config.enrolment_ttl_s as i64 * 1000);
     row.description = format!("enrolment for {} ({})", req.mac, machine.map(|m| m.to_string()).unwrap_or_default());
     app.store.issue_enrolment(&row, now).await?;

@@ -26,7 +26,10 @@ pub enum Backend {
 }
 
 /// Numbered migrations: (version, name, SQL). Applied in order, each in its own transaction.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial schema", include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial schema", include_str!("../migrations/0001_initial.sql")),
+    (2, "enrolment token mac", include_str!("../migrations/0002_enrolment_mac.sql")),
+];
 
 /// The PostgreSQL channel that carries "machine X was allocated" between replicas.
 pub const ALLOCATION_CHANNEL: &str = "metal_allocation";
@@ -97,6 +100,8 @@ pub struct TokenRow {
     pub partition: Option<String>,
     pub machine: Option<String>,
     pub allocation: Option<String>,
+    /// Enrolment tokens: the MAC address that PXE booted.
+    pub mac: Option<String>,
     pub description: String,
     pub expires_ms: Option<i64>,
 }
@@ -193,6 +198,7 @@ fn token_row(r: &AnyRow) -> Result<TokenRow> {
         partition: r.try_get("partition")?,
         machine: r.try_get("machine")?,
         allocation: r.try_get("allocation")?,
+        mac: r.try_get("mac")?,
         description: r.try_get("description")?,
         expires_ms: r.try_get("expires_ms")?,
     })
@@ -480,8 +486,8 @@ impl Store {
 
     async fn insert_token_in(c: &mut AnyConnection, t: &TokenRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO tokens (id, hash, role, project, partition, machine, allocation, description, expires_ms, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO tokens (id, hash, role, project, partition, machine, allocation, mac, description, expires_ms, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&t.id)
         .bind(&t.hash)
@@ -490,6 +496,7 @@ impl Store {
         .bind(&t.partition)
         .bind(&t.machine)
         .bind(&t.allocation)
+        .bind(&t.mac)
         .bind(&t.description)
         .bind(t.expires_ms)
         .bind(now_ms())

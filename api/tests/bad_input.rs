@@ -192,7 +192,11 @@ async fn expired_or_foreign_enrolment_tokens_do_not_register() {
     let params = metal_types::cmdline::HammerParams::parse(cmdline).unwrap();
     let body = json!({"partition": "lab2", "inventory": inventory(agent.machine, &agent.mac)});
     expect_error("foreign partition", api.post("/v1/agent/register", &params.enrolment_token, body).await, StatusCode::FORBIDDEN, "forbidden", &["partition lab"]);
-    // The right partition works, with the same token.
+    // A token is good only for the machine that PXE booted with it (its MAC).
+    let other = Agent::new(11);
+    let body = json!({"partition": "lab", "inventory": inventory(other.machine, &other.mac)});
+    expect_error("another machine's token", api.post("/v1/agent/register", &params.enrolment_token, body).await, StatusCode::FORBIDDEN, "forbidden", &["MAC", &agent.mac]);
+    // The right partition and machine work, with the same token.
     agent.register(&api, &d).await;
     api.stop().await;
 }

@@ -108,6 +108,15 @@ async fn dead_machines_are_not_allocated() {
     assert_eq!(m.liveliness, Liveliness::Dead);
     let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("d")).await;
     assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("no_machine_available")), "{v}");
+    // A parked wait keeps beating: the machine stays alive through a long poll.
+    let (base, cred) = (api.base.clone(), agent.credential.clone());
+    let poll = tokio::spawn(async move {
+        reqwest::Client::new().get(format!("{base}/v1/agent/wait?timeout_s=3")).bearer_auth(cred).send().await.unwrap().status()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert_eq!(m.liveliness, Liveliness::Alive, "during a long poll");
+    assert_eq!(poll.await.unwrap(), StatusCode::NO_CONTENT);
     // One heartbeat (a wait) and it is alive and allocatable again.
     assert_eq!(agent.wait(&api, 0).await, None);
     let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("d")).await;

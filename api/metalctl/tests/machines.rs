@@ -455,6 +455,75 @@ async fn watches_redraw_and_stop_on_ctrl_c() {
     assert_eq!(status.code(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_survives_an_api_restart() {
+    let mut lab = lab();
+    let agent = SimAgent::boot_and_register(&lab.api, &lab.pixie, 1)
+        .await
+        .expect("agent");
+    let args = allocate_args(
+        "survivor",
+        &[
+            "--size",
+            "lab-small",
+            "--wait-for",
+            "Phoned Home",
+            "--timeout-s",
+            "60",
+        ],
+    );
+    let mut cmd: tokio::process::Command = lab.api.ctl_command(Some(&lab.tenant), &args).into();
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let stdout = tokio::spawn(async move {
+        let mut s = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut s)
+            .await
+            .unwrap();
+        s
+    });
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+
+    let ins = agent
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("allocation reaches the agent");
+    agent
+        .events(&[(ProvisioningEvent::Installing, "installing")])
+        .await
+        .unwrap();
+    lab.api.kill();
+    // metalctl notices the API is gone and keeps polling.
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), stderr.next_line())
+            .await
+            .expect("metalctl said nothing for 10 s after the API went away")
+            .unwrap()
+            .expect("metalctl ended while the API was down");
+        if line.starts_with("warning: cannot reach the API") && line.ends_with("(retrying)") {
+            break;
+        }
+    }
+    lab.api.restart();
+    agent
+        .install_and_phone_home(&ins)
+        .await
+        .expect("install after the restart");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let out = stdout.await.unwrap();
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("survivor") && out.lines().last().unwrap().contains("Phoned Home"),
+        "{out}"
+    );
+}
+
 /// Ctrl-C for a child we started.
 fn interrupt(child: &tokio::process::Child) {
     let pid = child.id().expect("child still running").to_string();

@@ -62,7 +62,8 @@ pub struct Api {
     child: Child,
     pub url: String,
     pub dir: tempfile::TempDir,
-    log: PathBuf,
+    /// One log per start.
+    logs: Vec<PathBuf>,
 }
 
 impl Api {
@@ -70,35 +71,48 @@ impl Api {
     pub fn start() -> Api {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("metal-api.log");
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(metal_api_bin())
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--db")
-            .arg(format!("sqlite://{}", dir.path().join("m.db").display()))
-            .arg("--admin-token")
-            .arg(ADMIN_TOKEN)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn metal-api");
+        let child = spawn_api(dir.path(), "127.0.0.1:0", &log);
         let mut api = Api {
             child,
             url: String::new(),
             dir,
-            log,
+            logs: vec![log],
         };
+        api.url = format!("http://{}", api.wait_listening());
+        api
+    }
+
+    /// Kills the API and starts it again on the same address and database.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = self
+            .dir
+            .path()
+            .join(format!("metal-api-{}.log", self.logs.len() + 1));
+        let addr = self.url.trim_start_matches("http://").to_string();
+        self.child = spawn_api(self.dir.path(), &addr, &log);
+        self.logs.push(log);
+        let again = self.wait_listening();
+        assert_eq!(
+            format!("http://{again}"),
+            self.url,
+            "the restarted API listens elsewhere"
+        );
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_listening(&mut self) -> SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = api.log_text();
+            let text = read_text(self.logs.last().expect("a log"));
             if let Some(addr) = listening_addr(&text) {
-                api.url = format!("http://{addr}");
-                return api;
+                return addr;
             }
-            if let Ok(Some(status)) = api.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("metal-api exited with {status} before listening; its log:\n{text}");
             }
             if Instant::now() > deadline {
@@ -110,12 +124,13 @@ impl Api {
         }
     }
 
+    /// Every log of this API, oldest first.
     pub fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        self.logs
+            .iter()
+            .map(|l| read_text(l))
+            .collect::<Vec<_>>()
+            .join("--- restarted ---\n")
     }
 
     /// Runs metalctl against this API with `token` (none: no token anywhere), in a clean
@@ -160,12 +175,37 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         if std::thread::panicking() {
             eprintln!("--- metal-api log ---\n{}", self.log_text());
         }
     }
+}
+
+fn spawn_api(dir: &Path, listen: &str, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    Command::new(metal_api_bin())
+        .arg("--listen")
+        .arg(listen)
+        .arg("--db")
+        .arg(format!("sqlite://{}", dir.join("m.db").display()))
+        .arg("--admin-token")
+        .arg(ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn metal-api")
+}
+
+fn read_text(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
 }
 
 /// metalctl with a clean environment rooted at `home`.
