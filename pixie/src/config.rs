@@ -163,6 +163,10 @@ pub struct FileBoot {
 pub struct FileTftp {
     pub listen: SocketAddr,
     pub root: PathBuf,
+    /// Directories outside `root` that symlinks inside it may lead into (Debian's `ipxe` package
+    /// links `ipxe.efi` to `/boot/ipxe.efi`). Every other way out of the root is refused.
+    #[serde(default)]
+    pub symlink_targets: Vec<PathBuf>,
     /// Largest block size granted (RFC 2348 allows up to 65464).
     #[serde(default)]
     pub max_blksize: Option<u16>,
@@ -299,6 +303,7 @@ pub struct BootConfig {
 pub struct TftpConfig {
     pub listen: SocketAddr,
     pub root: PathBuf,
+    pub symlink_targets: Vec<PathBuf>,
     pub max_blksize: u16,
     pub max_windowsize: u16,
     pub retries: u32,
@@ -426,6 +431,7 @@ impl TryFrom<File> for Config {
                 Some(TftpConfig {
                     listen: t.listen,
                     root: t.root,
+                    symlink_targets: t.symlink_targets,
                     max_blksize,
                     max_windowsize,
                     retries: t.retries.unwrap_or(5).clamp(1, 100),

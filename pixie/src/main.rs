@@ -46,7 +46,8 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if cli.log_json {
         sub.json().init();
     } else {
@@ -97,7 +98,14 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
     let events = EventQueue::spawn(api.clone(), 1024, metrics.clone());
 
     if let Some(t) = &cfg.tftp {
-        let addr = pixie::tftp::server::start(t, metrics.clone()).await?;
+        let boot_files: Vec<&str> = match &cfg.dhcp {
+            Some(d) => [Some(d.boot.bios_file.as_str()), Some(d.boot.uefi_file.as_str()), d.boot.uefi_arm64_file.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            None => vec![],
+        };
+        let addr = pixie::tftp::server::start(t, metrics.clone(), &boot_files).await?;
         tracing::info!(%addr, "TFTP started");
     }
     if let Some(d) = &cfg.dhcp {

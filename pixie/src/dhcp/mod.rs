@@ -298,8 +298,9 @@ pub fn build_reply(msg: &Message, req: &Request, reply: &Reply, cfg: &DhcpConfig
         BootChoice::Tftp { server, file, .. } => {
             m.set_siaddr(*server);
             m.set_fname_str(file);
+            // No option 60 here in server mode: with `PXEClient` but no option 43 EDK2 (OVMF)
+            // takes the offer for a BINL one and asks port 4011 for the file instead of using it.
             let opts = m.opts_mut();
-            opts.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
             opts.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
             opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
         }
@@ -318,9 +319,6 @@ pub fn build_reply(msg: &Message, req: &Request, reply: &Reply, cfg: &DhcpConfig
             let opts = m.opts_mut();
             opts.insert(DhcpOption::BootfileName(url.clone().into_bytes()));
             opts.insert(DhcpOption::Unknown(UnknownOption::new(175.into(), IPXE_NO_PXEDHCP.to_vec())));
-            if proxy {
-                opts.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-            }
         }
     }
     if proxy {
@@ -541,6 +539,22 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(destination(&r2, o2, "0.0.0.0:68".parse().unwrap(), SERVER_PORT), Dest::UnicastToChaddr(o2.yiaddr));
         let (d, _) = decide(&req(&client_msg(v4::MessageType::Discover, [2, 0, 0, 0, 0, 3])), SERVER_PORT, &c, &mut t, 1003);
         assert_eq!(d, Decision::Silent { why: "pool exhausted".into() });
+    }
+
+    #[test]
+    fn server_mode_uefi_pxe_offer_is_a_plain_dhcp_offer_with_a_boot_file() {
+        let c = cfg("server");
+        let mut t = table(&c);
+        let discover = pxe(v4::MessageType::Discover, 7, false);
+        let r = req(&discover);
+        let (d, _) = decide(&r, SERVER_PORT, &c, &mut t, 0);
+        let msg = wire_reply(&build_reply(&discover, &r, reply_of(&d), &c));
+        assert_eq!(msg.siaddr(), c.server_ip);
+        assert_eq!(msg.fname(), Some(&b"ipxe.efi\0"[..]));
+        assert_eq!(msg.opts().get(OptionCode::BootfileName), Some(&DhcpOption::BootfileName(b"ipxe.efi".to_vec())));
+        // OVMF would take PXEClient without option 43 for a BINL offer and ask port 4011.
+        assert!(msg.opts().get(OptionCode::ClassIdentifier).is_none());
+        assert!(msg.opts().get(OptionCode::VendorExtensions).is_none());
     }
 
     fn wire_reply(m: &Message) -> Message {

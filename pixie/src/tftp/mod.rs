@@ -42,11 +42,12 @@ pub fn sanitize(requested: &str) -> Result<PathBuf, PathError> {
 }
 
 /// The file under `root` that `requested` names, after following symlinks; a symlink that
-/// points out of the root is refused. `root` must be canonical.
-pub fn resolve(root: &Path, requested: &str) -> Result<PathBuf, PathError> {
+/// leads out of the root is refused unless it leads into one of `allowed` (Debian's `ipxe`
+/// package links `/usr/lib/ipxe/ipxe.efi` to `/boot/ipxe.efi`). All paths must be canonical.
+pub fn resolve(root: &Path, allowed: &[PathBuf], requested: &str) -> Result<PathBuf, PathError> {
     let rel = sanitize(requested)?;
     let full = root.join(rel).canonicalize().map_err(|_| PathError::NotFound(requested.to_string()))?;
-    if !full.starts_with(root) {
+    if !full.starts_with(root) && !allowed.iter().any(|a| full.starts_with(a)) {
         return Err(PathError::Escapes(requested.to_string()));
     }
     if !full.is_file() {
@@ -83,10 +84,15 @@ mod tests {
         std::os::unix::fs::symlink("ok.bin", root.join("inner")).unwrap();
         std::fs::create_dir(root.join("sub")).unwrap();
         let root = root.canonicalize().unwrap();
-        assert!(resolve(&root, "ok.bin").is_ok());
-        assert!(resolve(&root, "/inner").is_ok());
-        assert!(matches!(resolve(&root, "link"), Err(PathError::Escapes(_))));
-        assert!(matches!(resolve(&root, "missing"), Err(PathError::NotFound(_))));
-        assert!(matches!(resolve(&root, "sub"), Err(PathError::NotAFile(_))));
+        assert!(resolve(&root, &[], "ok.bin").is_ok());
+        assert!(resolve(&root, &[], "/inner").is_ok());
+        assert!(matches!(resolve(&root, &[], "link"), Err(PathError::Escapes(_))));
+        assert!(matches!(resolve(&root, &[], "missing"), Err(PathError::NotFound(_))));
+        assert!(matches!(resolve(&root, &[], "sub"), Err(PathError::NotAFile(_))));
+        // Only into a directory the configuration names.
+        let outside = dir.path().canonicalize().unwrap();
+        assert!(resolve(&root, &[outside], "link").is_ok());
+        let elsewhere = std::env::temp_dir().join("pixie-no-such-dir");
+        assert!(resolve(&root, &[elsewhere], "link").is_err());
     }
 }

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 
 pub struct TftpServer {
     root: PathBuf,
+    symlink_targets: Vec<PathBuf>,
     limits: Limits,
     retries: u32,
     metrics: Arc<Metrics>,
@@ -61,8 +62,10 @@ impl Outcome {
 impl TftpServer {
     pub fn new(cfg: &TftpConfig, metrics: Arc<Metrics>) -> Result<TftpServer, TftpStartError> {
         let root = cfg.root.canonicalize().map_err(|source| TftpStartError::Root { path: cfg.root.clone(), source })?;
+        let symlink_targets = cfg.symlink_targets.iter().filter_map(|p| p.canonicalize().ok()).collect();
         Ok(TftpServer {
             root,
+            symlink_targets,
             limits: Limits { max_blksize: cfg.max_blksize, max_windowsize: cfg.max_windowsize },
             retries: cfg.retries,
             metrics,
@@ -133,7 +136,7 @@ impl TftpServer {
             let _ = sock.send(&codec::error(code::ILLEGAL_OPERATION, "only octet mode")).await;
             return Outcome::Denied;
         }
-        let path = match resolve(&self.root, &rq.filename) {
+        let path = match resolve(&self.root, &self.symlink_targets, &rq.filename) {
             Ok(p) => p,
             Err(e) => {
                 let (c, outcome) = match e {
@@ -283,9 +286,33 @@ fn packet_kind(p: &Packet) -> &'static str {
     }
 }
 
-/// Starts the server on `cfg.listen` in a background task.
-pub async fn start(cfg: &TftpConfig, metrics: Arc<Metrics>) -> Result<SocketAddr, TftpStartError> {
+impl TftpServer {
+    /// Whether `file` can be served; logs why not (at start, for the configured boot files).
+    pub fn check_file(&self, file: &str) -> bool {
+        match resolve(&self.root, &self.symlink_targets, file) {
+            Ok(_) => true,
+            Err(PathError::Escapes(_)) => {
+                tracing::warn!(
+                    file, root = %self.root.display(),
+                    "boot file is a symlink out of the TFTP root and will be refused: add its target directory to tftp.symlink_targets (Debian: /boot for ipxe.efi) or point the root at real files"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(file, root = %self.root.display(), error = %e, "boot file cannot be served over TFTP");
+                false
+            }
+        }
+    }
+}
+
+/// Starts the server on `cfg.listen` in a background task; `boot_files` are checked and
+/// warned about when they cannot be served.
+pub async fn start(cfg: &TftpConfig, metrics: Arc<Metrics>, boot_files: &[&str]) -> Result<SocketAddr, TftpStartError> {
     let server = Arc::new(TftpServer::new(cfg, metrics)?);
+    for f in boot_files {
+        server.check_file(f);
+    }
     let sock = UdpSocket::bind(cfg.listen).await.map_err(|source| TftpStartError::Bind { addr: cfg.listen, source })?;
     let addr = sock.local_addr().map_err(|source| TftpStartError::Bind { addr: cfg.listen, source })?;
     tokio::spawn(async move {
@@ -301,9 +328,16 @@ mod tests {
     use std::time::Duration;
 
     async fn server(root: &std::path::Path) -> (SocketAddr, Arc<Metrics>) {
-        let cfg = TftpConfig { listen: "127.0.0.1:0".parse().unwrap(), root: root.to_path_buf(), max_blksize: 65464, max_windowsize: 64, retries: 3 };
+        let cfg = TftpConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            root: root.to_path_buf(),
+            symlink_targets: vec![],
+            max_blksize: 65464,
+            max_windowsize: 64,
+            retries: 3,
+        };
         let m = Arc::new(Metrics::default());
-        (start(&cfg, m.clone()).await.unwrap(), m)
+        (start(&cfg, m.clone(), &[]).await.unwrap(), m)
     }
 
     /// A minimal client: RRQ with options, ACK everything in order, return the bytes.
