@@ -656,15 +656,15 @@ async fn events(client: &Client, args: EventsArgs, out: Format) -> anyhow::Resul
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if out != Format::Table {
-        bail!("--watch prints a timeline; -o json/yaml works without --watch");
-    }
     if !(args.interval_s > 0.0 && args.interval_s.is_finite()) {
         bail!("--interval-s must be a positive number of seconds");
     }
-    println!("{}", output::TIMELINE_HEADER);
+    if out == Format::Table {
+        println!("{}", output::TIMELINE_HEADER);
+    }
     let mut follower = Follower::all(args.until);
     let options = FollowOptions {
+        format: out,
         interval: Duration::from_secs_f64(args.interval_s),
         timeout: args.timeout_s.map(Duration::from_secs),
     };
@@ -778,6 +778,7 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
         .with_context(|| format!("allocation created_at {:?} is not RFC 3339", a.created_at))?;
     let mut follower = Follower::since(since, Some(wait_for));
     let options = FollowOptions {
+        format: Format::Table,
         interval: Duration::from_secs(1),
         timeout: Some(Duration::from_secs(args.timeout_s)),
     };

@@ -536,6 +536,16 @@ pub fn timeline(events: &[MachineEvent]) -> String {
     out
 }
 
+/// One event as a watch writes it: a timeline line (table), one JSON object per line (json),
+/// or one YAML document (yaml), each ending with a newline.
+pub fn event_record(format: Format, e: &MachineEvent) -> anyhow::Result<String> {
+    Ok(match format {
+        Format::Table => timeline_line(e) + "\n",
+        Format::Json => serde_json::to_string(e)? + "\n",
+        Format::Yaml => format!("---\n{}", serde_yaml::to_string(e)?),
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small formatting helpers
 // ---------------------------------------------------------------------------------------------
@@ -888,6 +898,18 @@ mod tests {
         assert_eq!(
             timeline_line(&odd),
             "garbage                  2026-11-24 11:20:01.000  PXE Booting         mac 52:54:00:00:00:01  !! UNEXPECTED"
+        );
+        assert_eq!(
+            event_record(Format::Table, &e).unwrap(),
+            timeline_line(&e) + "\n"
+        );
+        let json = event_record(Format::Json, &e).unwrap();
+        assert_eq!(json.lines().count(), 1);
+        assert_eq!(serde_json::from_str::<MachineEvent>(&json).unwrap(), e);
+        let yaml = event_record(Format::Yaml, &e).unwrap();
+        assert!(
+            yaml.starts_with("---\nevent: Booting New Kernel\n"),
+            "{yaml}"
         );
         let all = timeline(&[e, late]);
         assert_eq!(all.lines().count(), 3);

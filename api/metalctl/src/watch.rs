@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::client::Client;
-use crate::output::{error_chain, parse_time, timeline_line};
+use crate::output::{error_chain, event_record, parse_time, Format};
 
 /// Identity of an event in the timeline (the API has no event ids).
 type Key = (String, String, ProvisioningEvent, String);
@@ -128,11 +128,13 @@ impl Follower {
 #[derive(Debug, Clone, Copy)]
 pub struct FollowOptions {
     pub interval: Duration,
+    /// How each new event is written: a timeline line, a JSON line, a YAML document.
+    pub format: Format,
     /// `None`: until Ctrl-C (or the wanted event).
     pub timeout: Option<Duration>,
 }
 
-/// Polls the machine's events and writes each new one as a timeline line to `out` until the
+/// Polls the machine's events and writes each new one to `out` (see [`event_record`]) until the
 /// follower says stop, the deadline passes or Ctrl-C. A failed poll that never reached the API
 /// (e.g. the API restarting) is reported on stderr and retried; an API error ends following.
 pub async fn follow(
@@ -150,7 +152,7 @@ pub async fn follow(
             Ok(events) => {
                 let (fresh, end) = follower.absorb(&events);
                 for e in &fresh {
-                    writeln!(out, "{}", timeline_line(e))?;
+                    write!(out, "{}", event_record(options.format, e)?)?;
                 }
                 out.flush()?;
                 if let Some(end) = end {

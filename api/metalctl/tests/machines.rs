@@ -409,6 +409,22 @@ async fn watches_redraw_and_stop_on_ctrl_c() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 
+    // With -o json a watch writes one event per line; --until an event that already is the
+    // latest one ends at once.
+    let id = agent.id().to_string();
+    let out = api
+        .admin(&["machine", "events", &id, "--until", "Waiting", "-o", "json"])
+        .ok(&["events --until -o json"]);
+    let events: Vec<MachineEvent> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect(l))
+        .collect();
+    assert_eq!(
+        events.last().map(|e| e.event),
+        Some(ProvisioningEvent::Waiting),
+        "{out}"
+    );
+
     // machine events --watch prints new events as they come and ends with Ctrl-C, exit 0.
     let mut cmd: tokio::process::Command = api
         .ctl_command(
