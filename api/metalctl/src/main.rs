@@ -302,6 +302,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -369,7 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Allocation(AllocationCmd::Ls) => print_list(out, &client.allocations().await?)?,
         Command::Health => {
             let body = client.health().await?;
-            println!("{}", health_text(out, &body));
+            emit(format!("{}\n", health_text(out, &body)))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -394,14 +395,28 @@ fn health_text(format: Format, body: &str) -> String {
     }
 }
 
+/// Writes data to stdout. A closed pipe (`metalctl machine ls | head -1`) comes back as an
+/// error that `main` ends quietly on.
+fn emit(text: impl AsRef<str>) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_ref().as_bytes())?;
+    stdout.flush()
+}
+
+/// True when the error comes from writing into a pipe whose reader is gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// Prints a list: a table, or the JSON/YAML of the list.
 fn print_list<T: Serialize + Tabular>(format: Format, items: &[T]) -> anyhow::Result<()> {
     let text = match format {
         Format::Table => T::table(items).render(),
         _ => output::serialize(format, items)?,
     };
-    print!("{text}");
-    Ok(())
+    Ok(emit(text)?)
 }
 
 /// Prints one object: as a one-row table, or its JSON/YAML (an object, not a list).
@@ -414,8 +429,7 @@ fn print_item<T: Serialize + Tabular>(format: Format, item: &T) -> anyhow::Resul
 
 /// Prints one object in full: YAML for the table format, else JSON/YAML.
 fn print_one<T: Serialize>(format: Format, item: &T) -> anyhow::Result<()> {
-    print!("{}", output::serialize(format, item)?);
-    Ok(())
+    Ok(emit(output::serialize(format, item)?)?)
 }
 
 async fn catalog<K>(client: &Client, cmd: CatalogCmd, out: Format) -> anyhow::Result<()>
@@ -553,12 +567,12 @@ async fn machine(client: &Client, cmd: MachineCmd, out: Format) -> anyhow::Resul
         MachineCmd::Ls(ls) if ls.watch => return machine_ls_watch(client, &ls, out).await,
         MachineCmd::Ls(ls) => {
             let machines = filter_machines(client.machines().await?, &ls);
-            print!("{}", machines_text(out, &machines)?);
+            emit(machines_text(out, &machines)?)?;
         }
         MachineCmd::Describe { id } => {
             let m = client.machine(id).await?;
             match out {
-                Format::Table => print!("{}", output::machine_view(&m, OffsetDateTime::now_utc())),
+                Format::Table => emit(output::machine_view(&m, OffsetDateTime::now_utc()))?,
                 _ => print_one(out, &m)?,
             }
         }
@@ -567,11 +581,11 @@ async fn machine(client: &Client, cmd: MachineCmd, out: Format) -> anyhow::Resul
         MachineCmd::Free { id } => {
             let m = client.free_machine(id).await?;
             match out {
-                Format::Table => println!(
-                    "freed machine {} (state: {})",
+                Format::Table => emit(format!(
+                    "freed machine {} (state: {})\n",
                     m.id,
                     m.state.map(|s| s.as_str()).unwrap_or("-")
-                ),
+                ))?,
                 _ => print_one(out, &m)?,
             }
         }
@@ -651,7 +665,7 @@ async fn events(client: &Client, args: EventsArgs, out: Format) -> anyhow::Resul
     if !watching {
         let events = client.machine_events(args.id).await?;
         match out {
-            Format::Table => print!("{}", output::timeline(&events)),
+            Format::Table => emit(output::timeline(&events))?,
             _ => print_one(out, &events)?,
         }
         return Ok(ExitCode::SUCCESS);
@@ -660,7 +674,7 @@ async fn events(client: &Client, args: EventsArgs, out: Format) -> anyhow::Resul
         bail!("--interval-s must be a positive number of seconds");
     }
     if out == Format::Table {
-        println!("{}", output::TIMELINE_HEADER);
+        emit(format!("{}\n", output::TIMELINE_HEADER))?;
     }
     let mut follower = Follower::all(args.until);
     let options = FollowOptions {
@@ -783,7 +797,7 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
         timeout: Some(Duration::from_secs(args.timeout_s)),
     };
     let end = if out == Format::Table {
-        println!("\n{}", output::TIMELINE_HEADER);
+        emit(format!("\n{}\n", output::TIMELINE_HEADER))?;
         watch::follow(
             client,
             a.machine,

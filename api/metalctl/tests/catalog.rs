@@ -385,3 +385,23 @@ fn finds_the_listening_address_in_any_log_format() {
     assert_eq!(listening_addr(kv), Some("127.0.0.1:80".parse().unwrap()));
     assert_eq!(listening_addr("starting\n"), None);
 }
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let api = Api::start();
+    api.create_examples();
+    // The reader of stdout goes away before metalctl writes (it first asks the API).
+    let mut cmd = api.ctl_command(Some(ADMIN_TOKEN), &["partition", "ls"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
