@@ -31,6 +31,10 @@ pub fn bind_udp(interface: &str, addr: SocketAddrV4) -> io::Result<UdpSocket> {
     let fd = socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     socket::setsockopt(&fd, sockopt::Broadcast, &true)?;
+    // Room for bursts (thousands of clients powering on at once); beyond rmem_max needs root.
+    if socket::setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20)).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
+    }
     socket::setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(interface))
         .map_err(|e| io::Error::other(format!("SO_BINDTODEVICE {interface}: {e}")))?;
     socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
