@@ -572,7 +572,10 @@ async fn machine(client: &Client, cmd: MachineCmd, out: Format) -> anyhow::Resul
         MachineCmd::Describe { id } => {
             let m = client.machine(id).await?;
             match out {
-                Format::Table => emit(output::machine_view(&m, OffsetDateTime::now_utc()))?,
+                Format::Table => {
+                    let events = client.machine_events(id).await?;
+                    emit(output::machine_view(&m, &events, OffsetDateTime::now_utc()))?
+                }
                 _ => print_one(out, &m)?,
             }
         }

@@ -329,8 +329,12 @@ pub fn machine_flags(m: &Machine) -> Vec<&'static str> {
 // machine describe
 // ---------------------------------------------------------------------------------------------
 
+/// How many of the latest events `machine describe` shows.
+pub const RECENT_EVENTS: usize = 5;
+
 /// The full view of one machine, YAML-like, with the inventory summarised.
-pub fn machine_view(m: &Machine, now: OffsetDateTime) -> String {
+/// The last [`RECENT_EVENTS`] of `events` (the machine's timeline) are shown at the end.
+pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -> String {
     let mut o = String::new();
     let w = &mut o;
     // `write!` into a String cannot fail.
@@ -402,6 +406,22 @@ pub fn machine_view(m: &Machine, now: OffsetDateTime) -> String {
             let _ = writeln!(w, "inventory:   none (not registered yet)");
         }
         Some(inv) => inventory_view(w, inv),
+    }
+
+    let skip = events.len().saturating_sub(RECENT_EVENTS);
+    if events.is_empty() {
+        let _ = writeln!(w, "events:      none");
+    } else {
+        let _ = writeln!(
+            w,
+            "events:      last {} of {} (all: metalctl machine events {})",
+            events.len() - skip,
+            events.len(),
+            m.id
+        );
+        for e in &events[skip..] {
+            let _ = writeln!(w, "  {}", timeline_line(e));
+        }
     }
     o
 }
@@ -952,7 +972,18 @@ mod tests {
             },
             lldp: vec![],
         });
-        let v = machine_view(&m, now());
+        let ev = |event, s: u32| MachineEvent {
+            event,
+            message: String::new(),
+            time: format!("2026-11-24T11:00:{s:02}Z"),
+            received: format!("2026-11-24T11:00:{s:02}Z"),
+            unexpected: false,
+        };
+        let events: Vec<MachineEvent> = (0..7).map(|s| ev(ProvisioningEvent::Waiting, s)).collect();
+        let v = machine_view(&m, &events, now());
+        assert!(v.contains("events:      last 5 of 7 (all: metalctl machine events 00000000-0000-0000-0000-000000000007)\n  2026-11-24 11:00:02.000"), "{v}");
+        assert!(!v.contains("11:00:01.000"), "{v}");
+        assert!(machine_view(&m, &[], now()).ends_with("events:      none\n"));
         for want in [
             "id:          00000000-0000-0000-0000-000000000007\n",
             "state:       Waiting\n",

@@ -119,6 +119,15 @@ async fn allocate_follow_and_free_a_machine() {
             "machine describe lacks {want:?}:\n{view}"
         );
     }
+    assert!(view.contains("\nevents:      last "), "{view}");
+    assert!(
+        view.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("  Waiting  "),
+        "{view}"
+    );
     let timeline = api.admin_ok(&["machine", "events", &id]);
     assert!(timeline.starts_with("AGENT TIME (UTC)"), "{timeline}");
     assert!(
