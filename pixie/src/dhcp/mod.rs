@@ -716,3 +716,54 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(destination(&r, ack, src, PXE_PORT), Dest::Unicast(src));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::config::Config;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const CONF: &str = r#"
+partition = "lab"
+[api]
+url = "http://10.99.0.1:8080"
+token = "t"
+[dhcp]
+mode = "MODE"
+interface = "br0"
+server_ip = "10.99.0.1"
+[http]
+listen = "10.99.0.1:8081"
+public_url = "http://10.99.0.1:8081"
+"#;
+
+    fn cfg(mode: &str) -> DhcpConfig {
+        let mut text = CONF.replace("MODE", mode);
+        if mode == "server" {
+            text = text.replace("[http]", "[dhcp.pool]\nsubnet = \"0.0.0.0/1\"\nstart = \"0.0.0.1\"\nend = \"127.255.255.254\"\n[http]");
+        }
+        Config::from_toml(Path::new("t"), &text).unwrap().dhcp.unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// Whatever a client sends, deciding and building the reply never panics, and the reply
+        /// decodes.
+        #[test]
+        fn any_request_gets_a_well_formed_reply_or_none(buf in wire::proptests::packet(), port in prop_oneof![Just(SERVER_PORT), Just(PXE_PORT)]) {
+            for c in [cfg("server"), cfg("proxy")] {
+                let Ok(msg) = wire::decode(&buf) else { continue };
+                let Ok(req) = Request::from_message(&msg) else { continue };
+                let mut t = LeaseTable::default();
+                let (d, _) = decide(&req, port, &c, &mut t, 1000);
+                if let Decision::Reply(r) = d {
+                    let out = wire::encode(&build_reply(&msg, &req, &r, &c));
+                    use dhcproto::{Decodable, Decoder};
+                    prop_assert!(Message::decode(&mut Decoder::new(&out)).is_ok());
+                    let _ = destination(&req, &r, "0.0.0.0:68".parse().unwrap(), port);
+                }
+            }
+        }
+    }
+}

@@ -254,8 +254,9 @@ impl Request {
             is_ipxe: matches!(opts.get(OptionCode::UserClass), Some(DhcpOption::UserClass(v)) if user_class_has_ipxe(v)),
             uuid: client_machine_id.as_deref().and_then(parse_uuid),
             client_machine_id,
+            // An empty option 82 carries nothing to echo (and dhcproto cannot re-decode it).
             relay_info: match opts.get(OptionCode::RelayAgentInformation) {
-                Some(DhcpOption::RelayAgentInformation(r)) => Some(r.clone()),
+                Some(DhcpOption::RelayAgentInformation(r)) if !r.is_empty() => Some(r.clone()),
                 _ => None,
             },
             hostname: match opts.get(OptionCode::Hostname) {
@@ -269,6 +270,17 @@ impl Request {
     pub fn is_pxe(&self) -> bool {
         self.vendor_class != VendorClass::None || self.is_ipxe
     }
+}
+
+/// The fuzz and property-test oracle: whatever `buf` is, decoding never panics, and a message
+/// that decodes re-encodes into one that decodes to the same client facts.
+pub fn check_roundtrip(buf: &[u8]) {
+    let Ok(first) = decode(buf) else { return };
+    let facts = Request::from_message(&first);
+    let mut again = Vec::new();
+    first.encode(&mut Encoder::new(&mut again)).expect("a decoded message re-encodes");
+    let second = decode(&again).unwrap_or_else(|e| panic!("re-encoded message does not decode: {e}"));
+    assert_eq!(facts, Request::from_message(&second), "client facts changed in the round trip");
 }
 
 #[cfg(test)]
@@ -357,5 +369,45 @@ pub(crate) mod tests {
         let m = client_msg(v4::MessageType::Unknown(42), [2, 0, 0, 0, 0, 1]);
         let r = Request::from_message(&decode(&bytes(&m)).unwrap()).unwrap();
         assert_eq!(r.msg_type, MsgType::Other(42));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A BOOTREQUEST header with a valid magic cookie, then arbitrary option TLVs.
+    pub(crate) fn packet() -> impl Strategy<Value = Vec<u8>> {
+        let opt = (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40), any::<bool>());
+        (any::<[u8; 236]>(), proptest::collection::vec(opt, 0..20), any::<bool>()).prop_map(|(hdr, opts, lie)| {
+            let mut b = hdr.to_vec();
+            b[0] = 1;
+            b[1] = 1;
+            b[2] = 6;
+            b.extend_from_slice(&MAGIC);
+            b.extend_from_slice(&[53, 1, 1]);
+            for (code, data, lying) in opts {
+                b.push(code);
+                let len = if lie && lying { data.len() as u8 + 7 } else { data.len() as u8 };
+                b.push(len);
+                b.extend_from_slice(&data);
+            }
+            b.push(255);
+            b
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600)) {
+            check_roundtrip(&buf);
+        }
+
+        #[test]
+        fn structured_packets_round_trip(buf in packet()) {
+            check_roundtrip(&buf);
+        }
     }
 }

@@ -217,6 +217,18 @@ pub fn negotiate(options: &[(String, String)], file_size: u64, limits: &Limits) 
     n
 }
 
+/// The fuzz and property-test oracle: decoding never panics, and decode → encode → decode gives
+/// the same packet; option negotiation on any request stays within the RFC limits.
+pub fn check_roundtrip(buf: &[u8]) {
+    let Ok(first) = decode(buf) else { return };
+    let again = encode(&first);
+    assert_eq!(decode(&again).as_ref(), Ok(&first), "TFTP packet changed in the round trip");
+    if let Packet::Rrq(rq) = &first {
+        let n = negotiate(&rq.options, 12345, &Limits { max_blksize: 65464, max_windowsize: 64 });
+        assert!((8..=65464).contains(&n.blksize) && (1..=64).contains(&n.windowsize));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +294,31 @@ mod tests {
         let small = Limits { max_blksize: 1468, max_windowsize: 1 };
         let n = negotiate(&opts(&[("blksize", "9000"), ("windowsize", "16")]), 1, &small);
         assert_eq!((n.blksize, n.windowsize), (1468, 1));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-zA-Z0-9./_-]{1,20}", Just("blksize".to_string()), Just("windowsize".to_string()), Just("tsize".to_string()), "[0-9]{1,25}"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..200)) {
+            check_roundtrip(&buf);
+        }
+
+        #[test]
+        fn requests_round_trip(file in "[a-zA-Z0-9./_-]{1,40}", opts in proptest::collection::vec((field(), field()), 0..6)) {
+            let p = Packet::Rrq(Rq { filename: file, mode: "octet".into(), options: opts });
+            let bytes = encode(&p);
+            prop_assert_eq!(decode(&bytes), Ok(p));
+            check_roundtrip(&bytes);
+        }
     }
 }
