@@ -30,6 +30,8 @@ const EXIT_TIMEOUT: u8 = 3;
 const EXIT_CRASHED: u8 = 4;
 const EXIT_INTERRUPTED: u8 = 130;
 
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "metalctl",
@@ -38,22 +40,16 @@ const EXIT_INTERRUPTED: u8 = 130;
 )]
 struct Cli {
     /// Base URL of the API [env: METAL_API_URL; config file: api_url]
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
     api_url: Option<String>,
     /// Bearer token [env: METAL_TOKEN; config file: token]
-    #[arg(long, global = true, value_name = "TOKEN")]
+    #[arg(long, global = true, value_name = "TOKEN", help_heading = GLOBAL)]
     token: Option<String>,
     /// Config file (YAML with `api_url` and `token`) [default: ~/.config/metalctl/config.yaml]
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", help_heading = GLOBAL)]
     config: Option<PathBuf>,
     /// Output format
-    #[arg(
-        short = 'o',
-        long = "output",
-        global = true,
-        value_enum,
-        default_value_t
-    )]
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t, help_heading = GLOBAL)]
     output: Format,
     #[command(subcommand)]
     command: Command,
@@ -179,13 +175,19 @@ enum MachineCmd {
     Ls(MachineLs),
     /// Show one machine with its allocation and inventory
     #[command(visible_alias = "get")]
-    Describe { id: MachineId },
+    Describe {
+        /// Machine id (UUID)
+        id: MachineId,
+    },
     /// Show a machine's provisioning timeline
     Events(EventsArgs),
     /// Allocate a machine
     Allocate(AllocateArgs),
     /// Free a machine: its allocation ends and it is reclaimed (wiped, back to the pool)
-    Free { id: MachineId },
+    Free {
+        /// Machine id (UUID)
+        id: MachineId,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +208,7 @@ struct MachineLs {
 
 #[derive(Debug, Args)]
 struct EventsArgs {
+    /// Machine id (UUID)
     id: MachineId,
     /// Keep polling and print new events as they come, until Ctrl-C
     #[arg(long)]
@@ -213,7 +216,7 @@ struct EventsArgs {
     /// Stop watching when this event arrives (implies --watch); exit 4 if `Crashed` comes first
     #[arg(long, value_name = "EVENT", value_parser = parse_event)]
     until: Option<ProvisioningEvent>,
-    /// Stop watching after this many seconds, with exit code 3 (implies --watch)
+    /// Stop watching after this many seconds (implies --watch); exit 3 if --until did not come
     #[arg(long = "timeout-s", value_name = "SECONDS")]
     timeout_s: Option<u64>,
     /// Seconds between polls
@@ -224,8 +227,10 @@ struct EventsArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("what").required(true).args(["size", "machine"]))]
 struct AllocateArgs {
+    /// The tenant the machine is for
     #[arg(long)]
     project: String,
+    /// Where the machine stands
     #[arg(long)]
     partition: String,
     /// Any waiting machine of this size
@@ -237,6 +242,7 @@ struct AllocateArgs {
     /// Image id or name (a name picks the newest version)
     #[arg(long)]
     image: String,
+    /// Hostname of the installed OS
     #[arg(long)]
     hostname: String,
     /// An SSH public key (repeatable)
@@ -245,8 +251,10 @@ struct AllocateArgs {
     /// A file of SSH public keys, one per line (repeatable)
     #[arg(long = "ssh-key-file", value_name = "FILE")]
     ssh_key_files: Vec<PathBuf>,
+    /// User data for the installed OS (written to /etc/metal/userdata)
     #[arg(long, value_name = "STR", conflicts_with = "user_data_file")]
     user_data: Option<String>,
+    /// User data from a file
     #[arg(long, value_name = "FILE")]
     user_data_file: Option<PathBuf>,
     /// Filesystem layout id (default: the API picks one that fits size and image)
