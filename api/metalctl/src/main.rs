@@ -214,7 +214,7 @@ struct EventsArgs {
     #[arg(long)]
     watch: bool,
     /// Stop watching when this event arrives (implies --watch); exit 4 if `Crashed` comes first
-    #[arg(long, value_name = "EVENT", value_parser = parse_event)]
+    #[arg(long, value_name = "EVENT", value_parser = parse_awaited_event)]
     until: Option<ProvisioningEvent>,
     /// Stop watching after this many seconds (implies --watch); exit 3 if --until did not come
     #[arg(long = "timeout-s", value_name = "SECONDS")]
@@ -265,7 +265,7 @@ struct AllocateArgs {
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
     /// Follow the machine's events until this one (e.g. "Phoned Home"); exit 4 on `Crashed`
-    #[arg(long, value_name = "EVENT", value_parser = parse_event)]
+    #[arg(long, value_name = "EVENT", value_parser = parse_awaited_event)]
     wait_for: Option<ProvisioningEvent>,
     /// With --wait-for: give up after this many seconds (exit 3)
     #[arg(
@@ -294,6 +294,18 @@ fn parse_event(s: &str) -> Result<ProvisioningEvent, String> {
             let all: Vec<&str> = ProvisioningEvent::ALL.iter().map(|e| e.as_str()).collect();
             format!("unknown event {s:?}; one of: {}", all.join(", "))
         })
+}
+
+/// An event to wait for: any but `Alive`, which is a heartbeat the API does not keep in the
+/// timeline, so a wait for it would never end.
+fn parse_awaited_event(s: &str) -> Result<ProvisioningEvent, String> {
+    match parse_event(s)? {
+        ProvisioningEvent::Alive => Err(
+            "`Alive` is a heartbeat and never appears in the timeline; wait for \"Phoned Home\" instead"
+                .to_string(),
+        ),
+        e => Ok(e),
+    }
 }
 
 fn main() -> ExitCode {
@@ -849,6 +861,83 @@ mod tests {
         assert_eq!(health_text(Format::Yaml, body), "status: ok");
         assert_eq!(health_text(Format::Table, ""), "ok");
         assert_eq!(health_text(Format::Table, "fine"), "fine");
+    }
+
+    #[test]
+    fn alive_cannot_be_waited_for() {
+        assert!(parse_awaited_event("alive")
+            .unwrap_err()
+            .contains("heartbeat"));
+        assert_eq!(
+            parse_awaited_event("crashed"),
+            Ok(ProvisioningEvent::Crashed)
+        );
+        let args = [
+            "metalctl",
+            "machine",
+            "events",
+            "00000000-0000-0000-0000-000000000001",
+            "--until",
+            "Alive",
+        ];
+        assert!(Cli::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn machine_filters() {
+        use metal_types::{Allocation, AllocationId, Liveliness};
+        let m = |n: u128, partition: &str, size: &str, state, project: Option<&str>| Machine {
+            id: MachineId(uuid::Uuid::from_u128(n)),
+            partition: Some(partition.into()),
+            size: size.into(),
+            state: Some(state),
+            liveliness: Liveliness::Alive,
+            crash_loop: false,
+            failed_reclaim: false,
+            allocation: project.map(|p| Allocation {
+                id: AllocationId(uuid::Uuid::from_u128(n)),
+                machine: MachineId(uuid::Uuid::from_u128(n)),
+                project: p.into(),
+                partition: partition.into(),
+                image: "i".into(),
+                hostname: "h".into(),
+                layout: "l".into(),
+                ssh_keys: vec![],
+                user_data: String::new(),
+                created_at: String::new(),
+                idempotency_key: None,
+            }),
+            inventory: None,
+            boot: None,
+            last_seen: None,
+        };
+        use ProvisioningEvent::*;
+        let all = vec![
+            m(1, "lab", "small", Waiting, None),
+            m(2, "lab", "large", PhonedHome, Some("a")),
+            m(3, "fra", "small", PhonedHome, Some("b")),
+        ];
+        let ids = |args: &[&str]| {
+            let mut argv = vec!["metalctl", "machine", "ls"];
+            argv.extend_from_slice(args);
+            let Cli {
+                command: Command::Machine(MachineCmd::Ls(ls)),
+                ..
+            } = Cli::try_parse_from(argv).unwrap()
+            else {
+                panic!("not machine ls")
+            };
+            filter_machines(all.clone(), &ls)
+                .iter()
+                .map(|m| m.id.0.as_u128())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&[]), [1, 2, 3]);
+        assert_eq!(ids(&["--partition", "lab"]), [1, 2]);
+        assert_eq!(ids(&["--size", "small"]), [1, 3]);
+        assert_eq!(ids(&["--project", "b"]), [3]);
+        assert_eq!(ids(&["--state", "phoned-home", "--partition", "lab"]), [2]);
+        assert_eq!(ids(&["--state", "Installing"]), Vec::<u128>::new());
     }
 
     #[test]
