@@ -1,0 +1,156 @@
+//! Network bring-up: links up, wait for carrier, DHCP on every NIC with carrier until one gets
+//! a lease, then address, default route and `/etc/resolv.conf`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::dhcp::{self, Lease};
+use crate::inventory;
+use crate::netlink::Netlink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink")]
+    Netlink(#[source] std::io::Error),
+    #[error("no network interfaces found (is the NIC driver loaded?)")]
+    NoNics,
+    #[error("no DHCP lease on any of {interfaces} within {seconds} s; last error: {last}")]
+    NoLease { interfaces: String, seconds: u64, last: String },
+    #[error("configuring {interface}")]
+    Configure { interface: String, source: std::io::Error },
+    #[error("writing {path}")]
+    Resolv { path: String, source: std::io::Error },
+}
+
+/// The configured interface.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub interface: String,
+    pub lease: Lease,
+}
+
+/// The interface index of `name` in the current network namespace.
+pub fn ifindex(name: &str) -> Option<i32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i > 0).then_some(i as i32)
+}
+
+/// `/etc/resolv.conf` content for a lease.
+pub fn resolv_conf(lease: &Lease) -> String {
+    let mut s = String::new();
+    if let Some(d) = &lease.domain {
+        s.push_str(&format!("search {d}\n"));
+    }
+    for ns in &lease.dns {
+        s.push_str(&format!("nameserver {ns}\n"));
+    }
+    s
+}
+
+/// Waits until at least one NIC appears in `/sys/class/net` (drivers probe asynchronously).
+pub fn wait_for_nics(sysfs: &Path, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = inventory::read_nics(sysfs).len();
+        if n > 0 || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Brings every physical NIC up and configures the first one that gets a DHCP lease.
+pub fn bring_up(root: &Path, machine: &uuid::Uuid, timeout: Duration) -> Result<Configured, NetError> {
+    let sysfs = root.join("sys");
+    let mut nl = Netlink::open().map_err(NetError::Netlink)?;
+    if let Some(lo) = ifindex("lo") {
+        nl.link_up(lo).map_err(NetError::Netlink)?;
+    }
+    let nics = inventory::read_nics(&sysfs);
+    if nics.is_empty() {
+        return Err(NetError::NoNics);
+    }
+    for nic in &nics {
+        if let Some(i) = ifindex(&nic.name) {
+            if let Err(e) = nl.link_up(i) {
+                crate::log!("cannot bring {} up: {e}", nic.name);
+            }
+        }
+    }
+    let start = Instant::now();
+    let deadline = start + timeout;
+    // Carrier needs a moment after link up; take whichever NICs have it after up to 10 s.
+    let carrier_deadline = (start + Duration::from_secs(10)).min(deadline);
+    let mut with_carrier;
+    loop {
+        with_carrier = inventory::read_nics(&sysfs).into_iter().filter(|n| n.carrier).collect::<Vec<_>>();
+        if !with_carrier.is_empty() || Instant::now() >= carrier_deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let candidates = if with_carrier.is_empty() { inventory::read_nics(&sysfs) } else { with_carrier };
+    let names: Vec<String> = candidates.iter().map(|n| n.name.clone()).collect();
+    crate::log!("DHCP on {}", names.join(", "));
+    let mut last = String::from("none tried");
+    let mut per_try = Duration::from_secs(3);
+    while Instant::now() < deadline {
+        for nic in &candidates {
+            let Some(mac) = dhcp::parse_mac(&nic.mac) else { continue };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match dhcp::obtain_lease(&nic.name, mac, machine, per_try.min(left)) {
+                Ok(lease) => {
+                    configure(&mut nl, root, &nic.name, &lease)?;
+                    return Ok(Configured { interface: nic.name.clone(), lease });
+                }
+                Err(e) => {
+                    crate::log!("{e}");
+                    last = e.to_string();
+                }
+            }
+        }
+        per_try = (per_try * 2).min(Duration::from_secs(16));
+    }
+    Err(NetError::NoLease { interfaces: names.join(","), seconds: timeout.as_secs(), last })
+}
+
+/// Puts a lease on `interface`: address, default route, `<root>/etc/resolv.conf`.
+pub fn configure(nl: &mut Netlink, root: &Path, interface: &str, lease: &Lease) -> Result<(), NetError> {
+    let err = |source| NetError::Configure { interface: interface.to_string(), source };
+    let index = ifindex(interface).ok_or_else(|| err(std::io::Error::other("interface vanished")))?;
+    nl.add_address(index, lease.address, lease.prefix_len).map_err(err)?;
+    if let Some(gw) = lease.router {
+        nl.add_default_route(index, gw).map_err(err)?;
+    }
+    let etc = root.join("etc");
+    let path = etc.join("resolv.conf");
+    std::fs::create_dir_all(&etc)
+        .and_then(|_| std::fs::write(&path, resolv_conf(lease)))
+        .map_err(|source| NetError::Resolv { path: path.display().to_string(), source })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn resolv_conf_lists_search_and_servers() {
+        let lease = Lease {
+            address: Ipv4Addr::new(10, 99, 0, 150),
+            prefix_len: 24,
+            router: None,
+            dns: vec![Ipv4Addr::new(10, 99, 0, 1)],
+            domain: Some("lab".into()),
+            server: Ipv4Addr::new(10, 99, 0, 1),
+            lease_seconds: 60,
+        };
+        assert_eq!(resolv_conf(&lease), "search lab\nnameserver 10.99.0.1\n");
+    }
+}

@@ -1,0 +1,220 @@
+//! Wiping disks before a machine joins the warm pool, and again when it comes back.
+//!
+//! Every disk is wiped in its own thread. Per disk the strongest method the device supports
+//! runs over the whole device: secure discard (`BLKSECDISCARD`), else discard (`BLKDISCARD`),
+//! else overwriting with zeros (`BLKZEROOUT`). Whatever ran, the first and last MiB (MBR, both
+//! GPT copies, the superblocks of ext4/xfs/vfat/swap/LVM/mdraid/ZFS labels) and the btrfs
+//! superblock mirrors are then zeroed, so no partition table or filesystem signature survives.
+//! A failed wipe is an error for the whole call: a machine with an unwiped disk must not be
+//! offered to the next tenant.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use metal_types::DiskWipe;
+
+use crate::sys::Sys;
+
+pub const MIB: u64 = 1 << 20;
+
+/// One disk to wipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WipeTarget {
+    pub path: PathBuf,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    NvmeSanitize,
+    NvmeFormat,
+    SecureDiscard,
+    Discard,
+    Overwrite,
+}
+
+impl Method {
+    /// The names [`DiskWipe::method`] uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::NvmeSanitize => "nvme-sanitize",
+            Method::NvmeFormat => "nvme-format",
+            Method::SecureDiscard => "secure-discard",
+            Method::Discard => "discard",
+            Method::Overwrite => "overwrite",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WipeError {
+    #[error("refusing to wipe {0}: not PID 1 of the initramfs and the device was not named with --device")]
+    NotAllowed(PathBuf),
+    #[error("wiping {device} with {method} failed")]
+    Method { device: PathBuf, method: &'static str, source: std::io::Error },
+    #[error("clearing signatures on {device} at offset {offset} failed")]
+    Signatures { device: PathBuf, offset: u64, source: std::io::Error },
+    #[error("{failed} of {total} disks failed to wipe; first: {first}")]
+    Some { failed: usize, total: usize, first: Box<WipeError> },
+}
+
+/// Errors that mean "this device cannot do that", as opposed to "it tried and failed".
+pub fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL))
+}
+
+/// Ranges to zero whatever the method: first and last MiB, and the btrfs superblock mirrors
+/// at 64 MiB and 256 GiB when the disk reaches that far.
+pub fn signature_ranges(size: u64) -> Vec<(u64, u64)> {
+    let head = size.min(MIB);
+    let mut out = vec![(0, head)];
+    if size > MIB {
+        let tail_start = size.saturating_sub(MIB).max(head);
+        out.push((tail_start, size - tail_start));
+    }
+    for mirror in [64 * MIB, 256 * 1024 * MIB] {
+        if mirror + 4096 <= size.saturating_sub(MIB) {
+            out.push((mirror, 4096));
+        }
+    }
+    out
+}
+
+/// Wipes one disk; returns how and how long.
+pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeError> {
+    let start = Instant::now();
+    let dev = &target.path;
+    let size = target.size_bytes;
+    let method_err = |method: Method| move |source| WipeError::Method { device: dev.clone(), method: method.as_str(), source };
+    let method = match sys.discard(dev, 0, size, true) {
+        Ok(()) => Method::SecureDiscard,
+        Err(e) if is_unsupported(&e) => match sys.discard(dev, 0, size, false) {
+            Ok(()) => Method::Discard,
+            Err(e) if is_unsupported(&e) => {
+                sys.zero_range(dev, 0, size).map_err(method_err(Method::Overwrite))?;
+                Method::Overwrite
+            }
+            Err(e) => return Err(method_err(Method::Discard)(e)),
+        },
+        Err(e) => return Err(method_err(Method::SecureDiscard)(e)),
+    };
+    for (offset, len) in signature_ranges(size) {
+        sys.zero_range(dev, offset, len).map_err(|source| WipeError::Signatures { device: dev.clone(), offset, source })?;
+    }
+    Ok(DiskWipe {
+        disk: dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dev.display().to_string()),
+        method: method.as_str().to_string(),
+        duration_ms: start.elapsed().as_millis() as u64,
+    })
+}
+
+/// Wipes every disk in parallel. All disks are attempted even when one fails; any failure
+/// fails the call.
+pub fn wipe_all(sys: &dyn Sys, targets: &[WipeTarget]) -> Result<Vec<DiskWipe>, WipeError> {
+    let results: Vec<Result<DiskWipe, WipeError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets.iter().map(|t| s.spawn(move || wipe_disk(sys, t))).collect();
+        handles.into_iter().map(|h| h.join().expect("wipe thread panicked")).collect()
+    });
+    let total = results.len();
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(w) => ok.push(w),
+            Err(e) => errors.push(e),
+        }
+    }
+    match errors.len() {
+        0 => Ok(ok),
+        1 => Err(errors.remove(0)),
+        failed => Err(WipeError::Some { failed, total, first: Box::new(errors.remove(0)) }),
+    }
+}
+
+/// Size of a block device (`BLKGETSIZE64`) or of a regular file, in bytes.
+pub fn device_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::End(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{Call, RecordingSys};
+
+    fn target(name: &str, size: u64) -> WipeTarget {
+        WipeTarget { path: PathBuf::from(format!("/dev/{name}")), size_bytes: size }
+    }
+
+    #[test]
+    fn secure_discard_then_signatures() {
+        let sys = RecordingSys::new();
+        let w = wipe_disk(&sys, &target("vda", 100 * MIB)).unwrap();
+        assert_eq!(w.method, "secure-discard");
+        assert_eq!(w.disk, "vda");
+        let dev = PathBuf::from("/dev/vda");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                Call::Discard { device: dev.clone(), offset: 0, len: 100 * MIB, secure: true },
+                Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB },
+                Call::ZeroRange { device: dev.clone(), offset: 99 * MIB, len: MIB },
+                Call::ZeroRange { device: dev, offset: 64 * MIB, len: 4096 },
+            ]
+        );
+    }
+
+    #[test]
+    fn falls_back_to_discard_then_overwrite() {
+        let sys = RecordingSys::new();
+        sys.fail_with(libc::EOPNOTSUPP, |c| matches!(c, Call::Discard { secure: true, .. }));
+        assert_eq!(wipe_disk(&sys, &target("loop0", 8 * MIB)).unwrap().method, "discard");
+
+        let sys = RecordingSys::new();
+        sys.fail_with(libc::EOPNOTSUPP, |c| matches!(c, Call::Discard { .. }));
+        let w = wipe_disk(&sys, &target("sda", 8 * MIB)).unwrap();
+        assert_eq!(w.method, "overwrite");
+        let calls = sys.calls();
+        assert!(matches!(calls[0], Call::Discard { secure: true, .. }));
+        assert!(matches!(calls[1], Call::Discard { secure: false, .. }));
+        assert_eq!(calls[2], Call::ZeroRange { device: "/dev/sda".into(), offset: 0, len: 8 * MIB });
+        assert_eq!(calls.len(), 5, "{calls:?}");
+    }
+
+    #[test]
+    fn a_real_failure_is_an_error_not_a_fallback() {
+        let sys = RecordingSys::new();
+        sys.fail_when(|c| matches!(c, Call::Discard { secure: true, .. }));
+        let err = wipe_disk(&sys, &target("vda", 8 * MIB)).unwrap_err();
+        assert!(matches!(err, WipeError::Method { method: "secure-discard", .. }), "{err}");
+        assert_eq!(sys.calls().len(), 1, "nothing after a failed method");
+
+        let sys = RecordingSys::new();
+        sys.fail_when(|c| matches!(c, Call::ZeroRange { offset, .. } if *offset > 0));
+        assert!(matches!(wipe_disk(&sys, &target("vda", 8 * MIB)), Err(WipeError::Signatures { .. })));
+    }
+
+    #[test]
+    fn all_disks_are_attempted_and_one_failure_fails_the_call() {
+        let sys = RecordingSys::new();
+        sys.fail_when(|c| matches!(c, Call::Discard { device, .. } if device.ends_with("vdb")));
+        let err = wipe_all(&sys, &[target("vda", 4 * MIB), target("vdb", 4 * MIB), target("vdc", 4 * MIB)]).unwrap_err();
+        assert!(err.to_string().contains("vdb"), "{err}");
+        let calls = sys.calls();
+        for d in ["/dev/vda", "/dev/vdc"] {
+            assert!(calls.contains(&Call::ZeroRange { device: d.into(), offset: 3 * MIB, len: MIB }), "{d} fully wiped");
+        }
+        let ok = wipe_all(&RecordingSys::new(), &[target("vda", 4 * MIB), target("vdb", 4 * MIB)]).unwrap();
+        assert_eq!(ok.len(), 2);
+    }
+
+    #[test]
+    fn signature_ranges_for_small_and_large_disks() {
+        assert_eq!(signature_ranges(512 * 1024), vec![(0, 512 * 1024)]);
+        assert_eq!(signature_ranges(3 * MIB / 2), vec![(0, MIB), (MIB, MIB / 2)]);
+        let big = signature_ranges(512 * 1024 * MIB);
+        assert!(big.contains(&(256 * 1024 * MIB, 4096)));
+        assert!(big.contains(&(512 * 1024 * MIB - MIB, MIB)));
+    }
+}
