@@ -733,6 +733,13 @@ fn report_end(
             eprintln!("error: machine {id} reported Crashed: {message}");
             ExitCode::from(EXIT_CRASHED)
         }
+        End::CrashLoop => {
+            eprintln!(
+                "error: machine {id} is crash-looping (it PXE booted again during the install, too often); \
+                 see metalctl machine events {id}"
+            );
+            ExitCode::from(EXIT_CRASHED)
+        }
         End::TimedOut { last } => {
             let last = last.map(|e| e.as_str()).unwrap_or("none");
             match until {

@@ -34,6 +34,9 @@ pub enum End {
     Reached(ProvisioningEvent),
     /// The machine reported `Crashed` while we waited for something else.
     Crashed { message: String },
+    /// The API flagged the machine as crash-looping (it PXE booted again mid-install, too
+    /// often) while we waited.
+    CrashLoop,
     /// The deadline passed; the last event seen, if any.
     TimedOut { last: Option<ProvisioningEvent> },
     /// Ctrl-C.
@@ -50,6 +53,8 @@ pub struct Follower {
     last: Option<ProvisioningEvent>,
     /// Whether the first batch of events was looked at yet.
     started: bool,
+    /// The machine's `crash_loop` flag when following started.
+    crash_loop_at_start: Option<bool>,
 }
 
 impl Follower {
@@ -70,6 +75,18 @@ impl Follower {
             until,
             ..Default::default()
         }
+    }
+
+    /// Whether following waits for an event (and so watches for failures too).
+    pub fn waits(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Takes the machine's `crash_loop` flag as just fetched: a flag that turns on while we wait
+    /// ends the wait (one already on at the start is an old story and does not).
+    pub fn crash_loop(&mut self, flag: bool) -> Option<End> {
+        let at_start = *self.crash_loop_at_start.get_or_insert(flag);
+        (self.waits() && flag && !at_start).then_some(End::CrashLoop)
     }
 
     pub fn last(&self) -> Option<ProvisioningEvent> {
@@ -157,6 +174,19 @@ pub async fn follow(
                 out.flush()?;
                 if let Some(end) = end {
                     return Ok(end);
+                }
+                if follower.waits() {
+                    match client.machine(machine).await {
+                        Ok(m) => {
+                            if let Some(end) = follower.crash_loop(m.crash_loop) {
+                                return Ok(end);
+                            }
+                        }
+                        Err(e) if e.is_transport() => {
+                            eprintln!("warning: {} (retrying)", error_chain(&e))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             Err(e) if e.is_transport() => {
@@ -257,6 +287,24 @@ mod tests {
                 message: "kernel panic".into()
             })
         );
+    }
+
+    #[test]
+    fn a_crash_loop_that_starts_while_waiting_ends_the_wait() {
+        let mut f = Follower::all(Some(PhonedHome));
+        assert_eq!(f.crash_loop(false), None);
+        assert_eq!(f.crash_loop(false), None);
+        assert_eq!(f.crash_loop(true), Some(End::CrashLoop));
+
+        // Flagged before we started: not news.
+        let mut f = Follower::all(Some(PhonedHome));
+        assert_eq!(f.crash_loop(true), None);
+        assert_eq!(f.crash_loop(true), None);
+
+        // A plain watch never stops for it.
+        let mut f = Follower::all(None);
+        assert_eq!(f.crash_loop(false), None);
+        assert_eq!(f.crash_loop(true), None);
     }
 
     #[test]

@@ -341,6 +341,48 @@ async fn waiting_ends_on_timeout_and_on_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_ends_when_the_machine_crash_loops() {
+    let lab = lab();
+    let api = &lab.api;
+    let agent = SimAgent::boot_and_register(api, &lab.pixie, 1)
+        .await
+        .expect("agent");
+    let args = allocate_args(
+        "looping",
+        &[
+            "--size",
+            "lab-small",
+            "--wait-for",
+            "Phoned Home",
+            "--timeout-s",
+            "60",
+        ],
+    );
+    let mut cmd = api.ctl_command(Some(&lab.tenant), &args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let run = tokio::spawn(output(cmd.into()));
+    agent
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("allocation reaches the agent");
+    // The machine starts installing and PXE boots again, over and over.
+    for _ in 0..3 {
+        agent
+            .events(&[(ProvisioningEvent::Installing, "installing")])
+            .await
+            .unwrap();
+        agent.pxe_boot(&lab.pixie).await.unwrap();
+    }
+    let m: Machine = api
+        .admin(&["machine", "describe", &agent.id().to_string(), "-o", "json"])
+        .json(&["describe"]);
+    assert!(m.crash_loop, "the API did not flag the crash loop: {m:?}");
+    let run = run.await.unwrap();
+    let err = run.fails(4, "wait-for on a crash-looping machine");
+    assert!(err.contains("is crash-looping"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_never_allocates_twice() {
     let lab = lab();
     let api = &lab.api;

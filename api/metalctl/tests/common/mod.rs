@@ -444,6 +444,19 @@ impl SimAgent {
         send(self.post("/v1/agent/events").json(&batch)).await
     }
 
+    /// What pixie reports when this machine PXE boots.
+    pub async fn pxe_boot(&self, pixie_token: &str) -> Result<()> {
+        let pxe = PxeEvent {
+            partition: "lab".into(),
+            mac: self.inventory.nics[0].mac.clone(),
+            uuid: Some(self.id()),
+            arch: Arch::BiosX86,
+            message: "simulated PXE boot".into(),
+        };
+        let url = format!("{}/v1/boot/pxe-event", self.api);
+        send(self.http.post(url).bearer_auth(pixie_token).json(&pxe)).await
+    }
+
     /// Long-polls until the machine is allocated.
     pub async fn wait(&self, within: Duration) -> Result<InstallInstructions> {
         let deadline = Instant::now() + within;
