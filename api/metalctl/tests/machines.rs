@@ -238,6 +238,49 @@ async fn allocate_follow_and_free_a_machine() {
         .iter()
         .any(|e| e.event == ProvisioningEvent::PhonedHome));
 
+    // Another tenant neither sees nor frees it: it looks like a machine that does not exist.
+    let other = api.dir.path().join("tenant-b.json");
+    std::fs::write(&other, r#"{"id": "tenant-b"}"#).unwrap();
+    api.admin_ok(&["project", "create", "-f", other.to_str().unwrap()]);
+    let b: TokenResponse = api
+        .admin(&[
+            "token",
+            "create",
+            "--role",
+            "tenant",
+            "--project",
+            "tenant-b",
+            "-o",
+            "json",
+        ])
+        .json(&["tenant-b token"]);
+    for args in [
+        &["machine", "describe", &id][..],
+        &["machine", "free", &id],
+        &["machine", "events", &id],
+    ] {
+        let err = api
+            .ctl(Some(&b.token), args)
+            .fails(1, "another tenant's machine");
+        assert!(
+            err.trim_end().ends_with("(not_found, HTTP 404)"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        api.ctl(Some(&b.token), &["allocation", "ls", "-o", "json"])
+            .ok(&["b allocations"])
+            .trim(),
+        "[]"
+    );
+    let b_machines: Vec<Machine> = api
+        .ctl(Some(&b.token), &["machine", "ls", "-o", "json"])
+        .json(&["b machines"]);
+    assert!(
+        b_machines.iter().all(|m| m.id != agent.id()),
+        "{b_machines:?}"
+    );
+
     // Nothing else is free.
     let err = api
         .ctl(
