@@ -579,18 +579,7 @@ impl Run<'_> {
                 let mut f = std::fs::File::open(&device).map_err(werr)?;
                 gpt::device_size(&mut f).map_err(werr)?
             };
-            let mut dl = Download::start(&url, total, fetch).map_err(InstallError::Download)?;
-            let now = Instant::now();
-            let mut rep = Reporter { progress: &mut *progress, counters: dl.counters.clone(), total, written: 0, started: now, last: now };
-            let written = (|| {
-                let decoder = zstd::stream::read::Decoder::new(&mut dl).map_err(InstallError::Stream)?;
-                raw::write_raw(decoder, &mut sink, limit, &mut |n| rep.add(n)).map_err(werr)
-            })();
-            let result = match written {
-                Ok(n) => dl.finish().map_err(InstallError::Download).and_then(|d| check_digest(&d, expected)).map(|()| n),
-                Err(e) => Err(diagnose(e, dl, expected)),
-            };
-            rep.report();
+            let result = stream_raw_into(&url, total, expected, fetch, &mut sink, limit, &device, &mut *progress);
             drop(sink);
             let n = match result {
                 Ok(n) => n,
@@ -672,6 +661,36 @@ impl Run<'_> {
         self.mounts.clear();
         Ok(())
     }
+}
+
+/// The raw stream: download → SHA-256 → zstd → `sink` (at most `limit` bytes), made durable,
+/// then the digest checked. `Ok` only when every byte arrived, was written, and the digest is
+/// `expected`; the number of bytes written. `device` only names the sink in errors.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_raw_into<S: raw::Sink>(
+    url: &str,
+    compressed_size: u64,
+    expected: &str,
+    fetch: FetchOptions,
+    sink: &mut S,
+    limit: u64,
+    device: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, InstallError> {
+    let werr = |source| InstallError::WriteRaw { device: device.to_path_buf(), source };
+    let mut dl = Download::start(url, compressed_size, fetch).map_err(InstallError::Download)?;
+    let now = Instant::now();
+    let mut rep = Reporter { progress, counters: dl.counters.clone(), total: compressed_size, written: 0, started: now, last: now };
+    let written = (|| {
+        let decoder = zstd::stream::read::Decoder::new(&mut dl).map_err(InstallError::Stream)?;
+        raw::write_raw(decoder, sink, limit, &mut |n| rep.add(n)).map_err(werr)
+    })();
+    let result = match written {
+        Ok(n) => dl.finish().map_err(InstallError::Download).and_then(|d| check_digest(&d, expected)).map(|()| n),
+        Err(e) => Err(diagnose(e, dl, expected)),
+    };
+    rep.report();
+    result
 }
 
 /// Something that can describe a finished stage in a marker.

@@ -7,6 +7,7 @@ use super::testing::{compress, sample_rootfs_tar, ImageServer};
 use super::*;
 use crate::sys::{Call, RecordingSys};
 use metal_types::ImageFormat;
+use std::io;
 use std::time::Duration;
 
 struct Fixture {
@@ -259,4 +260,146 @@ fn resolve_in_root_stays_inside() {
 #[test]
 fn is_mkfs_helper_matches_tools() {
     assert!(is_mkfs(&Call::Run { program: "/usr/sbin/mke2fs".into(), args: vec![] }));
+}
+
+/// A sink that takes at most `short[i % len]` bytes per write, returns `Interrupted` on every
+/// `interrupt_every`-th call, and fails with `EIO` on write number `fail_at` (or on flush).
+#[derive(Default)]
+struct FaultySink {
+    data: Vec<u8>,
+    short: Vec<usize>,
+    interrupt_every: usize,
+    fail_at: Option<usize>,
+    fail_flush: bool,
+    calls: usize,
+    flushed: bool,
+}
+
+impl std::fmt::Debug for FaultySink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultySink")
+            .field("written", &self.data.len())
+            .field("short", &self.short)
+            .field("interrupt_every", &self.interrupt_every)
+            .field("fail_at", &self.fail_at)
+            .field("fail_flush", &self.fail_flush)
+            .finish()
+    }
+}
+
+impl raw::Sink for FaultySink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.calls += 1;
+        if self.fail_at == Some(self.calls) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.interrupt_every > 0 && self.calls % self.interrupt_every == 0 {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        let max = if self.short.is_empty() { buf.len() } else { self.short[self.calls % self.short.len()].max(1) };
+        let n = buf.len().min(max);
+        self.data.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush_durable(&mut self) -> io::Result<()> {
+        if self.fail_flush {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.flushed = true;
+        Ok(())
+    }
+}
+
+/// A reader that hands out its data in the given chunk sizes.
+struct ChunkyReader {
+    data: Vec<u8>,
+    pos: usize,
+    chunks: Vec<usize>,
+    i: usize,
+}
+
+impl io::Read for ChunkyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = self.chunks[self.i % self.chunks.len()].max(1);
+        self.i += 1;
+        let n = want.min(buf.len()).min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn sink_strategy() -> impl proptest::strategy::Strategy<Value = FaultySink> {
+    use proptest::prelude::*;
+    (proptest::collection::vec(1usize..70_000, 1..6), (0usize..5).prop_map(|k| if k < 2 { 0 } else { k }), proptest::option::weighted(0.3, 1usize..40), proptest::bool::weighted(0.1)).prop_map(
+        |(short, interrupt_every, fail_at, fail_flush)| FaultySink { short, interrupt_every, fail_at, fail_flush, ..Default::default() },
+    )
+}
+
+fn patterned(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i / 7) as u8).wrapping_mul(31).wrapping_add(seed) ^ (i % 13) as u8).collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever the disk does with our writes, `write_raw` either put exactly the source on it
+    /// and flushed it, or it failed (because a fault was injected).
+    #[test]
+    fn raw_writer_is_exact_or_fails(
+        len in 0usize..300_000,
+        seed in proptest::prelude::any::<u8>(),
+        chunks in proptest::collection::vec(1usize..100_000, 1..5),
+        mut sink in sink_strategy(),
+    ) {
+        let data = patterned(len, seed);
+        let src = ChunkyReader { data: data.clone(), pos: 0, chunks, i: 0 };
+        match raw::write_raw(src, &mut sink, u64::MAX, &mut |_| {}) {
+            Ok(n) => {
+                proptest::prop_assert_eq!(n as usize, data.len());
+                proptest::prop_assert!(sink.data == data, "written bytes differ from the source");
+                proptest::prop_assert!(sink.flushed);
+            }
+            Err(_) => proptest::prop_assert!(sink.fail_flush || sink.fail_at.is_some_and(|k| k <= sink.calls)),
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// The whole raw stream (HTTP with cuts and resumes → SHA-256 → zstd → faulty disk): `Ok`
+    /// only when the disk holds exactly the image and the digest matched; a corrupted download
+    /// never gives `Ok`.
+    #[test]
+    fn raw_stream_digest_matches_or_install_fails(
+        len in 1usize..400_000,
+        seed in proptest::prelude::any::<u8>(),
+        cut_at in 1u64..60_000,
+        cuts in 0u64..3,
+        corrupt in proptest::option::weighted(0.3, proptest::prelude::any::<proptest::sample::Index>()),
+        mut sink in sink_strategy(),
+    ) {
+        let data = patterned(len, seed);
+        let (mut z, sha) = compress(&data);
+        if let Some(i) = &corrupt {
+            let at = i.index(z.len());
+            z[at] ^= 0x20;
+        }
+        let server = ImageServer::start(z.clone()).unwrap();
+        server.cut(cut_at, cuts);
+        let r = stream_raw_into(&server.url("x.raw.zst"), z.len() as u64, &sha, fast().fetch, &mut sink, u64::MAX, Path::new("test-sink"), &mut |_| {});
+        match r {
+            Ok(n) => {
+                proptest::prop_assert!(corrupt.is_none(), "a corrupted image was accepted");
+                proptest::prop_assert_eq!(n as usize, data.len());
+                proptest::prop_assert!(sink.data == data);
+            }
+            Err(InstallError::Checksum { .. }) | Err(InstallError::Stream(_)) if corrupt.is_some() => {}
+            Err(e) => {
+                let injected = sink.fail_flush || sink.fail_at.is_some_and(|k| k <= sink.calls);
+                proptest::prop_assert!(injected || corrupt.is_some(), "unexpected failure: {e:?}");
+            }
+        }
+    }
 }
