@@ -293,7 +293,7 @@ impl raw::Sink for FaultySink {
         if self.fail_at == Some(self.calls) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        if self.interrupt_every > 0 && self.calls % self.interrupt_every == 0 {
+        if self.interrupt_every > 0 && self.calls.is_multiple_of(self.interrupt_every) {
             return Err(io::ErrorKind::Interrupted.into());
         }
         let max = if self.short.is_empty() { buf.len() } else { self.short[self.calls % self.short.len()].max(1) };
