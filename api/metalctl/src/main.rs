@@ -641,7 +641,7 @@ fn machines_text(out: Format, machines: &[Machine]) -> anyhow::Result<String> {
 }
 
 /// `machine ls --watch`: redraws every 2 s (on a terminal: clears the screen first; otherwise
-/// prints one snapshot after the other). Errors are shown and retried.
+/// prints one snapshot after the other).
 async fn machine_ls_watch(
     client: &Client,
     ls: &MachineLs,
@@ -656,9 +656,12 @@ async fn machine_ls_watch(
             _ = tick.tick() => {}
             _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
         }
+        // An API that cannot be reached may come back: shown, and polled again. An answer
+        // from the API that is an error (a revoked token, say) will not fix itself: it ends.
         let body = match client.machines().await {
             Ok(ms) => machines_text(out, &filter_machines(ms, ls))?,
-            Err(e) => format!("error: {}\n", output::error_chain(&e)),
+            Err(e) if e.is_transport() => format!("error: {}\n", output::error_chain(&e)),
+            Err(e) => return Err(e.into()),
         };
         let now = OffsetDateTime::now_utc();
         let mut stdout = std::io::stdout().lock();

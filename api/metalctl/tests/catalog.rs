@@ -197,6 +197,11 @@ fn wrong_or_missing_tokens_are_clear_errors() {
     assert_eq!(err.lines().count(), 1, "{err}");
     let err = api.ctl(None, &["size", "ls"]).fails(1, "no token");
     assert!(err.contains("(unauthorized, HTTP 401)"), "{err}");
+    // A watch with a bad token ends instead of polling forever.
+    let err = api
+        .ctl(Some("not-a-token"), &["machine", "ls", "--watch"])
+        .fails(1, "watch with a wrong token");
+    assert!(err.contains("(unauthorized, HTTP 401)"), "{err}");
     // Health needs no token.
     assert_eq!(api.ctl(None, &["health"]).ok(&["health"]).trim(), "ok");
 }
