@@ -27,9 +27,12 @@ pub fn example(name: &str) -> String {
         .to_string()
 }
 
-/// The `metal-api` binary next to the metalctl under test, built first with
-/// `cargo build -p metal-api` so it is current (a no-op when CI built the workspace).
-/// `METAL_API_BIN` names another binary instead.
+/// The `metal-api` binary next to the metalctl under test. CI builds the workspace first
+/// (`scripts/build-lab`: `cargo build --workspace --bins`), so it is there and current. When it
+/// is missing or older than the API's or the wire types' sources, it is built here with
+/// `cargo build -p metal-api` (in CI that would rebuild shared dependencies with another
+/// feature set, so only when needed). `METAL_API_BIN` names another binary instead.
+/// A server that cannot be built fails the tests; they never skip.
 pub fn metal_api_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -37,6 +40,10 @@ pub fn metal_api_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let dir = Path::new(env!("CARGO_BIN_EXE_metalctl")).parent().expect("bin dir").to_path_buf();
+        let bin = dir.join("metal-api");
+        if is_fresh(&bin) {
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "metal-api", "--bin", "metal-api"]);
@@ -50,11 +57,39 @@ pub fn metal_api_bin() -> PathBuf {
             "the integration tests need the real API server, and `cargo build -p metal-api` failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let bin = dir.join("metal-api");
         assert!(bin.exists(), "{} is missing after cargo build -p metal-api", bin.display());
         bin
     })
     .clone()
+}
+
+/// Whether `bin` exists and is newer than every source it is built from.
+fn is_fresh(bin: &Path) -> bool {
+    fn newest(path: &Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| newest(&e.ok()?.path()))
+            .max()
+    }
+    let Some(built) = std::fs::metadata(bin).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    [
+        "api/src",
+        "api/migrations",
+        "api/Cargo.toml",
+        "types/src",
+        "types/Cargo.toml",
+        "Cargo.lock",
+    ]
+    .iter()
+    .filter_map(|p| newest(&root.join(p)))
+    .all(|changed| changed <= built)
 }
 
 /// A running `metal-api`, killed on drop.
