@@ -64,6 +64,10 @@ pub struct OsArgs {
     /// Extra Debian packages (comma separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub include: Vec<String>,
+    /// Only the suite itself: no `<suite>-updates` and `<suite>-security` (with them the
+    /// image has the current point release and security fixes).
+    #[arg(long)]
+    pub no_updates: bool,
     /// Default kernel command line of the image (metal-hammer adds root=UUID=…).
     #[arg(long, default_value = "console=tty0 console=ttyS0,115200")]
     pub cmdline: String,
@@ -108,6 +112,8 @@ pub const DEFAULT_NETWORK: &str = "[Match]\nType=ether\n\n[Network]\nDHCP=yes\n"
 pub const SSH_HOSTKEYS_DROPIN: &str = "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n";
 
 const ESP_MIB: u64 = 256;
+/// 1980-01-02: the earliest time a FAT directory entry holds (with a day of margin for time zones).
+const FAT_EPOCH: u64 = 315_619_200;
 const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const GPT_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
@@ -172,6 +178,18 @@ fn default_mirror() -> Option<String> {
         }
     }
     mirror_from_sources(&files)
+}
+
+/// mmdebstrap's mirror arguments: the suite, and its updates and security suites when asked
+/// (the security archive is `<mirror>-security` for deb.debian.org-style mirrors).
+pub fn sources(suite: &str, mirror: &str, updates: bool) -> Vec<String> {
+    let mirror = mirror.trim_end_matches('/');
+    let mut out = vec![format!("deb {mirror} {suite} main")];
+    if updates && mirror.ends_with("/debian") {
+        out.push(format!("deb {mirror} {suite}-updates main"));
+        out.push(format!("deb {mirror}-security {suite}-security main"));
+    }
+    out
 }
 
 /// Kernel and initrd inside a root tree: `boot/vmlinuz-<v>` (highest) with
@@ -250,6 +268,13 @@ pub fn customize(tree: &mut Tree, phone_home: Option<&Path>) -> Result<Vec<Strin
         tree.bytes("etc/systemd/system/ssh.service.d/metal-hostkeys.conf", 0o644, SSH_HOSTKEYS_DROPIN)?;
         notes.push(format!("{removed_keys} SSH host key files removed; generated at first boot"));
     }
+    // mmdebstrap copies the build host's name and resolver; neither belongs in an image.
+    if tree.get("etc/hostname").is_some() {
+        tree.bytes("etc/hostname", 0o644, "localhost\n")?;
+    }
+    if matches!(tree.get("etc/resolv.conf"), Some(Entry { kind: Kind::File { .. }, .. })) {
+        tree.bytes("etc/resolv.conf", 0o644, "")?;
+    }
     if tree.get("etc/machine-id").is_some() {
         tree.bytes("etc/machine-id", 0o444, "")?;
     }
@@ -315,7 +340,7 @@ fn mmdebstrap(args: &OsArgs, rootfs: &Path, raw: bool) -> Result<()> {
         .arg("--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && echo MODULES=most > \"$1/etc/initramfs-tools/conf.d/metal.conf\"")
         .arg(&args.suite)
         .arg(rootfs)
-        .arg(&mirror)
+        .args(sources(&args.suite, &mirror, !args.no_updates))
         .env("SOURCE_DATE_EPOCH", archive::source_date_epoch().to_string());
     let started = Instant::now();
     tools::run(&mut cmd)?;
@@ -484,7 +509,7 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     let esp_serial = &derived_uuid(&format!("{}/esp", spec.id)).replace('-', "")[..8];
     let esp_uuid = format!("{}-{}", esp_serial[..4].to_uppercase(), esp_serial[4..].to_uppercase());
     let fstab = format!(
-        "# written by image-builder for the raw image\nUUID={root_uuid} / ext4 errors=remount-ro 0 1\nUUID={esp_uuid} /boot/efi vfat umask=0077 0 2\n"
+        "# written by image-builder for the raw image\nUUID={root_uuid} / ext4 errors=remount-ro 0 1\nUUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 2\n"
     );
     let fstab_path = staging.join("etc/fstab");
     if staging.join("etc").is_dir() {
@@ -509,8 +534,21 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     }
     entry_text.push_str(&format!("options root=UUID={root_uuid} rw {}\n", spec.cmdline));
     fs::write(&entry, entry_text).map_err(at(&entry))?;
-    for p in [&loader_conf, &entry] {
-        set_mtime(p, spec.mtime)?;
+    let sdboot_copy = esp_files.join("BOOTX64.EFI");
+    fs::copy(&sdboot, &sdboot_copy).map_err(at(&sdboot_copy))?;
+    // FAT cannot store times before 1980: clamp, or mtools writes nonsense dates.
+    let fat_time = spec.mtime.max(FAT_EPOCH);
+    let kernel_copy = esp_files.join("vmlinuz");
+    fs::copy(staging.join(spec.kernel), &kernel_copy).map_err(at(&kernel_copy))?;
+    let initrd_copy = esp_files.join("initrd.img");
+    if !spec.initrd.is_empty() {
+        fs::copy(staging.join(spec.initrd), &initrd_copy).map_err(at(&initrd_copy))?;
+    }
+    for p in [&loader_conf, &entry, &sdboot_copy, &kernel_copy] {
+        set_mtime(p, fat_time)?;
+    }
+    if !spec.initrd.is_empty() {
+        set_mtime(&initrd_copy, fat_time)?;
     }
     let esp_img = work.join("esp.img");
     let _ = fs::remove_file(&esp_img);
@@ -520,17 +558,20 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
             .arg(&esp_img)
             .arg((ESP_MIB * 1024).to_string()),
     )?;
+    // --invariant fixes every time-based field but also the volume id (1234-ABCD): put ours
+    // into the boot sector and its backup (FAT32 BPB offset 0x43, sector 6).
+    set_fat_volume_id(&esp_img, u32::from_str_radix(esp_serial, 16).unwrap_or(0))?;
     let mtools_env = |c: &mut Command| {
-        c.env("MTOOLS_SKIP_CHECK", "1").env("SOURCE_DATE_EPOCH", spec.mtime.to_string());
+        c.env("MTOOLS_SKIP_CHECK", "1").env("SOURCE_DATE_EPOCH", fat_time.to_string());
     };
     let mut c = Command::new(&mmd);
     c.arg("-i").arg(&esp_img).args(["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"]);
     mtools_env(&mut c);
     tools::run(&mut c)?;
     let mut copies: Vec<(PathBuf, &str)> =
-        vec![(sdboot, "::/EFI/BOOT/BOOTX64.EFI"), (loader_conf, "::/loader/loader.conf"), (entry, "::/loader/entries/metal.conf"), (staging.join(spec.kernel), "::/vmlinuz")];
+        vec![(sdboot_copy, "::/EFI/BOOT/BOOTX64.EFI"), (loader_conf, "::/loader/loader.conf"), (entry, "::/loader/entries/metal.conf"), (kernel_copy, "::/vmlinuz")];
     if !spec.initrd.is_empty() {
-        copies.push((staging.join(spec.initrd), "::/initrd.img"));
+        copies.push((initrd_copy, "::/initrd.img"));
     }
     for (src, dest) in copies {
         let mut c = Command::new(&mcopy);
@@ -556,6 +597,7 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
             .arg(format!("{root_mib}M"))
             .env("E2FSPROGS_FAKE_TIME", spec.mtime.max(1).to_string()),
     )?;
+    fix_inode_times(&root_img, &staging, work, spec.mtime)?;
     fs::remove_dir_all(&staging).map_err(at(&staging))?;
 
     // The disk: 1 MiB for the GPT, the ESP, the root, 1 MiB for the backup GPT.
@@ -593,6 +635,55 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     })?;
     let _ = fs::remove_file(&disk);
     Ok(written)
+}
+
+/// `mke2fs -d` copies atime and ctime from the source directory, and those are the times of
+/// our extraction (as is the mtime of what we add: `boot/efi`, `etc/fstab`); set all three to
+/// `mtime` on every inode with debugfs so the root is reproducible.
+fn fix_inode_times(img: &Path, staging: &Path, work: &Path, mtime: u64) -> Result<()> {
+    let debugfs = tools::require("debugfs", "e2fsprogs")?;
+    let mut paths = vec![String::from("/")];
+    let mut stack = vec![(staging.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for e in fs::read_dir(&dir).map_err(at(&dir))? {
+            let e = e.map_err(at(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = format!("{rel}/{name}");
+            if e.file_type().map_err(at(&dir))?.is_dir() {
+                stack.push((e.path(), path.clone()));
+            }
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let mut script = String::new();
+    let mut skipped = 0;
+    for p in &paths {
+        if p.contains('"') || p.contains('\n') {
+            skipped += 1;
+            continue;
+        }
+        for field in ["atime", "ctime", "mtime"] {
+            script.push_str(&format!("sif \"{p}\" {field} @{mtime}\n"));
+        }
+    }
+    if skipped > 0 {
+        eprintln!("raw: {skipped} paths with quotes or newlines keep their build-time atime/ctime");
+    }
+    let script_path = work.join("debugfs-times");
+    fs::write(&script_path, script).map_err(at(&script_path))?;
+    eprintln!("raw: fixing the times of {} inodes (debugfs)…", paths.len());
+    tools::run(Command::new(debugfs).arg("-w").arg("-f").arg(&script_path).arg(img).env("E2FSPROGS_FAKE_TIME", mtime.max(1).to_string()))?;
+    Ok(())
+}
+
+fn set_fat_volume_id(img: &Path, id: u32) -> Result<()> {
+    let mut f = File::options().read(true).write(true).open(img).map_err(at(img))?;
+    for sector in [0u64, 6] {
+        f.seek(SeekFrom::Start(sector * 512 + 0x43)).map_err(at(img))?;
+        f.write_all(&id.to_le_bytes()).map_err(at(img))?;
+    }
+    f.sync_all().map_err(at(img))
 }
 
 /// Copies `src` into `dst` at `offset`, leaving all-zero blocks as holes.
@@ -636,6 +727,19 @@ mod tests {
         let list = "# x\ndeb http://security.debian.org/ bookworm-security main\ndeb [arch=amd64] http://ftp.de.debian.org/debian bookworm main\n";
         assert_eq!(mirror_from_sources(&[("sources.list".into(), list.into())]).as_deref(), Some("http://ftp.de.debian.org/debian"));
         assert_eq!(mirror_from_sources(&[]), None);
+    }
+
+    #[test]
+    fn mmdebstrap_sources() {
+        assert_eq!(
+            sources("bookworm", "http://deb.debian.org/debian/", true),
+            [
+                "deb http://deb.debian.org/debian bookworm main",
+                "deb http://deb.debian.org/debian bookworm-updates main",
+                "deb http://deb.debian.org/debian-security bookworm-security main"
+            ]
+        );
+        assert_eq!(sources("bookworm", "http://m/x", true), ["deb http://m/x bookworm main"]);
     }
 
     #[test]
