@@ -259,6 +259,14 @@ kernel: boot/vmlinuz
     }
 
     #[test]
+    fn images_refuse_unknown_fields_despite_the_flattened_manifest() {
+        let text = "url: u\nname: n\nversion: '1'\nformat: tar.zst\ncompressed_size: 1\n\
+                    uncompressed_size: 1\nsha256: x\nkernel: k\ninitrdd: typo\n";
+        let err = parse_objects::<Image>(text, "i.yaml", "image").unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::from(err)).contains("initrdd"));
+    }
+
+    #[test]
     fn layouts_parse() {
         let text = "\
 id: efi-ext4
