@@ -230,10 +230,42 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     parts(a).cmp(&parts(b))
 }
 
+pub const BOOTLOADER_HOOK: &str = include_str!("os/bootloader-hook.sh");
+pub const SYSTEMD_BOOT_EFI: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+
+/// How the image boots, for the bootloader hook.
+pub struct Boot<'a> {
+    pub title: &'a str,
+    pub kernel: &'a str,
+    pub initrd: &'a str,
+    pub cmdline: &'a str,
+}
+
+/// The bootloader hook for an image; `None` when a value would break the shell script.
+pub fn bootloader_hook(boot: &Boot) -> Option<String> {
+    let safe = |v: &str| !v.contains(['"', '$', '`', '\\', '\n']);
+    if ![boot.title, boot.kernel, boot.initrd, boot.cmdline].iter().all(|v| safe(v)) {
+        return None;
+    }
+    Some(
+        BOOTLOADER_HOOK
+            .replace("@KERNEL@", boot.kernel)
+            .replace("@INITRD@", boot.initrd)
+            .replace("@CMDLINE@", boot.cmdline)
+            .replace("@TITLE@", boot.title),
+    )
+}
+
 /// Adjusts a root tree for provisioning; returns notes on what was done.
-pub fn customize(tree: &mut Tree, phone_home: Option<&Path>) -> Result<Vec<String>> {
+pub fn customize(tree: &mut Tree, phone_home: Option<&Path>, boot: Option<&Boot>) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     let systemd = ["lib/systemd/systemd", "usr/lib/systemd/systemd"].iter().any(|p| tree.get(p).is_some());
+    if let Some(boot) = boot.filter(|_| tree.get(SYSTEMD_BOOT_EFI).is_some()) {
+        let hook = bootloader_hook(boot)
+            .ok_or_else(|| Error::Invalid("kernel path, initrd path or command line has a quote, $, ` or \\ in it".into()))?;
+        tree.bytes("usr/local/sbin/metal-bootloader-hook", 0o755, hook)?;
+        notes.push("metal-bootloader-hook (systemd-boot on the ESP at install)".to_string());
+    }
     if let Some(bin) = phone_home {
         if !tools::is_static(bin)? {
             return Err(Error::Invalid(format!("{} is not static; build the musl phone-home", bin.display())));
@@ -321,17 +353,13 @@ fn packages(rootfs: &Path) -> Vec<String> {
     }
 }
 
-fn mmdebstrap(args: &OsArgs, rootfs: &Path, raw: bool) -> Result<()> {
+fn mmdebstrap(args: &OsArgs, rootfs: &Path) -> Result<()> {
     let mmdebstrap = tools::require("mmdebstrap", "mmdebstrap")?;
     let mirror = match &args.mirror {
         Some(m) => m.clone(),
         None => default_mirror().ok_or_else(|| Error::Invalid("no Debian mirror in /etc/apt/sources.list(.d): pass --mirror URL".into()))?,
     };
-    let mut packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|s| s.to_string()).collect();
-    if !raw {
-        packages.retain(|p| p != "systemd-boot-efi");
-    }
-    packages.extend(args.include.iter().cloned());
+    let packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|s| s.to_string()).chain(args.include.iter().cloned()).collect();
     eprintln!("os: mmdebstrap {} from {mirror} with {} (several minutes)…", args.suite, packages.join(","));
     let mut cmd = Command::new(mmdebstrap);
     cmd.args(["--variant=apt", "--mode=root", "--format=directory"])
@@ -375,20 +403,22 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
             }
             (None, None) => {
                 let dir = work.join("rootfs");
-                mmdebstrap(args, &dir, want_raw)?;
+                mmdebstrap(args, &dir)?;
                 dir
             }
         };
         eprintln!("os: reading {}…", rootfs.display());
         let mut tree = Tree::from_dir(&rootfs)?;
-        let notes = customize(&mut tree, args.phone_home_bin.as_deref())?;
-        for n in notes {
-            eprintln!("os: {n}");
-        }
         let (kernel, initrd) = find_kernel(&tree).ok_or_else(|| {
             Error::Invalid(format!("no kernel in {} (boot/vmlinuz-<version> or boot/vmlinuz): install one in the root filesystem", rootfs.display()))
         })?;
         let os = os_release(&rootfs).unwrap_or_default();
+        let title = if os.is_empty() { id.clone() } else { os.clone() };
+        let boot = Boot { title: &title, kernel: &kernel, initrd: &initrd, cmdline: &args.cmdline };
+        let notes = customize(&mut tree, args.phone_home_bin.as_deref(), Some(&boot))?;
+        for n in notes {
+            eprintln!("os: {n}");
+        }
         let pkgs = packages(&rootfs);
         let mtime = archive::source_date_epoch();
 
@@ -764,7 +794,12 @@ mod tests {
         t.bytes("etc/ssh/ssh_host_ed25519_key", 0o600, b"secret".to_vec()).unwrap();
         t.bytes("etc/machine-id", 0o444, b"0123456789abcdef0123456789abcdef\n".to_vec()).unwrap();
         t.bytes("var/log/dpkg.log", 0o644, b"x".to_vec()).unwrap();
-        customize(&mut t, None).unwrap();
+        t.bytes(SYSTEMD_BOOT_EFI, 0o644, b"efi".to_vec()).unwrap();
+        let boot = Boot { title: "Debian", kernel: "boot/vmlinuz-6.1.0-9-amd64", initrd: "boot/initrd.img-6.1.0-9-amd64", cmdline: "console=ttyS0" };
+        customize(&mut t, None, Some(&boot)).unwrap();
+        let Kind::File { data: crate::tree::Data::Bytes(hook), .. } = &t.get("usr/local/sbin/metal-bootloader-hook").unwrap().kind else { panic!() };
+        let hook = String::from_utf8(hook.clone()).unwrap();
+        assert!(hook.contains("kernel=\"boot/vmlinuz-6.1.0-9-amd64\"") && !hook.contains('@'), "{hook}");
         assert!(t.get("etc/ssh/ssh_host_ed25519_key").is_none());
         assert!(t.get("etc/systemd/system/ssh.service.d/metal-hostkeys.conf").is_some());
         assert!(matches!(&t.get("etc/machine-id").unwrap().kind, Kind::File { size: 0, .. }));
@@ -774,6 +809,12 @@ mod tests {
             Kind::Symlink("/usr/lib/systemd/system/systemd-networkd.service".into())
         );
         assert!(t.get("etc/systemd/network/99-metal-default.network").is_some());
+    }
+
+    #[test]
+    fn hook_refuses_shell_metacharacters() {
+        let boot = Boot { title: "x", kernel: "boot/vmlinuz", initrd: "", cmdline: "console=ttyS0 $(reboot)" };
+        assert!(bootloader_hook(&boot).is_none());
     }
 
     #[test]
