@@ -40,7 +40,7 @@ fn metal_api_bin() -> PathBuf {
 
 fn start_api() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(metal_api_bin())
+    let child = Command::new(metal_api_bin())
         .args(["--listen", "127.0.0.1:0", "--admin-token", ADMIN])
         .arg("--db")
         .arg(format!("sqlite://{}", dir.path().join("m.db").display()))
@@ -50,8 +50,10 @@ fn start_api() -> Api {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start metal-api");
+    // Owned by `Api` from here on, so a failed start still kills it.
+    let mut api = Api { child, url: String::new(), _dir: dir };
     let (tx, rx) = mpsc::channel();
-    for s in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+    for s in [Box::new(api.child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(api.child.stderr.take().unwrap())] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
@@ -67,7 +69,8 @@ fn start_api() -> Api {
             .unwrap_or_else(|_| panic!("metal-api did not say `listening on`:\n{}", log.join("\n")));
         if let Some(addr) = line.split("listening on ").nth(1) {
             let addr = addr.split_whitespace().next().unwrap().trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != ':');
-            return Api { child, url: format!("http://{addr}"), _dir: dir };
+            api.url = format!("http://{addr}");
+            return api;
         }
         log.push(line);
     }
