@@ -230,3 +230,30 @@ fn missing_kernel_says_how_to_get_it() {
     let err = hammer::build(&opts).unwrap_err().to_string();
     assert!(err.contains("image-builder kernel --cache"), "{err}");
 }
+
+/// A full disk is reported with the path being written.
+#[test]
+fn full_disk_names_the_path() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Mount(tempfile::TempDir);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(dir.path()).status().unwrap();
+    assert!(st.success());
+    let mount = Mount(dir);
+    let (init, _) = common::hammer_init();
+    let out = mount.0.path().join("hammer");
+    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.clone(), extra_modules: vec![], zstd_level: 1 };
+    let err = hammer::build(&opts).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, image_builder::Error::NoSpace { .. }), "{text}");
+    assert!(text.contains(&out.join("initrd.img").display().to_string()), "{text}");
+    assert!(!out.join("initrd.img.partial").exists(), "partial file left behind");
+}
