@@ -30,7 +30,7 @@ pub const NET_MODULES: &[&str] = &[
 ];
 /// Filesystems and what mounting them needs (ext4 wants a crc32c implementation).
 pub const FS_MODULES: &[&str] = &[
-    "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_utf8", "crc32c_generic", "crc32c_intel",
+    "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "nls_utf8", "crc32c_generic", "crc32c_intel",
     "efivarfs", "loop", "dm_mod",
 ];
 
