@@ -205,15 +205,13 @@ where
 
     // Wipe every disk, in parallel.
     let targets: Vec<wipe::WipeTarget> = inv.disks.iter().map(|d| wipe::WipeTarget { path: PathBuf::from("/dev").join(&d.name), size_bytes: d.size_bytes }).collect();
-    let wiped = stage("wipe", async {
-        let wiped = wipe_blocking(sys, targets).await?;
-        let report = WipeReport { disks: wiped.clone() };
-        api.retry("wipe-report", Duration::from_secs(60), Duration::from_secs(10), || api.wipe_report(&report)).await?;
-        Ok::<_, BoxError>(wiped)
-    })
-    .await?;
+    let wiped = stage("wipe", wipe_blocking(sys, targets)).await?;
     let methods: Vec<String> = wiped.iter().map(|w| format!("{}:{}:{}ms", w.disk, w.method, w.duration_ms)).collect();
     marker("wipe", Status::Ok, &[("disks", &methods.join(","))]);
+    let report = WipeReport { disks: wiped };
+    api.retry("wipe-report", tun.register_timeout.max(Duration::from_secs(300)), Duration::from_secs(10), || api.wipe_report(&report))
+        .await
+        .map_err(|e| stage_err("wipe")(e.into()))?;
 
     // Warm pool: Waiting, then long-poll for an allocation.
     api.event(ProvisioningEvent::Waiting, "");

@@ -7,7 +7,7 @@
 //! flags of those steps are unit-tested with [`sys::RecordingSys`].
 //!
 //! Runtime: [`pid1`], [`modules`], [`net`] ([`netlink`], [`dhcp`]), [`inventory`], [`lldp`],
-//! [`wipe`], [`api`], [`flow`], [`console`]. Install (GPT, mkfs, image stream, OS
+//! [`wipe`] ([`nvme`]), [`api`], [`flow`], [`console`]. Install (GPT, mkfs, image stream, OS
 //! configuration): `install`.
 
 pub mod api;
@@ -20,6 +20,7 @@ pub mod lldp;
 pub mod modules;
 pub mod net;
 pub mod netlink;
+pub mod nvme;
 pub mod pid1;
 pub mod sys;
 pub mod wipe;

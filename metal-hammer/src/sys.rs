@@ -31,6 +31,9 @@ pub enum Call {
     Reboot,
     Sync,
     RereadPartitions { device: PathBuf },
+    NvmeIdentify { device: PathBuf },
+    NvmeFormat { device: PathBuf, nsid: u32, lbaf: u8, ses: u8 },
+    NvmeSanitize { device: PathBuf, action: u8 },
 }
 
 /// Privileged operations. Implementations must be usable from several threads (disks are
@@ -56,6 +59,21 @@ pub trait Sys: Send + Sync {
     fn reboot(&self) -> io::Result<()>;
     /// `sync(2)`.
     fn sync(&self);
+    /// NVMe Identify of a namespace block device: what it can erase. `ENOTTY` when not NVMe.
+    fn nvme_identify(&self, device: &Path) -> io::Result<crate::nvme::NvmeInfo> {
+        let _ = device;
+        Err(io::Error::from_raw_os_error(libc::ENOTTY))
+    }
+    /// NVMe Format NVM of namespace `nsid` with LBA format `lbaf` and secure-erase setting `ses`.
+    fn nvme_format(&self, device: &Path, nsid: u32, lbaf: u8, ses: u8) -> io::Result<()> {
+        let _ = (device, nsid, lbaf, ses);
+        Err(io::Error::from_raw_os_error(libc::ENOTTY))
+    }
+    /// NVMe Sanitize of the controller behind `device`, waited for until it completes.
+    fn nvme_sanitize(&self, device: &Path, action: crate::nvme::SanitizeAction) -> io::Result<()> {
+        let _ = (device, action);
+        Err(io::Error::from_raw_os_error(libc::ENOTTY))
+    }
     /// Makes the kernel use the partition table just written to `disk`: `BLKRRPART` (retried
     /// while the device is busy), then `BLKPG_ADD_PARTITION` for any partition of `parts` the
     /// kernel did not find itself (a kernel without a GPT parser), then waits up to 10 s for
@@ -72,6 +90,7 @@ type CallPredicate = Box<dyn Fn(&Call) -> bool + Send + Sync>;
 pub struct RecordingSys {
     calls: Mutex<Vec<Call>>,
     fail_on: Mutex<Option<(i32, CallPredicate)>>,
+    nvme: Mutex<Option<crate::nvme::NvmeInfo>>,
 }
 
 impl RecordingSys {
@@ -88,6 +107,11 @@ impl RecordingSys {
     /// exercise a fallback).
     pub fn fail_with(&self, errno: i32, pred: impl Fn(&Call) -> bool + Send + Sync + 'static) {
         *self.fail_on.lock().unwrap() = Some((errno, Box::new(pred)));
+    }
+
+    /// Makes [`Sys::nvme_identify`] answer `info` (by default it answers `ENOTTY`: not NVMe).
+    pub fn set_nvme(&self, info: crate::nvme::NvmeInfo) {
+        *self.nvme.lock().unwrap() = Some(info);
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -143,6 +167,16 @@ impl Sys for RecordingSys {
     }
     fn sync(&self) {
         let _ = self.record(Call::Sync);
+    }
+    fn nvme_identify(&self, device: &Path) -> io::Result<crate::nvme::NvmeInfo> {
+        self.record(Call::NvmeIdentify { device: device.into() })?;
+        (*self.nvme.lock().unwrap()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTTY))
+    }
+    fn nvme_format(&self, device: &Path, nsid: u32, lbaf: u8, ses: u8) -> io::Result<()> {
+        self.record(Call::NvmeFormat { device: device.into(), nsid, lbaf, ses })
+    }
+    fn nvme_sanitize(&self, device: &Path, action: crate::nvme::SanitizeAction) -> io::Result<()> {
+        self.record(Call::NvmeSanitize { device: device.into(), action: action as u8 })
     }
 }
 
@@ -264,6 +298,18 @@ impl Sys for LinuxSys {
 
     fn sync(&self) {
         nix::unistd::sync();
+    }
+
+    fn nvme_identify(&self, device: &Path) -> io::Result<crate::nvme::NvmeInfo> {
+        crate::nvme::identify(device)
+    }
+
+    fn nvme_format(&self, device: &Path, nsid: u32, lbaf: u8, ses: u8) -> io::Result<()> {
+        crate::nvme::format(device, nsid, lbaf, ses, std::time::Duration::from_secs(3600))
+    }
+
+    fn nvme_sanitize(&self, device: &Path, action: crate::nvme::SanitizeAction) -> io::Result<()> {
+        crate::nvme::sanitize(device, action, std::time::Duration::from_secs(6 * 3600))
     }
 }
 

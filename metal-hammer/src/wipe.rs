@@ -1,7 +1,8 @@
 //! Wiping disks before a machine joins the warm pool, and again when it comes back.
 //!
 //! Every disk is wiped in its own thread. Per disk the strongest method the device supports
-//! runs over the whole device: secure discard (`BLKSECDISCARD`), else discard (`BLKDISCARD`),
+//! runs over the whole device: on NVMe a Format NVM with secure erase (crypto erase when
+//! offered) or a Sanitize; else secure discard (`BLKSECDISCARD`), else discard (`BLKDISCARD`),
 //! else overwriting with zeros (`BLKZEROOUT`). Whatever ran, the first and last MiB (MBR, both
 //! GPT copies, the superblocks of ext4/xfs/vfat/swap/LVM/mdraid/ZFS labels) and the btrfs
 //! superblock mirrors are then zeroed, so no partition table or filesystem signature survives.
@@ -13,6 +14,7 @@ use std::time::Instant;
 
 use metal_types::DiskWipe;
 
+use crate::nvme;
 use crate::sys::Sys;
 
 pub const MIB: u64 = 1 << 20;
@@ -85,18 +87,9 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
     let start = Instant::now();
     let dev = &target.path;
     let size = target.size_bytes;
-    let method_err = |method: Method| move |source| WipeError::Method { device: dev.clone(), method: method.as_str(), source };
-    let method = match sys.discard(dev, 0, size, true) {
-        Ok(()) => Method::SecureDiscard,
-        Err(e) if is_unsupported(&e) => match sys.discard(dev, 0, size, false) {
-            Ok(()) => Method::Discard,
-            Err(e) if is_unsupported(&e) => {
-                sys.zero_range(dev, 0, size).map_err(method_err(Method::Overwrite))?;
-                Method::Overwrite
-            }
-            Err(e) => return Err(method_err(Method::Discard)(e)),
-        },
-        Err(e) => return Err(method_err(Method::SecureDiscard)(e)),
+    let method = match nvme_erase(sys, dev)? {
+        Some(m) => m,
+        None => discard_or_overwrite(sys, dev, size)?,
     };
     for (offset, len) in signature_ranges(size) {
         sys.zero_range(dev, offset, len).map_err(|source| WipeError::Signatures { device: dev.clone(), offset, source })?;
@@ -106,6 +99,54 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
         method: method.as_str().to_string(),
         duration_ms: start.elapsed().as_millis() as u64,
     })
+}
+
+fn method_err(dev: &Path, method: Method) -> impl FnOnce(std::io::Error) -> WipeError + '_ {
+    move |source| WipeError::Method { device: dev.to_path_buf(), method: method.as_str(), source }
+}
+
+/// NVMe namespaces (`nvme*` device names): Format NVM or Sanitize when the controller offers
+/// one. `None` when the device is not NVMe or offers neither (then discard/overwrite runs).
+fn nvme_erase(sys: &dyn Sys, dev: &Path) -> Result<Option<Method>, WipeError> {
+    let is_nvme = dev.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nvme"));
+    if !is_nvme {
+        return Ok(None);
+    }
+    let info = match sys.nvme_identify(dev) {
+        Ok(info) => info,
+        Err(e) if is_unsupported(&e) => return Ok(None),
+        Err(e) => {
+            crate::log!("{}: NVMe identify failed ({e}); wiping by discard/overwrite", dev.display());
+            return Ok(None);
+        }
+    };
+    match nvme::choose(&info) {
+        Some(nvme::NvmeErase::Format { ses }) => {
+            sys.nvme_format(dev, info.nsid, info.lbaf, ses).map_err(method_err(dev, Method::NvmeFormat))?;
+            Ok(Some(Method::NvmeFormat))
+        }
+        Some(nvme::NvmeErase::Sanitize(action)) => {
+            sys.nvme_sanitize(dev, action).map_err(method_err(dev, Method::NvmeSanitize))?;
+            Ok(Some(Method::NvmeSanitize))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Secure discard, else discard, else overwrite with zeros, over the whole device.
+fn discard_or_overwrite(sys: &dyn Sys, dev: &Path, size: u64) -> Result<Method, WipeError> {
+    match sys.discard(dev, 0, size, true) {
+        Ok(()) => Ok(Method::SecureDiscard),
+        Err(e) if is_unsupported(&e) => match sys.discard(dev, 0, size, false) {
+            Ok(()) => Ok(Method::Discard),
+            Err(e) if is_unsupported(&e) => {
+                sys.zero_range(dev, 0, size).map_err(method_err(dev, Method::Overwrite))?;
+                Ok(Method::Overwrite)
+            }
+            Err(e) => Err(method_err(dev, Method::Discard)(e)),
+        },
+        Err(e) => Err(method_err(dev, Method::SecureDiscard)(e)),
+    }
 }
 
 /// Wipes every disk in parallel. All disks are attempted even when one fails; any failure
@@ -207,6 +248,37 @@ mod tests {
         }
         let ok = wipe_all(&RecordingSys::new(), &[target("vda", 4 * MIB), target("vdb", 4 * MIB)]).unwrap();
         assert_eq!(ok.len(), 2);
+    }
+
+    #[test]
+    fn nvme_format_when_supported_sanitize_else_discard() {
+        use crate::nvme::NvmeInfo;
+        let dev = PathBuf::from("/dev/nvme0n1");
+        let sys = RecordingSys::new();
+        sys.set_nvme(NvmeInfo { nsid: 1, lbaf: 2, format: true, format_crypto: true, ..Default::default() });
+        assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-format");
+        let calls = sys.calls();
+        assert_eq!(calls[0], Call::NvmeIdentify { device: dev.clone() });
+        assert_eq!(calls[1], Call::NvmeFormat { device: dev.clone(), nsid: 1, lbaf: 2, ses: crate::nvme::SES_CRYPTO });
+        assert_eq!(calls[2], Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB }, "signatures cleared after a format too");
+
+        let sys = RecordingSys::new();
+        sys.set_nvme(NvmeInfo { nsid: 1, sanitize_block: true, ..Default::default() });
+        assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-sanitize");
+        assert_eq!(sys.calls()[1], Call::NvmeSanitize { device: dev.clone(), action: 2 });
+
+        // Neither offered (or not NVMe after all): discard.
+        let sys = RecordingSys::new();
+        sys.set_nvme(NvmeInfo { nsid: 1, ..Default::default() });
+        assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "secure-discard");
+        let sys = RecordingSys::new();
+        assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "secure-discard");
+
+        // A format that fails is an error, not a silent fallback.
+        let sys = RecordingSys::new();
+        sys.set_nvme(NvmeInfo { nsid: 1, format: true, ..Default::default() });
+        sys.fail_when(|c| matches!(c, Call::NvmeFormat { .. }));
+        assert!(matches!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)), Err(WipeError::Method { method: "nvme-format", .. })));
     }
 
     #[test]
