@@ -298,3 +298,98 @@ async fn attempt(
     }
     Ok(())
 }
+
+/// The download decompressed on a thread of its own, so decompression overlaps with writing:
+/// one thread receives and hashes, one runs zstd, the caller writes. Blocks of up to
+/// `BLOCK` bytes travel through a bounded channel.
+pub struct Decoded {
+    rx: Option<Receiver<io::Result<Vec<u8>>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    thread: Option<JoinHandle<Download>>,
+}
+
+const BLOCK: usize = 1 << 20;
+
+impl Decoded {
+    /// Starts zstd on `dl`.
+    pub fn start(dl: Download) -> io::Result<Decoded> {
+        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(8);
+        let thread = std::thread::Builder::new().name("image-zstd".into()).spawn(move || {
+            let mut dl = dl;
+            let mut decoder = match zstd::stream::read::Decoder::new(&mut dl) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return dl;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; BLOCK];
+                let mut filled = 0;
+                let mut failed = None;
+                while filled < buf.len() {
+                    match decoder.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                buf.truncate(filled);
+                let end = filled == 0 || failed.is_some();
+                if filled > 0 && tx.send(Ok(buf)).is_err() {
+                    break;
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+                if end {
+                    break;
+                }
+            }
+            drop(decoder);
+            dl
+        })?;
+        Ok(Decoded { rx: Some(rx), cur: Vec::new(), pos: 0, thread: Some(thread) })
+    }
+
+    /// Stops decompressing and hands back the download (to drain and hash what is left).
+    pub fn into_download(mut self) -> Download {
+        drop(self.rx.take());
+        self.thread.take().expect("joined once").join().expect("zstd thread panicked")
+    }
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
+                Ok(Ok(b)) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for Decoded {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

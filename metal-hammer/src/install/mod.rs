@@ -58,7 +58,7 @@ use std::time::Instant;
 use metal_types::{BootInfo, FsKind, ImageFormat, InstallInstructions};
 
 use crate::sys::{PartitionSpan, Sys};
-use fetch::{Download, FetchCounters, FetchError, FetchOptions};
+use fetch::{Decoded, Download, FetchCounters, FetchError, FetchOptions};
 use layout::LayoutPlan;
 
 /// The steps of an install, as reported in [`Progress::Stage`]. [`Stage::as_str`] gives the
@@ -539,13 +539,12 @@ impl Run<'_> {
         let mut detail = String::new();
         progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Start, detail: format!("url={url}") });
         let r = (|| {
-            let mut dl = Download::start(&url, total, fetch).map_err(InstallError::Download)?;
+            let dl = Download::start(&url, total, fetch).map_err(InstallError::Download)?;
             let now = Instant::now();
             let mut rep = Reporter { progress: &mut *progress, counters: dl.counters.clone(), total, written: 0, started: now, last: now };
-            let unpacked = (|| {
-                let decoder = zstd::stream::read::Decoder::new(&mut dl).map_err(InstallError::Stream)?;
-                extract::unpack(decoder, mount_root, &eopts, &mut |n| rep.add(n)).map_err(InstallError::Extract)
-            })();
+            let mut decoded = Decoded::start(dl).map_err(InstallError::Stream)?;
+            let unpacked = extract::unpack(&mut decoded, mount_root, &eopts, &mut |n| rep.add(n)).map_err(InstallError::Extract);
+            let dl = decoded.into_download();
             let stats = match unpacked {
                 Ok(s) => s,
                 Err(e) => return Err(diagnose(e, dl, expected)),
@@ -678,13 +677,12 @@ pub fn stream_raw_into<S: raw::Sink>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<u64, InstallError> {
     let werr = |source| InstallError::WriteRaw { device: device.to_path_buf(), source };
-    let mut dl = Download::start(url, compressed_size, fetch).map_err(InstallError::Download)?;
+    let dl = Download::start(url, compressed_size, fetch).map_err(InstallError::Download)?;
     let now = Instant::now();
     let mut rep = Reporter { progress, counters: dl.counters.clone(), total: compressed_size, written: 0, started: now, last: now };
-    let written = (|| {
-        let decoder = zstd::stream::read::Decoder::new(&mut dl).map_err(InstallError::Stream)?;
-        raw::write_raw(decoder, sink, limit, &mut |n| rep.add(n)).map_err(werr)
-    })();
+    let mut decoded = Decoded::start(dl).map_err(InstallError::Stream)?;
+    let written = raw::write_raw(&mut decoded, sink, limit, &mut |n| rep.add(n)).map_err(werr);
+    let dl = decoded.into_download();
     let result = match written {
         Ok(n) => dl.finish().map_err(InstallError::Download).and_then(|d| check_digest(&d, expected)).map(|()| n),
         Err(e) => Err(diagnose(e, dl, expected)),
