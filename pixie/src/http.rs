@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,6 +23,8 @@ use crate::metrics::Metrics;
 
 pub struct HttpState {
     pub api: ApiClient,
+    /// `/hammer/*`, served from memory.
+    pub hammer: Option<crate::files::MemDir>,
     pub partition: String,
     /// Without a trailing slash.
     pub public_url: String,
@@ -78,6 +80,13 @@ async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, 
     }
 }
 
+async fn hammer(State(st): State<Arc<HttpState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match &st.hammer {
+        Some(dir) => dir.serve(&name, &headers),
+        None => (StatusCode::NOT_FOUND, "no hammer_dir configured\n").into_response(),
+    }
+}
+
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
 }
@@ -97,10 +106,9 @@ async fn count(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Re
     resp
 }
 
-/// Directories served as static files.
+/// Directories served as static files from disk (`/hammer` is served from memory instead).
 #[derive(Debug, Clone, Default)]
 pub struct StaticDirs {
-    pub hammer: Option<PathBuf>,
     pub images: Option<PathBuf>,
     pub boot: Option<PathBuf>,
 }
@@ -109,8 +117,9 @@ pub fn router(state: Arc<HttpState>, dirs: &StaticDirs) -> Router {
     let mut r = Router::new()
         .route("/ipxe", get(ipxe))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }));
-    for (prefix, dir) in [("/hammer", &dirs.hammer), ("/images", &dirs.images), ("/boot", &dirs.boot)] {
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/hammer/{name}", get(hammer));
+    for (prefix, dir) in [("/images", &dirs.images), ("/boot", &dirs.boot)] {
         if let Some(d) = dir {
             r = r.nest_service(prefix, ServeDir::new(d));
         }

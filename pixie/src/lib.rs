@@ -12,6 +12,7 @@
 pub mod api;
 pub mod config;
 pub mod dhcp;
+pub mod files;
 pub mod http;
 pub mod ipxe;
 pub mod metrics;

@@ -112,9 +112,9 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
         let handler = pixie::dhcp::server::Handler::new(Arc::new(d.clone()), cfg.partition.clone(), events.clone(), metrics.clone())?;
         pixie::dhcp::server::start(Arc::new(handler))?;
     }
-    let state = Arc::new(HttpState { api, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
+    let hammer = cfg.http.hammer_dir.as_deref().map(pixie::files::MemDir::new);
+    let state = Arc::new(HttpState { api, hammer, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
     let dirs = StaticDirs {
-        hammer: cfg.http.hammer_dir.clone(),
         images: cfg.http.images_dir.clone(),
         boot: cfg.tftp.as_ref().map(|t| t.root.clone()),
     };

@@ -229,8 +229,9 @@ impl Request {
             Some(DhcpOption::ClientSystemArchitecture(a)) => Some(u16::from(*a)),
             _ => None,
         };
+        // Empty options carry nothing (and dhcproto drops them when encoding).
         let client_machine_id = match opts.get(OptionCode::ClientMachineIdentifier) {
-            Some(DhcpOption::ClientMachineIdentifier(v)) => Some(v.clone()),
+            Some(DhcpOption::ClientMachineIdentifier(v)) if !v.is_empty() => Some(v.clone()),
             _ => None,
         };
         Ok(Request {
@@ -260,7 +261,7 @@ impl Request {
                 _ => None,
             },
             hostname: match opts.get(OptionCode::Hostname) {
-                Some(DhcpOption::Hostname(h)) => Some(h.clone()),
+                Some(DhcpOption::Hostname(h)) if !h.is_empty() => Some(h.clone()),
                 _ => None,
             },
         })
