@@ -31,6 +31,7 @@ pub enum Call {
     Reboot,
     Sync,
     RereadPartitions { device: PathBuf },
+    RunInChroot { root: PathBuf, program: String, args: Vec<String> },
     NvmeIdentify { device: PathBuf },
     NvmeFormat { device: PathBuf, nsid: u32, lbaf: u8, ses: u8 },
     NvmeSanitize { device: PathBuf, action: u8 },
@@ -80,6 +81,12 @@ pub trait Sys: Send + Sync {
     /// every partition's device node. Does nothing for a regular (image) file.
     fn reread_partitions(&self, disk: &Path, parts: &[PartitionSpan]) -> io::Result<()> {
         reread_partitions_and_wait(disk, parts)
+    }
+    /// Runs `program` (a path inside `root`) with `root` as its root directory and `/` as its
+    /// working directory (`chroot(2)` in the child; the initramfs has no `chroot` program), with
+    /// a standard `PATH`. Like [`Sys::run`]: a non-zero exit is an error carrying stderr.
+    fn run_in_chroot(&self, root: &Path, program: &str, args: &[&str]) -> io::Result<()> {
+        run_in_chroot(root, program, args)
     }
 }
 
@@ -131,6 +138,9 @@ impl RecordingSys {
 impl Sys for RecordingSys {
     fn reread_partitions(&self, disk: &Path, _parts: &[PartitionSpan]) -> io::Result<()> {
         self.record(Call::RereadPartitions { device: disk.into() })
+    }
+    fn run_in_chroot(&self, root: &Path, program: &str, args: &[&str]) -> io::Result<()> {
+        self.record(Call::RunInChroot { root: root.into(), program: program.into(), args: args.iter().map(|a| a.to_string()).collect() })
     }
     fn mount(&self, source: &str, target: &Path, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()> {
         self.record(Call::Mount {
@@ -397,4 +407,33 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
         }
     }
     Ok(())
+}
+
+/// The real [`Sys::run_in_chroot`].
+pub fn run_in_chroot(root: &Path, program: &str, args: &[&str]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let croot = CString::new(root.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root contains NUL"))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the closure only makes the chroot and chdir system calls
+    // (async-signal-safe) on a path prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(croot.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("cannot run {program} in {}: {e}", root.display())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(io::Error::other(format!("{program} {} failed ({}): {}", args.join(" "), out.status, stderr.trim())))
 }

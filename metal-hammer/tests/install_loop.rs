@@ -316,3 +316,82 @@ fn corrupted_raw_image_fails_and_clears_the_partition_table() {
     assert!(head[..1 << 20].iter().all(|b| *b == 0), "the partition table was cleared");
     assert!(mounts_below(dir.path()).is_empty());
 }
+
+#[test]
+fn bootloader_hook_runs_in_the_installed_root() {
+    if !is_root() || !Path::new("/bin/busybox").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let disk = Loop::new(dir.path(), "disk.img", 512 << 20);
+    // A root with a static busybox and a hook that records what it sees.
+    let mut b = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut add = |name: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("bin/busybox", &busybox, 0o755);
+    add("boot/vmlinuz", b"kernel", 0o644);
+    add("boot/initrd.img", b"initrd", 0o644);
+    let hook = "#!/bin/busybox sh\nset -e\n/bin/busybox echo \"disk=$1 path=$PATH\" > /etc/metal/hook.out\n/bin/busybox grep -o '\"root_uuid\": \"[^\"]*\"' /etc/metal/install.json >> /etc/metal/hook.out\n/bin/busybox test -e /proc/self/mounts && /bin/busybox echo proc >> /etc/metal/hook.out\n/bin/busybox test -e \"$1\" && /bin/busybox echo dev >> /etc/metal/hook.out\n/bin/busybox test -d /sys/block && /bin/busybox echo sys >> /etc/metal/hook.out\n";
+    add("usr/local/sbin/metal-bootloader-hook", hook.as_bytes(), 0o755);
+    let (z, sha) = compress(&b.into_inner().unwrap());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(server.url("hook.tar.zst"), sha, z.len() as u64, ImageFormat::TarZst);
+    let root = dir.path().join("target");
+    let boot = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).expect("install");
+    let out = std::fs::read_to_string(root.join("etc/metal/hook.out")).unwrap();
+    assert_eq!(
+        out,
+        format!(
+            "disk={} path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\"root_uuid\": \"{}\"\nproc\ndev\nsys\n",
+            disk.device.display(),
+            boot.root_uuid
+        )
+    );
+    // The bind mounts are gone again; only the root is left.
+    assert_eq!(mounts_below(dir.path()), [root.canonicalize().unwrap()]);
+}
+
+#[test]
+fn failing_bootloader_hook_fails_the_install() {
+    if !is_root() || !Path::new("/bin/busybox").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let disk = Loop::new(dir.path(), "disk.img", 512 << 20);
+    let mut b = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    for (name, data, mode) in [
+        ("bin/busybox", &busybox[..], 0o755),
+        ("boot/vmlinuz", &b"kernel"[..], 0o644),
+        ("boot/initrd.img", &b"initrd"[..], 0o644),
+        ("etc/metal/bootloader-hook", &b"#!/bin/busybox sh\necho grub-install failed >&2\nexit 3\n"[..], 0o755),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let (z, sha) = compress(&b.into_inner().unwrap());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(server.url("hook.tar.zst"), sha, z.len() as u64, ImageFormat::TarZst);
+    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &dir.path().join("t"), &opts(), &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, InstallError::Hook { hook, .. } if hook == "/etc/metal/bootloader-hook"), "{err:?}");
+    let chain = format!("{:?}", std::error::Error::source(&err));
+    assert!(chain.contains("grub-install failed"), "{chain}");
+    assert!(mounts_below(dir.path()).is_empty());
+}

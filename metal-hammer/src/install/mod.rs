@@ -634,9 +634,8 @@ impl Run<'_> {
                 self.mount(&format!("/{d}"), &target, "", libc::MS_BIND)?;
             }
             let disk = disks.first().map(|d| d.display().to_string()).unwrap_or_default();
-            let root_s = root.display().to_string();
             self.sys
-                .run(&layout::find_tool("chroot"), &[&root_s, &hook_in_os, &disk])
+                .run_in_chroot(root, &hook_in_os, &[&disk])
                 .map_err(|source| InstallError::Hook { hook: hook_in_os.clone(), source })?;
             self.unmount_to(keep)
         })();

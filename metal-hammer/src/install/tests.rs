@@ -231,9 +231,11 @@ fn bootloader_hook_runs_in_a_chroot_with_bind_mounts() {
     let boot = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap();
     assert_eq!(boot.initrd, "");
     let calls = sys.calls();
-    let chroot = position(&calls, |c| matches!(c, Call::Run { program, .. } if program.ends_with("chroot")));
-    let Call::Run { args, .. } = &calls[chroot] else { unreachable!() };
-    assert_eq!(args, &[f.root.display().to_string(), "/usr/local/sbin/metal-bootloader-hook".into(), f.disk.display().to_string()]);
+    let chroot = position(&calls, |c| matches!(c, Call::RunInChroot { .. }));
+    assert_eq!(
+        calls[chroot],
+        Call::RunInChroot { root: f.root.clone(), program: "/usr/local/sbin/metal-bootloader-hook".into(), args: vec![f.disk.display().to_string()] }
+    );
     for d in ["dev", "proc", "sys"] {
         let m = position(&calls, |c| matches!(c, Call::Mount { target, flags, .. } if target == &f.root.join(d) && *flags == libc::MS_BIND));
         let u = position(&calls, |c| matches!(c, Call::Umount { target } if target == &f.root.join(d)));
