@@ -109,7 +109,8 @@ WantedBy=multi-user.target
 pub const DEFAULT_NETWORK: &str = "[Match]\nType=ether\n\n[Network]\nDHCP=yes\n";
 
 /// sshd generates host keys at first boot instead of every machine sharing the build's.
-pub const SSH_HOSTKEYS_DROPIN: &str = "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n";
+/// The list is reset so the keys exist before Debian's own `sshd -t` check runs.
+pub const SSH_HOSTKEYS_DROPIN: &str = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n";
 
 const ESP_MIB: u64 = 256;
 /// 1980-01-02: the earliest time a FAT directory entry holds (with a day of margin for time zones).

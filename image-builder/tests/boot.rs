@@ -1,5 +1,6 @@
 //! Boots what image-builder builds in QEMU (TCG) and reads the serial console line by line
-//! against one deadline per phase: the metal-hammer initramfs reaches `/init`; the test OS
+//! against one deadline per phase: the metal-hammer initramfs reaches `/init` (with the real
+//! metal-hammer: its modules and network stages succeed); the test OS
 //! verifies a correct configuration (PASS), rejects a wrong one (FAIL), and phones home to a
 //! server on loopback (reached through QEMU's guestfwd; the guest network is `restrict=on`).
 
@@ -45,7 +46,9 @@ fn hammer_initramfs_boots_to_init() {
     hammer::build(&opts).unwrap();
     let p = |n: &str| dir.path().join(n).display().to_string();
     let args: Vec<String> = [
-        "-kernel", &p("vmlinuz"), "-initrd", &p("initrd.img"), "-append", "console=ttyS0 panic=-1",
+        "-kernel", &p("vmlinuz"), "-initrd", &p("initrd.img"),
+        // An API address nothing answers on: metal-hammer gets through modules and network.
+        "-append", "console=ttyS0 panic=-1 metal.api=http://10.0.2.2:9 metal.token=t metal.partition=lab",
         "-netdev", "user,id=n,restrict=on", "-device", "virtio-net-pci,netdev=n",
     ]
     .iter()
@@ -55,6 +58,12 @@ fn hammer_initramfs_boots_to_init() {
     let deadline = Instant::now() + Duration::from_secs(120);
     vm.wait_for("Run /init as init process", deadline);
     vm.wait_for(marker, deadline);
+    if marker.starts_with("METAL-HAMMER") {
+        // The real runtime: the modules it needs are in the initramfs, and virtio_net brings up
+        // the network (QEMU's user-mode DHCP).
+        vm.wait_for("METAL-HAMMER stage=modules status=ok", deadline);
+        vm.wait_for("METAL-HAMMER stage=network status=ok", deadline);
+    }
 }
 
 /// What metal-hammer would write into the installed test OS.

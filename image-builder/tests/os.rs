@@ -150,8 +150,9 @@ fn raw_image_boots_under_uefi() {
     assert!(line.contains("PASS"), "{line}\n{}", vm.log.join("\n"));
 }
 
-/// Debian bookworm by mmdebstrap as tar.zst and raw.zst; the raw disk boots systemd under UEFI
-/// to a login prompt with networkd and the phone-home unit in place.
+/// Debian bookworm by mmdebstrap as tar.zst and raw.zst; the raw disk boots systemd under UEFI,
+/// sshd starts (host keys generated at boot), and the phone-home unit reports to a server on
+/// loopback once a `phone-home.json` is put into the root filesystem (with debugfs, no mount).
 #[test]
 #[ignore = "downloads Debian and builds for minutes: cargo test -p image-builder --test os -- --ignored"]
 fn debian_image_builds_and_boots() {
@@ -164,8 +165,39 @@ fn debian_image_builds_and_boots() {
     assert!(m.kernel.starts_with("boot/vmlinuz-") && m.initrd.starts_with("boot/initrd.img-"), "{m:?}");
     assert!(m.packages.iter().any(|p| p.starts_with("openssh-server ")));
     assert!(m.os.contains("bookworm"), "{}", m.os);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").unwrap();
+        String::from_utf8(got).unwrap()
+    });
+
     let raw = out.path().join("debian.raw");
-    fs::write(&raw, common::zstd_decode(&files[1])).unwrap();
+    let mut disk = common::zstd_decode(&files[1]);
+    // The root partition starts after 1 MiB of GPT and the 256 MiB ESP and ends 1 MiB before the end.
+    let (start, end) = ((1 + 256) << 20, disk.len() - (1 << 20));
+    let root_img = out.path().join("root.img");
+    fs::write(&root_img, &disk[start..end]).unwrap();
+    let config = out.path().join("phone-home.json");
+    fs::write(&config, "{\"url\": \"http://10.0.2.100:8080/v1/agent/phone-home\", \"token\": \"t0k\", \"machine\": \"0e3b3a52-3f5e-4b8e-a0a5-6b0c3f9d2e11\"}\n").unwrap();
+    let st = Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} /etc/metal/phone-home.json", config.display())).arg(&root_img).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    disk[start..end].copy_from_slice(&fs::read(&root_img).unwrap());
+    fs::write(&raw, disk).unwrap();
+
     let args: Vec<String> = vec![
         "-m".into(),
         "2048".into(),
@@ -174,12 +206,24 @@ fn debian_image_builds_and_boots() {
         "-drive".into(),
         format!("file={},format=raw,if=virtio", raw.display()),
         "-netdev".into(),
-        "user,id=n,restrict=on".into(),
+        format!("user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:8080-tcp:127.0.0.1:{port}"),
         "-device".into(),
         "virtio-net-pci,netdev=n".into(),
     ];
     let mut vm = Qemu::start(&args);
-    let deadline = Instant::now() + Duration::from_secs(400);
-    vm.wait_for("Reached target", deadline);
-    vm.wait_for("login:", deadline);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The login prompt and phone-home come in either order.
+    let (mut phoned, mut login) = (false, false);
+    while !(phoned && login) {
+        let line = vm.wait_for_any(&["PHONE-HOME status=", "login:"], deadline);
+        if line.contains("PHONE-HOME") {
+            assert!(line.contains("PHONE-HOME status=ok"), "{line}");
+            phoned = true;
+        } else {
+            login = true;
+        }
+    }
+    assert!(server.join().unwrap().contains("Authorization: Bearer t0k"));
+    let log = vm.log.join("\n");
+    assert!(!log.contains("Failed to start") , "a unit failed:\n{log}");
 }
