@@ -85,6 +85,14 @@ pub fn build_request(mac: [u8; 6], xid: u32, uuid: &uuid::Uuid, offer: &Lease) -
     encode(&m)
 }
 
+/// A renewing REQUEST (RFC 2131 4.3.2): `ciaddr` is our address, no requested-address or
+/// server-id option. Sent as a broadcast, so any server can answer (rebinding as well).
+pub fn build_renew(mac: [u8; 6], xid: u32, uuid: &uuid::Uuid, address: Ipv4Addr) -> Result<Vec<u8>, DhcpError> {
+    let mut m = base(mac, xid, uuid, MessageType::Request);
+    m.set_ciaddr(address);
+    encode(&m)
+}
+
 /// Parses a server reply meant for us (`xid` and `chaddr` match): its type and lease.
 pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6]) -> Option<(MessageType, Lease)> {
     let m = Message::decode(&mut Decoder::new(bytes)).ok()?;
@@ -221,6 +229,24 @@ pub fn obtain_lease(interface: &str, mac: [u8; 6], uuid: &uuid::Uuid, timeout: D
     }
 }
 
+/// Renews `lease` on `interface`: the new lease on ACK, an error on NAK or silence.
+pub fn renew_lease(interface: &str, mac: [u8; 6], uuid: &uuid::Uuid, lease: &Lease, timeout: Duration) -> Result<Lease, DhcpError> {
+    let sock_err = |source| DhcpError::Socket { interface: interface.to_string(), source };
+    let sock = client_socket(interface).map_err(sock_err)?;
+    let xid = rand_xid(mac);
+    let packet = build_renew(mac, xid, uuid, lease.address)?;
+    match exchange(&sock, &packet, xid, mac, MessageType::Ack, timeout).map_err(sock_err)? {
+        Some((MessageType::Ack, mut new)) => {
+            if new.address.is_unspecified() {
+                new.address = lease.address;
+            }
+            Ok(new)
+        }
+        Some(_) => Err(DhcpError::Nak { interface: interface.to_string(), server: lease.server }),
+        None => Err(DhcpError::NoAck(interface.to_string())),
+    }
+}
+
 /// A transaction id that differs per interface and per attempt.
 fn rand_xid(mac: [u8; 6]) -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -297,6 +323,17 @@ mod tests {
         assert_eq!(req.opts().msg_type(), Some(MessageType::Request));
         assert_eq!(req.opts().get(OptionCode::RequestedIpAddress), Some(&DhcpOption::RequestedIpAddress(lease.address)));
         assert_eq!(req.opts().get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(lease.server)));
+    }
+
+    #[test]
+    fn renew_fills_ciaddr_and_omits_server_id() {
+        let bytes = build_renew(MAC, 9, &uuid(), Ipv4Addr::new(10, 99, 0, 150)).unwrap();
+        let m = Message::decode(&mut Decoder::new(&bytes)).unwrap();
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Request));
+        assert_eq!(m.ciaddr(), Ipv4Addr::new(10, 99, 0, 150));
+        assert!(m.opts().get(OptionCode::ServerIdentifier).is_none());
+        assert!(m.opts().get(OptionCode::RequestedIpAddress).is_none());
+        assert!(m.opts().get(OptionCode::ClassIdentifier).is_some());
     }
 
     #[test]

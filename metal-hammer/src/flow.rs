@@ -143,6 +143,11 @@ where
     // Modules: what the hardware needs, then wait for NICs and disks to show up.
     let summary = stage("modules", async {
         let index = modules::ModuleIndex::load(&paths.modules_dir)?;
+        if std::process::id() == 1 {
+            if let Err(e) = std::env::current_exe().and_then(|exe| modules::register_as_modprobe(&paths.root, &exe)) {
+                crate::log!("cannot register as the kernel's modprobe: {e}");
+            }
+        }
         let (sys_path, mods) = (paths.root.join("sys"), paths.modules_dir.clone());
         let summary = modules::load_for_hardware(sys, &index, &mods, &sys_path, modules::ALWAYS, 5, Duration::from_millis(300));
         for (m, e) in &summary.failed {
@@ -166,6 +171,7 @@ where
     })
     .await?;
     marker("network", Status::Ok, &[("interface", &configured.interface), ("address", &format!("{}/{}", configured.lease.address, configured.lease.prefix_len))]);
+    net::keep_lease(paths.root.clone(), uuid, configured.clone());
 
     // Inventory, with LLDP neighbours heard within metal.lldp seconds.
     let (root, lldp_s) = (paths.root.clone(), params.lldp_seconds);

@@ -86,8 +86,16 @@ async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBu
 }
 
 fn main() {
-    if std::process::id() == 1 && std::env::args_os().len() <= 1 {
+    // As PID 1 the arguments come from the kernel: every command-line word it did not
+    // recognise. Firmware loaders add some (iPXE on UEFI passes the image name, `vmlinuz`),
+    // so PID 1 never parses them: it always runs the flow.
+    if std::process::id() == 1 {
         pid1_main();
+    }
+    // The kernel's request_module() runs us as `modprobe -q -- <name>` (see modules::register_as_modprobe).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(name) = metal_hammer::modules::modprobe_request(&args) {
+        std::process::exit(modprobe_main(name));
     }
     let cli = Cli::parse();
     let code = match cli.command {
@@ -104,6 +112,20 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn modprobe_main(name: &str) -> i32 {
+    let dir = Paths::production().modules_dir;
+    let result = metal_hammer::modules::ModuleIndex::load(&dir)
+        .map_err(|e| console::chain(&e))
+        .and_then(|index| metal_hammer::modules::modprobe(&LinuxSys, &index, &dir, name).map_err(|e| e.to_string()));
+    match result {
+        Ok(_) => 0,
+        Err(e) => {
+            metal_hammer::log!("modprobe {name}: {e}");
+            1
+        }
+    }
 }
 
 fn subcommand(cmd: Command) -> Result<(), BoxError> {

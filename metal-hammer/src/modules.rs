@@ -300,6 +300,47 @@ pub fn load_for_hardware(
     summary
 }
 
+/// What the kernel runs for `request_module()`: `<modprobe> -q -- <name>`. Returns the module
+/// name when `args` (without argv\[0\]) look like that.
+pub fn modprobe_request(args: &[String]) -> Option<&str> {
+    match args {
+        [q, dashes, name] if q == "-q" && dashes == "--" => Some(name),
+        [q, name] if q == "-q" && !name.starts_with('-') => Some(name),
+        _ => None,
+    }
+}
+
+/// Loads `name` (a module name or an alias such as `crypto-crc32c`, `fs-vfat`) with its
+/// dependencies. Used when the kernel calls us as its modprobe.
+pub fn modprobe(sys: &dyn Sys, index: &ModuleIndex, modules_dir: &Path, name: &str) -> Result<usize, std::io::Error> {
+    let candidates = index.resolve(name);
+    if candidates.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no module for {name}")));
+    }
+    let mut done = HashSet::new();
+    let mut loaded = 0;
+    let mut last_err = None;
+    for m in candidates {
+        for path in index.load_order(&m, &done) {
+            done.insert(module_name(&path));
+            match sys.load_module(&modules_dir.join(&path), "") {
+                Ok(()) => loaded += 1,
+                Err(e) => last_err = Some(e),
+            }
+        }
+    }
+    match (loaded, last_err) {
+        (0, Some(e)) => Err(e),
+        _ => Ok(loaded),
+    }
+}
+
+/// Makes the kernel call `exe` for `request_module()` (filesystems, crypto algorithms, …), via
+/// `<root>/proc/sys/kernel/modprobe`. The initramfs has no modprobe of its own.
+pub fn register_as_modprobe(root: &Path, exe: &Path) -> std::io::Result<()> {
+    std::fs::write(root.join("proc/sys/kernel/modprobe"), exe.as_os_str().as_encoded_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +410,21 @@ kernel/drivers/usb/storage/usb-storage.ko:
         let names: Vec<String> = idx.load_order("virtio-blk", &done).iter().map(|p| module_name(p)).collect();
         assert_eq!(names, vec!["virtio_blk"]);
         assert!(idx.load_order("builtin_thing", &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn modprobe_requests_from_the_kernel() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(modprobe_request(&args(&["-q", "--", "fs-ext4"])), Some("fs-ext4"));
+        assert_eq!(modprobe_request(&args(&["-q", "crypto-crc32c"])), Some("crypto-crc32c"));
+        assert_eq!(modprobe_request(&args(&["inventory"])), None);
+        assert_eq!(modprobe_request(&args(&["-q", "--help"])), None);
+
+        let idx = ModuleIndex::parse(ALIAS, DEP);
+        let sys = RecordingSys::new();
+        assert_eq!(modprobe(&sys, &idx, Path::new("/m"), "fs-ext4").unwrap(), 4);
+        assert_eq!(sys.calls().last(), Some(&Call::LoadModule { path: "/m/kernel/fs/ext4/ext4.ko".into(), params: String::new() }));
+        assert!(modprobe(&sys, &idx, Path::new("/m"), "fs-zfs").is_err());
     }
 
     #[test]

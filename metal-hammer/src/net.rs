@@ -119,6 +119,52 @@ pub fn bring_up(root: &Path, machine: &uuid::Uuid, timeout: Duration) -> Result<
     Err(NetError::NoLease { interfaces: names.join(","), seconds: timeout.as_secs(), last })
 }
 
+/// When to renew: half the lease, at least 10 s, at most a day.
+pub fn renew_after(lease_seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(lease_seconds / 2).clamp(10, 86_400))
+}
+
+/// Keeps the lease for as long as the process lives (a machine can wait in the warm pool for
+/// days): renews at half the lease time; when renewing fails until the lease ran out, starts
+/// over with DISCOVER and applies whatever address comes back. Runs on its own thread.
+pub fn keep_lease(root: std::path::PathBuf, machine: uuid::Uuid, configured: Configured) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("dhcp".into())
+        .spawn(move || {
+            let Configured { interface, mut lease } = configured;
+            let mac = inventory::read_nics(&root.join("sys")).into_iter().find(|n| n.name == interface).and_then(|n| dhcp::parse_mac(&n.mac));
+            let Some(mac) = mac else {
+                crate::log!("DHCP: cannot renew on {interface}: no MAC address");
+                return;
+            };
+            loop {
+                let expires = Instant::now() + Duration::from_secs(lease.lease_seconds.into());
+                std::thread::sleep(renew_after(lease.lease_seconds));
+                lease = loop {
+                    let renewed = if Instant::now() < expires {
+                        dhcp::renew_lease(&interface, mac, &machine, &lease, Duration::from_secs(10))
+                    } else {
+                        dhcp::obtain_lease(&interface, mac, &machine, Duration::from_secs(10))
+                    };
+                    match renewed {
+                        Ok(new) => {
+                            if new.address != lease.address || new.prefix_len != lease.prefix_len || new.router != lease.router {
+                                crate::log!("DHCP: {interface} now {}/{}", new.address, new.prefix_len);
+                            }
+                            match Netlink::open().map_err(NetError::Netlink).and_then(|mut nl| configure(&mut nl, &root, &interface, &new)) {
+                                Ok(()) => break new,
+                                Err(e) => crate::log!("DHCP: {}", crate::console::chain(&e)),
+                            }
+                        }
+                        Err(e) => crate::log!("DHCP renew: {e}"),
+                    }
+                    std::thread::sleep(Duration::from_secs(10));
+                };
+            }
+        })
+        .expect("spawn dhcp thread")
+}
+
 /// Puts a lease on `interface`: address, default route, `<root>/etc/resolv.conf`.
 pub fn configure(nl: &mut Netlink, root: &Path, interface: &str, lease: &Lease) -> Result<(), NetError> {
     let err = |source| NetError::Configure { interface: interface.to_string(), source };
@@ -139,6 +185,13 @@ pub fn configure(nl: &mut Netlink, root: &Path, interface: &str, lease: &Lease) 
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn renews_at_half_the_lease() {
+        assert_eq!(renew_after(3600), Duration::from_secs(1800));
+        assert_eq!(renew_after(4), Duration::from_secs(10));
+        assert_eq!(renew_after(u32::MAX), Duration::from_secs(86_400));
+    }
 
     #[test]
     fn resolv_conf_lists_search_and_servers() {

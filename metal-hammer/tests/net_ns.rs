@@ -107,6 +107,8 @@ fn dhcp_lease_from_dnsmasq_configures_the_interface() {
         let lease = dhcp::obtain_lease("mh0", [0x52, 0x54, 0, 0x12, 0x34, 0x56], &uuid, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e}; dnsmasq log:\n{}", std::fs::read_to_string(log_path).unwrap_or_default()));
         net::configure(&mut nl, &root, "mh0", &lease).expect("configure");
+        let renewed = dhcp::renew_lease("mh0", [0x52, 0x54, 0, 0x12, 0x34, 0x56], &uuid, &lease, Duration::from_secs(10)).expect("renew");
+        assert_eq!(renewed.address, lease.address, "renewal keeps the address");
         let routes = String::from_utf8(Command::new("ip").args(["-4", "route"]).output().unwrap().stdout).unwrap();
         let addrs = String::from_utf8(Command::new("ip").args(["-4", "addr", "show", "mh0"]).output().unwrap().stdout).unwrap();
         (lease, routes, addrs, std::fs::read_to_string(log_path).unwrap_or_default())
