@@ -9,6 +9,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SqliteSync {
+    Full,
+    Normal,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "metal-api", about = "The allocation API of the bare-metal cloud", version)]
 struct Args {
@@ -30,6 +36,10 @@ struct Args {
     /// A reclaim that does not reach Waiting within this many seconds is a failed reclaim.
     #[arg(long, env = "METAL_RECLAIM_TIMEOUT_S", default_value_t = 900)]
     reclaim_timeout_s: u64,
+    /// SQLite durability: `full` fsyncs every commit; `normal` (WAL) survives a crash of the API
+    /// but may lose the last commits on a power loss of the host, and is several times faster.
+    #[arg(long, env = "METAL_SQLITE_SYNC", value_enum, default_value = "full")]
+    sqlite_sync: SqliteSync,
     /// Log format.
     #[arg(long, env = "METAL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -60,6 +70,7 @@ async fn run() -> anyhow::Result<()> {
         enrolment_ttl_s: args.enrolment_ttl_s,
         dead_after_s: args.dead_after_s,
         reclaim_timeout_s: args.reclaim_timeout_s,
+        sqlite_sync_normal: args.sqlite_sync == SqliteSync::Normal,
     };
     let running = metal_api::start(config, &args.listen).await.context("starting the API")?;
     tracing::info!(addr = %running.addr, db = %redact(&args.db), "listening on {}", running.addr);

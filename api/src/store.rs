@@ -29,6 +29,7 @@ pub enum Backend {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial schema", include_str!("../migrations/0001_initial.sql")),
     (2, "enrolment token mac", include_str!("../migrations/0002_enrolment_mac.sql")),
+    (3, "free machine index", include_str!("../migrations/0003_free_machine_index.sql")),
 ];
 
 /// The PostgreSQL channel that carries "machine X was allocated" between replicas.
@@ -39,6 +40,51 @@ pub struct Store {
     backend: Backend,
     url: String,
     write_lock: Option<Arc<Mutex<()>>>,
+    /// SQLite only (one API process owns the file): read caches, cleared by every write.
+    catalog_cache: Option<Cache>,
+    token_cache: Option<Cache>,
+}
+
+#[derive(Debug, Clone)]
+enum Cached {
+    Body(Option<String>),
+    Bodies(Vec<String>),
+    /// (version, expires_ms, body) of images.
+    Images(Vec<(String, Option<i64>, String)>),
+    Token(Option<TokenRow>),
+}
+
+/// A read-through cache that never keeps a value read before a write it missed: a writer bumps
+/// the generation (after its commit) and clears; a reader stores only if the generation did not
+/// move while it read the database.
+#[derive(Default)]
+struct Cache {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<String, Cached>)>,
+}
+
+impl Cache {
+    const MAX_ENTRIES: usize = 10_000;
+
+    fn get(&self, key: &str) -> (u64, Option<Cached>) {
+        let g = self.inner.lock().expect("cache lock");
+        (g.0, g.1.get(key).cloned())
+    }
+
+    fn put(&self, generation: u64, key: String, value: Cached) {
+        let mut g = self.inner.lock().expect("cache lock");
+        if g.0 == generation {
+            if g.1.len() >= Self::MAX_ENTRIES {
+                g.1.clear();
+            }
+            g.1.insert(key, value);
+        }
+    }
+
+    fn invalidate(&self) {
+        let mut g = self.inner.lock().expect("cache lock");
+        g.0 += 1;
+        g.1.clear();
+    }
 }
 
 /// A write transaction (and, on SQLite, the process-wide writer lock). Dropping it rolls back.
@@ -206,7 +252,11 @@ fn token_row(r: &AnyRow) -> Result<TokenRow> {
 
 impl Store {
     /// Opens (and for SQLite creates) the database and applies pending migrations.
-    pub async fn open(url: &str) -> Result<Store> {
+    ///
+    /// `sqlite_sync_normal`: SQLite `synchronous=NORMAL` instead of `FULL`. In WAL mode a
+    /// commit then survives a crash of the API but not a power loss of the host; see
+    /// `--sqlite-sync`.
+    pub async fn open(url: &str, sqlite_sync_normal: bool) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
             let url = if url.contains("mode=") {
@@ -227,20 +277,59 @@ impl Store {
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
             .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        let sync = if sqlite_sync_normal { "NORMAL" } else { "FULL" };
+                        sqlx::query(&format!("PRAGMA synchronous = {sync}")).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
         if backend == Backend::Sqlite {
             // WAL is a property of the file: readers never block the one writer.
             sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
         }
+        let sqlite = backend == Backend::Sqlite;
         let store = Store {
             pool,
             backend,
             url,
-            write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+            write_lock: sqlite.then(|| Arc::new(Mutex::new(()))),
+            catalog_cache: sqlite.then(Cache::default),
+            token_cache: sqlite.then(Cache::default),
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Reads through `cache` (when there is one).
+    async fn cached<F>(cache: &Option<Cache>, key: String, load: F) -> Result<Cached>
+    where
+        F: std::future::Future<Output = Result<Cached>>,
+    {
+        let Some(c) = cache else { return load.await };
+        let (generation, hit) = c.get(&key);
+        if let Some(v) = hit {
+            return Ok(v);
+        }
+        let v = load.await?;
+        c.put(generation, key, v.clone());
+        Ok(v)
+    }
+
+    fn catalog_changed(&self) {
+        if let Some(c) = &self.catalog_cache {
+            c.invalidate();
+        }
+    }
+
+    fn tokens_changed(&self) {
+        if let Some(c) = &self.token_cache {
+            c.invalidate();
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -362,24 +451,33 @@ impl Store {
             .execute(tx.c())
             .await?;
         tx.commit().await?;
+        self.catalog_changed();
         Ok(true)
     }
 
     pub async fn get_object<T: DeserializeOwned>(&self, kind: Kind, id: &str) -> Result<Option<T>> {
-        let row = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", kind.table()))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| parse_json(kind.noun(), &r.try_get::<String, _>("body")?)).transpose()
+        let load = async {
+            let row = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", kind.table()))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(Cached::Body(row.map(|r| r.try_get::<String, _>("body")).transpose()?))
+        };
+        let Cached::Body(body) = Self::cached(&self.catalog_cache, format!("{}/{id}", kind.table()), load).await? else {
+            unreachable!("cache key kinds do not mix")
+        };
+        body.map(|b| parse_json(kind.noun(), &b)).transpose()
     }
 
     pub async fn list_objects<T: DeserializeOwned>(&self, kind: Kind) -> Result<Vec<T>> {
-        sqlx::query(&format!("SELECT body FROM {} ORDER BY id", kind.table()))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| parse_json(kind.noun(), &r.try_get::<String, _>("body")?))
-            .collect()
+        let load = async {
+            let rows = sqlx::query(&format!("SELECT body FROM {} ORDER BY id", kind.table())).fetch_all(&self.pool).await?;
+            Ok(Cached::Bodies(rows.iter().map(|r| r.try_get::<String, _>("body")).collect::<Result<_, _>>()?))
+        };
+        let Cached::Bodies(bodies) = Self::cached(&self.catalog_cache, kind.table().to_string(), load).await? else {
+            unreachable!("cache key kinds do not mix")
+        };
+        bodies.iter().map(|b| parse_json(kind.noun(), b)).collect()
     }
 
     pub async fn delete_object(&self, kind: Kind, id: &str) -> Result<bool> {
@@ -390,6 +488,7 @@ impl Store {
             .await?
             .rows_affected();
         tx.commit().await?;
+        self.catalog_changed();
         Ok(n > 0)
     }
 
@@ -433,35 +532,45 @@ impl Store {
             .execute(tx.c())
             .await?;
         tx.commit().await?;
+        self.catalog_changed();
         Ok(true)
     }
 
+    /// (version, expires_ms, body) of the images with this id (`by = "id"`) or name (`by = "name"`).
+    async fn image_rows(&self, by: &'static str, key: &str) -> Result<Vec<(String, Option<i64>, String)>> {
+        let load = async {
+            let rows = sqlx::query(&format!("SELECT version, expires_ms, body FROM images WHERE {by} = $1"))
+                .bind(key)
+                .fetch_all(&self.pool)
+                .await?;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((r.try_get("version")?, r.try_get("expires_ms")?, r.try_get("body")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            Ok(Cached::Images(rows))
+        };
+        let Cached::Images(rows) = Self::cached(&self.catalog_cache, format!("images/{by}/{key}"), load).await? else {
+            unreachable!("cache key kinds do not mix")
+        };
+        Ok(rows)
+    }
+
     pub async fn get_image(&self, id: &str) -> Result<Option<Image>> {
-        let row = sqlx::query("SELECT body FROM images WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        row.map(|r| parse_json("image", &r.try_get::<String, _>("body")?)).transpose()
+        self.image_rows("id", id).await?.first().map(|(_, _, b)| parse_json("image", b)).transpose()
     }
 
     /// The newest version of `name` that has not expired at `now`.
     pub async fn newest_image(&self, name: &str, now: i64) -> Result<Option<Image>> {
-        let rows = sqlx::query("SELECT version, body FROM images WHERE name = $1 AND (expires_ms IS NULL OR expires_ms > $2)")
-            .bind(name)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut best: Option<(String, String)> = None;
-        for r in rows {
-            let v: String = r.try_get("version")?;
-            let b: String = r.try_get("body")?;
-            if best.as_ref().is_none_or(|(bv, _)| policy::compare_versions(&v, bv).is_gt()) {
-                best = Some((v, b));
-            }
-        }
-        best.map(|(_, b)| parse_json("image", &b)).transpose()
+        let rows = self.image_rows("name", name).await?;
+        let best = rows
+            .iter()
+            .filter(|(_, exp, _)| exp.is_none_or(|e| e > now))
+            .max_by(|a, b| policy::compare_versions(&a.0, &b.0));
+        best.map(|(_, _, b)| parse_json("image", b)).transpose()
     }
 
     pub async fn image_expires_ms(&self, id: &str) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT expires_ms FROM images WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| r.try_get::<Option<i64>, _>("expires_ms")).transpose()?.flatten())
+        Ok(self.image_rows("id", id).await?.first().and_then(|(_, e, _)| *e))
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>> {
@@ -477,6 +586,7 @@ impl Store {
         let mut tx = self.write().await?;
         let n = sqlx::query("DELETE FROM images WHERE id = $1").bind(id).execute(tx.c()).await?.rows_affected();
         tx.commit().await?;
+        self.catalog_changed();
         Ok(n > 0)
     }
 
@@ -508,7 +618,9 @@ impl Store {
     pub async fn insert_token(&self, t: &TokenRow) -> Result<()> {
         let mut tx = self.write().await?;
         Self::insert_token_in(tx.c(), t).await?;
-        tx.commit().await
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(())
     }
 
     /// Makes sure a token with this hash exists (the bootstrap admin token).
@@ -518,20 +630,23 @@ impl Store {
         if exists.is_none() {
             Self::insert_token_in(tx.c(), t).await?;
         }
-        match tx.commit().await {
+        let r = match tx.commit().await {
             Err(e) if e.is_unique_violation() => Ok(()), // another replica did it
             other => other,
-        }
+        };
+        self.tokens_changed();
+        r
     }
 
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
-        sqlx::query("SELECT * FROM tokens WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(token_row)
-            .transpose()
+        let load = async {
+            let row = sqlx::query("SELECT * FROM tokens WHERE hash = $1").bind(hash).fetch_optional(&self.pool).await?;
+            Ok(Cached::Token(row.as_ref().map(token_row).transpose()?))
+        };
+        let Cached::Token(t) = Self::cached(&self.token_cache, hash.to_string(), load).await? else {
+            unreachable!("cache key kinds do not mix")
+        };
+        Ok(t)
     }
 
     /// Issues a short-lived enrolment token (and drops expired ones).
@@ -542,7 +657,9 @@ impl Store {
             .execute(tx.c())
             .await?;
         Self::insert_token_in(tx.c(), t).await?;
-        tx.commit().await
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -730,7 +847,9 @@ impl Store {
             .await?;
         Self::insert_token_in(tx.c(), credential).await?;
         Self::apply_events_in(tx.c(), id, &[(Ev::Registering, now, "registered".into())], now).await?;
-        tx.commit().await
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(())
     }
 
     pub async fn set_wipe_report(&self, id: MachineId, report: &metal_types::WipeReport) -> Result<()> {
@@ -1072,5 +1191,26 @@ impl Store {
         let total: i64 = r.try_get("total")?;
         let freed: i64 = r.try_get("freed")?;
         Ok((total, total - freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_drops_values_read_before_a_write() {
+        let c = Cache::default();
+        let (g, hit) = c.get("k");
+        assert!(hit.is_none());
+        // A writer commits and invalidates while the reader was reading the old value.
+        c.invalidate();
+        c.put(g, "k".into(), Cached::Body(Some("old".into())));
+        assert!(c.get("k").1.is_none(), "a stale read must not be cached");
+        let (g, _) = c.get("k");
+        c.put(g, "k".into(), Cached::Body(Some("new".into())));
+        assert!(matches!(c.get("k").1, Some(Cached::Body(Some(b))) if b == "new"));
+        c.invalidate();
+        assert!(c.get("k").1.is_none());
     }
 }
