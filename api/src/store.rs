@@ -51,7 +51,7 @@ enum Cached {
     Bodies(Vec<String>),
     /// (version, expires_ms, body) of images.
     Images(Vec<(String, Option<i64>, String)>),
-    Token(Option<TokenRow>),
+    Token(Option<Box<TokenRow>>),
 }
 
 /// A read-through cache that never keeps a value read before a write it missed: a writer bumps
@@ -641,12 +641,12 @@ impl Store {
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
         let load = async {
             let row = sqlx::query("SELECT * FROM tokens WHERE hash = $1").bind(hash).fetch_optional(&self.pool).await?;
-            Ok(Cached::Token(row.as_ref().map(token_row).transpose()?))
+            Ok(Cached::Token(row.as_ref().map(token_row).transpose()?.map(Box::new)))
         };
         let Cached::Token(t) = Self::cached(&self.token_cache, hash.to_string(), load).await? else {
             unreachable!("cache key kinds do not mix")
         };
-        Ok(t)
+        Ok(t.map(|b| *b))
     }
 
     /// Issues a short-lived enrolment token (and drops expired ones).
