@@ -808,7 +808,7 @@ impl Store {
         tx.commit().await
     }
 
-    /// Registers (or re-registers) a machine and replaces its credential.
+    /// Registers (or re-registers) a machine and replaces its credential. A sign of life.
     pub async fn register(
         &self,
         id: MachineId,
@@ -820,9 +820,9 @@ impl Store {
         let now = now_ms();
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO machines (id, partition, size, inventory, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5) \
+            "INSERT INTO machines (id, partition, size, inventory, last_seen_ms, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5, $5) \
              ON CONFLICT (id) DO UPDATE SET partition = excluded.partition, size = excluded.size, \
-             inventory = excluded.inventory, updated_ms = excluded.updated_ms",
+             inventory = excluded.inventory, last_seen_ms = excluded.last_seen_ms, updated_ms = excluded.updated_ms",
         )
         .bind(id.to_string())
         .bind(partition)
@@ -846,7 +846,8 @@ impl Store {
             .execute(tx.c())
             .await?;
         Self::insert_token_in(tx.c(), credential).await?;
-        Self::apply_events_in(tx.c(), id, &[(Ev::Registering, now, "registered".into())], now).await?;
+        // No event here: the agent reports `Preparing` and `Registering` itself (queued before it
+        // had a credential, sent right after), as in metal-stack.
         tx.commit().await?;
         self.tokens_changed();
         Ok(())

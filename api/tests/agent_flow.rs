@@ -110,8 +110,8 @@ async fn machine_lifecycle(db: &Db) {
     assert_eq!(
         event_names(&events),
         [
-            "PXE Booting", "Registering", "Waiting", "Installing", "Booting New Kernel", "Phoned Home", "Machine Reclaim",
-            "PXE Booting", "Registering", "Waiting"
+            "PXE Booting", "Preparing", "Registering", "Waiting", "Installing", "Booting New Kernel", "Phoned Home",
+            "Machine Reclaim", "PXE Booting", "Preparing", "Registering", "Waiting"
         ]
     );
     assert!(events.iter().all(|e| !e.unexpected), "{events:?}");

@@ -222,6 +222,8 @@ impl Agent {
         let body = json!({"partition": params.partition, "inventory": inventory(self.machine, &self.mac)});
         let r: RegisterResponse = api.ok(Method::POST, "/v1/agent/register", &params.enrolment_token, Some(body)).await;
         self.credential = r.credential.clone();
+        // Like metal-hammer: these were queued before the credential existed.
+        self.events(api, &[ProvisioningEvent::Preparing, ProvisioningEvent::Registering]).await;
         r
     }
 
