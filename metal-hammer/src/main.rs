@@ -86,6 +86,7 @@ async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBu
 }
 
 fn main() {
+    metal_hammer::tls::init();
     // As PID 1 the arguments come from the kernel: every command-line word it did not
     // recognise. Firmware loaders add some (iPXE on UEFI passes the image name, `vmlinuz`),
     // so PID 1 never parses them: it always runs the flow.

@@ -115,15 +115,26 @@ impl ApiClient {
     }
 
     /// Waits until the machine's timeline holds `event` (at or after index `from`); returns
-    /// the index just past it. Fails at once on `Crashed` unless that is what is awaited.
+    /// the index just past it. Fails at once on a `Crashed` at or after `from` unless that is
+    /// what is awaited.
     pub async fn wait_event(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize) -> Result<usize> {
+        self.wait_event_inner(deadline, id, event, from, true).await
+    }
+
+    /// Like [`ApiClient::wait_event`], but `Crashed` events on the way are expected (a fault
+    /// scenario walks through them).
+    pub async fn wait_event_past_crashes(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize) -> Result<usize> {
+        self.wait_event_inner(deadline, id, event, from, false).await
+    }
+
+    async fn wait_event_inner(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize, fail_on_crash: bool) -> Result<usize> {
         let r = until(deadline, &format!("event {event:?} of machine {id}"), || async {
             let evs = self.events(id).await.ok()?;
             for (i, e) in evs.iter().enumerate().skip(from) {
                 if e.event == event {
                     return Some(Ok(i + 1));
                 }
-                if e.event == ProvisioningEvent::Crashed && event != ProvisioningEvent::Crashed {
+                if fail_on_crash && e.event == ProvisioningEvent::Crashed && event != ProvisioningEvent::Crashed {
                     return Some(Err(e.message.clone()));
                 }
             }

@@ -134,6 +134,9 @@ impl Vm {
         let nic = format!("virtio-net-pci,netdev=n0,mac={},bootindex=1", s.mac());
         match s.firmware {
             Firmware::Bios => {
+                // Like a real server's BIOS, start over when nothing booted (say, iPXE found
+                // pixie restarting) instead of halting.
+                cmd.args(["-boot", "reboot-timeout=2000"]);
                 cmd.args(["-device", &nic]);
             }
             Firmware::Uefi => {

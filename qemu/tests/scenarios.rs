@@ -116,7 +116,8 @@ fn faults_bad_checksum_and_service_restarts() -> Result<()> {
 
         metalctl(&lab, &lab.tenant.token, &["machine", "free", &id.to_string()])?;
         let d = Deadline::new("crash to clean Waiting", Duration::from_secs(240));
-        seen = lab.admin.wait_event(&d, id, Ev::Waiting, seen).await?;
+        seen = lab.admin.wait_event_past_crashes(&d, id, Ev::MachineReclaim, seen).await?;
+        seen = lab.admin.wait_event_past_crashes(&d, id, Ev::Waiting, seen).await?;
         ensure!(!lab.vms[i].serial_tail(400).contains("TEST-OS booted"), "the bad image was booted");
         allocate(&lab, "fault1-good", &good.id).await?;
         let d = Deadline::new("good image to Phoned Home", Duration::from_secs(180));
