@@ -370,10 +370,11 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
         }
         let err = io::Error::last_os_error();
         tries += 1;
-        if err.raw_os_error() != Some(libc::EBUSY) || tries >= 20 {
+        // Busy while something (a prober, a closing mount) still holds the disk: up to 10 s.
+        if err.raw_os_error() != Some(libc::EBUSY) || tries >= 50 {
             return Err(err);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
     // The kernel registers the partitions it parsed in sysfs before BLKRRPART returns.
     for p in parts {

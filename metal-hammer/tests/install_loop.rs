@@ -27,9 +27,17 @@ struct Loop {
 
 impl Loop {
     fn new(dir: &Path, name: &str, size: u64) -> Loop {
+        Loop::with_sector_size(dir, name, size, 512)
+    }
+
+    fn with_sector_size(dir: &Path, name: &str, size: u64, sector: u32) -> Loop {
         let file = dir.join(name);
         std::fs::File::create(&file).unwrap().set_len(size).unwrap();
-        let out = Command::new("losetup").args(["--find", "--show", "--partscan"]).arg(&file).output().unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--partscan", "--sector-size", &sector.to_string()])
+            .arg(&file)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
         Loop { device: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()) }
     }
@@ -394,4 +402,30 @@ fn failing_bootloader_hook_fails_the_install() {
     let chain = format!("{:?}", std::error::Error::source(&err));
     assert!(chain.contains("grub-install failed"), "{chain}");
     assert!(mounts_below(dir.path()).is_empty());
+}
+
+#[test]
+fn tar_image_on_a_4k_sector_disk() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let disk = Loop::with_sector_size(dir.path(), "disk4k.img", 1 << 30, 4096);
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let mut instr = instructions(server.url("test-os-1.tar.zst"), sha, z.len() as u64, ImageFormat::TarZst);
+    // FAT32 needs enough clusters: a bigger ESP on 4 KiB sectors.
+    instr.layout.disks[0].partitions[0].size_mib = 300;
+    instr.layout.disks[0].partitions[1].size_mib = 512;
+    let root = dir.path().join("target");
+    let boot = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).expect("install");
+    let mut f = std::fs::File::open(&disk.device).unwrap();
+    let gpt = gptman::GPT::read_from(&mut f, 4096).unwrap();
+    assert_eq!(gpt.header.first_usable_lba, 6);
+    assert_eq!(gpt[1].starting_lba, 256, "1 MiB in 4 KiB sectors");
+    assert_eq!(gpt[2].starting_lba, 256 + 300 * 256);
+    assert_eq!(boot.root_uuid, blkid(&disk.part(2), "UUID"));
+    assert_eq!(blkid(&disk.part(1), "TYPE"), "vfat");
+    assert_eq!(std::fs::read(root.join("usr/big.bin")).unwrap(), sample_big_file());
 }

@@ -10,7 +10,7 @@
 //! written.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -75,6 +75,8 @@ pub struct FetchCounters {
     pub received: AtomicU64,
     /// Connections dropped and resumed.
     pub resumes: AtomicU64,
+    /// Set when the reader is gone: the download thread stops at its next chance.
+    pub cancelled: AtomicBool,
 }
 
 enum Msg {
@@ -180,12 +182,10 @@ impl Read for Download {
 
 impl Drop for Download {
     fn drop(&mut self) {
-        // Unblocks the sender; the thread ends on its next send.
-        let (_tx, rx) = sync_channel(0);
-        drop(std::mem::replace(&mut self.rx, rx));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // The thread ends on its next send (the receiver is gone) or its next retry (cancelled);
+        // it is not joined, so a stalled server cannot hold up the caller.
+        self.counters.cancelled.store(true, Ordering::SeqCst);
+        drop(self.thread.take());
     }
 }
 
@@ -213,6 +213,9 @@ async fn fetch(url: &str, expected: u64, opts: &FetchOptions, tx: &SyncSender<Ms
             Ok(()) => return Ok(hasher.finalize().into()),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Cancelled) => return Err(FetchError::Setup("cancelled".into())),
+            Err(Attempt::Retry(_)) if counters.cancelled.load(Ordering::SeqCst) => {
+                return Err(FetchError::Setup("cancelled".into()));
+            }
             Err(Attempt::Retry(e)) => {
                 if offset > before {
                     failures = 0;
