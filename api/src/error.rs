@@ -84,8 +84,17 @@ impl IntoResponse for Error {
         } else {
             self.to_string()
         };
-        (status, axum::Json(ApiError { code: code.to_string(), message })).into_response()
+        let mut resp = (status, axum::Json(ApiError { code: code.to_string(), message: message.clone() })).into_response();
+        resp.extensions_mut().insert(Refusal { code, message });
+        resp
     }
+}
+
+/// Attached to error responses so the request log can say why a request was refused.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl From<JsonRejection> for Error {

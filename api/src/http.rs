@@ -83,7 +83,16 @@ async fn observe(State(app): AppState, matched: Option<MatchedPath>, req: Reques
     let route = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let start = Instant::now();
     let resp = next.run(req).await;
-    app.metrics.observe(&method, &route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    let status = resp.status();
+    app.metrics.observe(&method, &route, status.as_u16(), start.elapsed().as_secs_f64());
+    if status.is_client_error() {
+        let (code, message) = resp
+            .extensions()
+            .get::<crate::error::Refusal>()
+            .map(|r| (r.code, r.message.as_str()))
+            .unwrap_or(("", ""));
+        tracing::info!(%method, %route, status = status.as_u16(), code, reason = message, "request refused");
+    }
     resp
 }
 
