@@ -195,20 +195,25 @@ impl TftpServer {
         let mut base: u64 = 1;
         let mut tries = 0;
         let mut pkt = Vec::with_capacity(neg.blksize as usize + 4);
+        let mut wbuf = Vec::new();
         let mut sent_bytes = 0u64;
         loop {
             let end = (base + window - 1).min(last);
+            // One read for the whole window, then one datagram per block.
+            let first_off = (base - 1) * blk;
+            let wlen = size.saturating_sub(first_off).min((end - base + 1) * blk) as usize;
+            wbuf.resize(wlen, 0);
+            if let Err(e) = read_exact_at(&file, &mut wbuf, first_off) {
+                tracing::warn!(error = %e, path = %path.display(), "TFTP read failed");
+                let _ = sock.send(&codec::error(code::NOT_DEFINED, "read error")).await;
+                return Outcome::Failed;
+            }
             for b in base..=end {
+                let rel = ((b - base) * blk) as usize;
+                let len = wlen.saturating_sub(rel).min(blk as usize);
                 pkt.clear();
                 codec::encode_data_header(&mut pkt, b as u16);
-                let off = (b - 1) * blk;
-                let len = size.saturating_sub(off).min(blk) as usize;
-                pkt.resize(4 + len, 0);
-                if let Err(e) = read_exact_at(&file, &mut pkt[4..], off) {
-                    tracing::warn!(error = %e, path = %path.display(), "TFTP read failed");
-                    let _ = sock.send(&codec::error(code::NOT_DEFINED, "read error")).await;
-                    return Outcome::Failed;
-                }
+                pkt.extend_from_slice(&wbuf[rel..rel + len]);
                 if let Err(e) = sock.send(&pkt).await {
                     if e.kind() == io::ErrorKind::ConnectionRefused {
                         return Outcome::Aborted;
