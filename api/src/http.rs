@@ -699,6 +699,9 @@ async fn wait(
         if let Some(instr) = install_instructions(&app, machine).await? {
             return Ok((StatusCode::OK, Json(instr)).into_response());
         }
+        if app.is_stopping() {
+            break;
+        }
         tokio::select! {
             _ = &mut notified => continue,
             _ = tokio::time::sleep_until(next_beat.min(deadline)) => {

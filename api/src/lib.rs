@@ -90,6 +90,20 @@ pub struct App {
     pub config: Config,
     pub waker: Waker,
     pub metrics: metrics::Metrics,
+    /// Set when the server shuts down: parked waits return 204 at once.
+    pub stopping: std::sync::atomic::AtomicBool,
+}
+
+impl App {
+    /// Ends parked long-polls (they answer 204; agents simply wait again, on another replica).
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.waker.wake_all();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +123,13 @@ impl App {
             row.description = "bootstrap admin token (--admin-token)".into();
             store.ensure_token(&row).await?;
         }
-        let app = Arc::new(App { store, config, waker: Waker::default(), metrics: metrics::Metrics::default() });
+        let app = Arc::new(App {
+            store,
+            config,
+            waker: Waker::default(),
+            metrics: metrics::Metrics::default(),
+            stopping: Default::default(),
+        });
         if app.store.backend() == store::Backend::Postgres {
             tokio::spawn(listen_for_allocations(Arc::downgrade(&app)));
         }
@@ -177,6 +197,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting, finishes in-flight requests, closes the pool.
     pub async fn stop(mut self) {
+        self.app.begin_shutdown();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -184,9 +205,9 @@ impl Running {
         self.app.store.close().await;
     }
 
-    /// Waits until the server stops (it does not on its own).
-    pub async fn join(self) -> std::io::Result<()> {
-        self.handle.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    /// Waits until the server fails (it does not stop on its own).
+    pub async fn join(&mut self) -> std::io::Result<()> {
+        (&mut self.handle).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 }
 

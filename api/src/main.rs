@@ -72,16 +72,14 @@ async fn run() -> anyhow::Result<()> {
         reclaim_timeout_s: args.reclaim_timeout_s,
         sqlite_sync_normal: args.sqlite_sync == SqliteSync::Normal,
     };
-    let running = metal_api::start(config, &args.listen).await.context("starting the API")?;
+    let mut running = metal_api::start(config, &args.listen).await.context("starting the API")?;
     tracing::info!(addr = %running.addr, db = %redact(&args.db), "listening on {}", running.addr);
-    let app = running.app.clone();
     tokio::select! {
-        r = running.join() => r.context("serving")?,
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            app.store.close().await;
-        }
+        r = running.join() => return r.context("serving"),
+        _ = shutdown_signal() => {}
     }
+    tracing::info!("shutting down: finishing requests in flight");
+    running.stop().await;
     Ok(())
 }
 

@@ -150,3 +150,23 @@ async fn image_names_resolve_to_the_newest_unexpired_version() {
     assert_eq!(i.id, "test-os-20261124");
     api.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_parked_waits_at_once() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    let cat = api.catalog().await;
+    let mut agent = Agent::new(60);
+    agent.join_pool(&api, &cat.pixie).await;
+    let (base, cred) = (api.base.clone(), agent.credential.clone());
+    let poll = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        let r = reqwest::Client::new().get(format!("{base}/v1/agent/wait?timeout_s=60")).bearer_auth(cred).send().await.unwrap();
+        (r.status(), t.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // let the wait park
+    tokio::time::timeout(std::time::Duration::from_secs(10), api.stop()).await.expect("stop does not wait for long polls");
+    let (status, took) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
