@@ -162,7 +162,7 @@ start_dnsmasq_tftp() {
 # HTTP: wrk, 10 s per point.
 # ------------------------------------------------------------------------------------------
 wrk_mbs() { # url, connections → MB/s
-    nc wrk -t2 -c"$2" -d10s --timeout 30s "$1" 2>&1 | awk '/Transfer\/sec/ {v=$2; u=substr(v,length(v)-1); x=v+0;
+    nc wrk -t"$(( $2 < 2 ? 1 : 2 ))" -c"$2" -d10s --timeout 30s "$1" 2>&1 | awk '/Transfer\/sec/ {v=$2; u=substr(v,length(v)-1); x=v+0;
         if (u=="GB") x*=1024; else if (u=="KB") x/=1024; printf "%.0f", x*1.048576}'
 }
 wrk_rps() { nc wrk -t2 -c"$2" -d10s "$1" 2>&1 | awk '/Requests\/sec/ {printf "%.0f", $2}'; }
