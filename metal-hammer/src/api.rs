@@ -79,6 +79,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// `ca_bundle`: PEM file of trusted roots, read when it exists.
     pub fn new(base: &str, enrolment_token: &str, ca_bundle: &Path) -> Result<ApiClient, ApiError> {
+        crate::tls::init();
         let certs = match std::fs::read(ca_bundle) {
             Ok(pem) => reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| ApiError::Certs { path: ca_bundle.display().to_string(), source })?,
             Err(_) => Vec::new(),
@@ -269,5 +270,17 @@ mod tests {
         let c = ApiClient::new("http://127.0.0.1:9/", "tok", Path::new("/nonexistent/ca.crt")).unwrap();
         assert_eq!(c.base, "http://127.0.0.1:9");
         assert!(!c.is_registered());
+    }
+
+    #[test]
+    fn client_trusts_a_ca_bundle_when_present_and_rejects_a_broken_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = Path::new(CA_BUNDLE);
+        if system.exists() {
+            ApiClient::new("https://api.example:8443", "tok", system).unwrap();
+        }
+        let broken = dir.path().join("ca.crt");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(matches!(ApiClient::new("https://x", "tok", &broken), Err(ApiError::Certs { .. })));
     }
 }

@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod nvme;
 pub mod pid1;
 pub mod sys;
+pub mod tls;
 pub mod wipe;
 
 /// Destructive steps are allowed only as PID 1 (inside the initramfs) or on devices the

@@ -92,7 +92,7 @@ pub fn listen(interfaces: &[(String, i32)], window: Duration) -> std::io::Result
         if left.is_zero() {
             break;
         }
-        let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
+        let tv = libc::timeval { tv_sec: left.as_secs() as _, tv_usec: left.subsec_micros().max(1) as _ };
         // SAFETY: the option value is a timeval of the given size.
         unsafe {
             libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
