@@ -63,8 +63,9 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
     fs::create_dir_all(&root).map_err(at(&root))?;
 
     eprintln!("kernel {version}: downloading {concrete} (apt-get download)…");
-    tools::run(Command::new(apt_get).arg("download").arg(&concrete).current_dir(&download)).map_err(|e| {
-        Error::Invalid(format!(
+    tools::run_writing(Command::new(apt_get).arg("download").arg(&concrete).current_dir(&download), &download).map_err(|e| match e {
+        Error::NoSpace { .. } => e,
+        e => Error::Invalid(format!(
             "could not download {concrete}: {e}\n(it needs a Debian mirror in /etc/apt/sources.list and a fresh `apt-get update`)"
         ))
     })?;
@@ -72,7 +73,7 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
     let deb_version = deb.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('_').nth(1)).unwrap_or("").to_string();
 
     eprintln!("kernel {version}: extracting {} (dpkg -x)…", deb.display());
-    tools::run(Command::new(&dpkg).arg("-x").arg(&deb).arg(&root))?;
+    tools::run_writing(Command::new(&dpkg).arg("-x").arg(&deb).arg(&root), &root)?;
     // usrmerge layouts put modules under usr/lib; keep one place: lib/modules.
     if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
         fs::create_dir_all(root.join("lib")).map_err(at(&root))?;
@@ -84,7 +85,7 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
     }
 
     eprintln!("kernel {version}: generating modules.dep and modules.alias (depmod -b)…");
-    tools::run(Command::new(depmod).arg("-b").arg(&root).arg(&version))?;
+    tools::run_writing(Command::new(depmod).arg("-b").arg(&root).arg(&version), &modules)?;
     fs::remove_dir_all(&download).map_err(at(&download))?;
     let package_file = root.join(crate::kmod::PACKAGE_FILE);
     fs::write(&package_file, format!("{concrete} {deb_version}\n")).map_err(at(&package_file))?;

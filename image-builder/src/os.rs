@@ -372,7 +372,7 @@ fn mmdebstrap(args: &OsArgs, rootfs: &Path) -> Result<()> {
         .args(sources(&args.suite, &mirror, !args.no_updates))
         .env("SOURCE_DATE_EPOCH", archive::source_date_epoch().to_string());
     let started = Instant::now();
-    tools::run(&mut cmd)?;
+    tools::run_writing(&mut cmd, rootfs)?;
     eprintln!("os: mmdebstrap done in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -399,7 +399,7 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
                 fs::create_dir_all(&dir).map_err(at(&dir))?;
                 eprintln!("os: extracting {}…", tarball.display());
                 let tar = tools::require("tar", "tar")?;
-                tools::run(Command::new(tar).arg("--numeric-owner").arg("-xpf").arg(tarball).arg("-C").arg(&dir))?;
+                tools::run_writing(Command::new(tar).arg("--numeric-owner").arg("-xpf").arg(tarball).arg("-C").arg(&dir), &dir)?;
                 dir
             }
             (None, None) => {
@@ -534,7 +534,7 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     }
     fs::create_dir_all(&staging).map_err(at(&staging))?;
     eprintln!("raw: unpacking the root filesystem…");
-    tools::run(Command::new(&tar).args(["--numeric-owner", "--zstd", "-xpf"]).arg(tar_path).arg("-C").arg(&staging))?;
+    tools::run_writing(Command::new(&tar).args(["--numeric-owner", "--zstd", "-xpf"]).arg(tar_path).arg("-C").arg(&staging), &staging)?;
 
     let root_uuid = derived_uuid(&format!("{}/root", spec.id));
     let esp_serial = &derived_uuid(&format!("{}/esp", spec.id)).replace('-', "")[..8];
@@ -583,11 +583,12 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     }
     let esp_img = work.join("esp.img");
     let _ = fs::remove_file(&esp_img);
-    tools::run(
+    tools::run_writing(
         Command::new(mkfs_fat)
             .args(["-F", "32", "-n", "ESP", "-i", esp_serial, "--invariant", "-C"])
             .arg(&esp_img)
             .arg((ESP_MIB * 1024).to_string()),
+        &esp_img,
     )?;
     // --invariant fixes every time-based field but also the volume id (1234-ABCD): put ours
     // into the boot sector and its backup (FAT32 BPB offset 0x43, sector 6).
@@ -608,7 +609,12 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
         let mut c = Command::new(&mcopy);
         c.arg("-m").arg("-i").arg(&esp_img).arg(&src).arg(dest);
         mtools_env(&mut c);
-        tools::run(&mut c)?;
+        tools::run_writing(&mut c, &esp_img).map_err(|e| match e {
+            Error::Command { stderr, .. } if stderr.contains("Disk full") => {
+                Error::Invalid(format!("the {ESP_MIB} MiB ESP cannot hold the kernel and initrd ({})", src.display()))
+            }
+            e => e,
+        })?;
     }
 
     // Root: ext4 straight from the directory, fixed UUID, hash seed and time.
@@ -617,7 +623,7 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     let root_img = work.join("root.img");
     let _ = fs::remove_file(&root_img);
     eprintln!("raw: ext4 root of {root_mib} MiB from {} MiB of files (mke2fs -d)…", content >> 20);
-    tools::run(
+    tools::run_writing(
         Command::new(mke2fs)
             .args(["-q", "-F", "-t", "ext4", "-L", "root", "-U", &root_uuid])
             .arg("-E")
@@ -627,7 +633,14 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
             .arg(&root_img)
             .arg(format!("{root_mib}M"))
             .env("E2FSPROGS_FAKE_TIME", spec.mtime.max(1).to_string()),
-    )?;
+        &root_img,
+    )
+    .map_err(|e| match e {
+        Error::Command { stderr, .. } if stderr.contains("Could not allocate block") || stderr.contains("No free space") => {
+            Error::Invalid(format!("a {root_mib} MiB root filesystem cannot hold the {} MiB of files: pass a larger --root-size-mib", content >> 20))
+        }
+        e => e,
+    })?;
     fix_inode_times(&root_img, &staging, work, spec.mtime)?;
     fs::remove_dir_all(&staging).map_err(at(&staging))?;
 

@@ -39,6 +39,15 @@ fn describe(cmd: &Command) -> String {
     s
 }
 
+/// Runs a command that writes under `dest`; if it fails because the disk is full, the error
+/// is [`Error::NoSpace`] naming `dest`.
+pub fn run_writing(cmd: &mut Command, dest: &Path) -> Result<Output> {
+    run(cmd).map_err(|e| match e {
+        Error::Command { stderr, .. } if stderr.contains("No space left on device") => Error::NoSpace { path: dest.to_path_buf() },
+        other => other,
+    })
+}
+
 /// Runs a command to completion; a non-zero exit is an error carrying the end of its stderr.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let command = describe(cmd);
@@ -48,9 +57,6 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         let stderr = tail.join("\n");
-        if stderr.contains("No space left on device") {
-            return Err(Error::NoSpace { path: PathBuf::from(format!("(output of `{command}`)")) });
-        }
         return Err(Error::Command { command, status: out.status.to_string(), stderr });
     }
     Ok(out)
