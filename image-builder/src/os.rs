@@ -91,7 +91,8 @@ pub const PHONE_HOME_UNIT: &str = "\
 [Unit]
 Description=Report to the metal API that this machine runs its installed OS
 Wants=network-online.target
-After=network-online.target
+# Phoned Home tells the tenant the machine is ready: report once SSH is up.
+After=network-online.target ssh.service
 ConditionPathExists=/etc/metal/phone-home.json
 
 [Service]

@@ -161,6 +161,12 @@ fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
         let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(300));
         lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
         let ip = lab.lease_ip(&lab.vms[i].spec.mac()).context("no lease for the machine in pixie's lease file")?;
+        let d = Deadline::new("sshd accepting", Duration::from_secs(60));
+        let addr: std::net::SocketAddr = format!("{ip}:22").parse()?;
+        metal_lab::wait::until(&d, "port 22 of the Debian machine", || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await?;
         let out = std::process::Command::new("ssh")
             .args(["-i"]).arg(&key)
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes"])
