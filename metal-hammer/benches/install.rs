@@ -21,8 +21,18 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(Path::new(&args[1])),
         Some("run") => run(&args[1..]),
+        Some("unpack") => unpack(Path::new(&args[1]), Path::new(&args[2])),
         _ => eprintln!("install bench: driven by scripts/bench-install.sh"),
     }
+}
+
+/// Only the tar unpacking, from an uncompressed tar in memory, into DIR.
+fn unpack(tar: &Path, dir: &Path) {
+    let data = std::fs::read(tar).expect("read tar");
+    let opts = metal_hammer::install::extract::ExtractOptions { lenient: vec![], same_owner: true };
+    let start = Instant::now();
+    let stats = metal_hammer::install::extract::unpack(&data[..], dir, &opts, &mut |_| {}).expect("unpack");
+    println!("seconds={:.3} files={} bytes={}", start.elapsed().as_secs_f64(), stats.files, stats.bytes);
 }
 
 fn serve(file: &Path) {

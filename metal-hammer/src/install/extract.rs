@@ -85,6 +85,16 @@ struct Unpacker<'a> {
     stats: ExtractStats,
     buf: Vec<u8>,
     progress: &'a mut dyn FnMut(u64),
+    /// The process umask, when known (`/proc/self/status`).
+    umask: Option<u32>,
+    /// Running with effective uid and gid 0: new files are 0:0 already.
+    root_creds: bool,
+}
+
+fn current_umask() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -202,7 +212,7 @@ impl Unpacker<'_> {
                 self.stats.dirs += 1;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let mut f = match with_parents(&dst, || self.create(&dst)) {
+                let f = match with_parents(&dst, || self.create(&dst, mode)) {
                     Ok(f) => f,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EISDIR)) => {
                         if fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false) {
@@ -211,18 +221,24 @@ impl Unpacker<'_> {
                             fs::remove_file(&dst).map_err(wrap)?;
                         }
                         self.symlinks.remove(&rel);
-                        self.create(&dst).map_err(wrap)?
+                        self.create(&dst, mode).map_err(wrap)?
                     }
                     Err(e) => return Err(wrap(e)),
                 };
+                let (mut f, fresh) = f;
                 let n = self.copy(entry, &mut f, &rel)?;
-                if self.opts.same_owner {
+                // A file we just created is already root's (no directory is set-group-ID while
+                // we unpack: directory modes are applied at the end) and has its mode unless
+                // the umask took bits away or it has set-id/sticky bits: skip what is done.
+                if self.opts.same_owner && !(fresh && uid == 0 && gid == 0 && self.root_creds) {
                     let r = std::os::unix::fs::fchown(&f, Some(uid as u32), Some(gid as u32));
                     self.meta_result(&rel, r).map_err(wrap)?;
                 }
-                // After chown, which clears set-id bits.
-                let r = f.set_permissions(fs::Permissions::from_mode(mode));
-                self.meta_result(&rel, r).map_err(wrap)?;
+                if !(fresh && mode & 0o7000 == 0 && self.umask.is_some_and(|u| mode & u == 0)) {
+                    // After chown, which clears set-id bits.
+                    let r = f.set_permissions(fs::Permissions::from_mode(mode));
+                    self.meta_result(&rel, r).map_err(wrap)?;
+                }
                 self.set_xattrs(&rel, &dst, &xattrs).map_err(wrap)?;
                 let r = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
                 self.meta_result(&rel, r).map_err(wrap)?;
@@ -277,14 +293,22 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn create(&self, dst: &Path) -> io::Result<File> {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(dst)
+    /// Creates `dst` with `mode` (less set-id bits and the umask); `true` when the file is
+    /// new. An existing file is truncated instead (and keeps its old mode for now).
+    fn create(&self, dst: &Path, mode: u32) -> io::Result<(File, bool)> {
+        let new = OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dst);
+        match new {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(dst)
+                .map(|f| (f, false)),
+            Err(e) => Err(e),
+        }
     }
 
     fn copy<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, f: &mut File, rel: &Path) -> Result<u64, ExtractError> {
@@ -343,7 +367,17 @@ impl Unpacker<'_> {
 /// of file content written since the last call.
 pub fn unpack<R: Read>(reader: R, root: &Path, opts: &ExtractOptions, progress: &mut dyn FnMut(u64)) -> Result<ExtractStats, ExtractError> {
     let mut archive = tar::Archive::new(reader);
-    let mut u = Unpacker { root, opts, symlinks: HashSet::new(), dirs: Vec::new(), stats: ExtractStats::default(), buf: vec![0u8; 256 * 1024], progress };
+    let mut u = Unpacker {
+        root,
+        opts,
+        symlinks: HashSet::new(),
+        dirs: Vec::new(),
+        stats: ExtractStats::default(),
+        buf: vec![0u8; 256 * 1024],
+        progress,
+        umask: current_umask(),
+        root_creds: nix::unistd::geteuid().is_root() && nix::unistd::getegid().as_raw() == 0,
+    };
     for entry in archive.entries().map_err(ExtractError::Read)? {
         let mut entry = entry.map_err(ExtractError::Read)?;
         u.entry(&mut entry)?;
