@@ -154,6 +154,7 @@ where
             crate::log!("module {m}: {e}");
         }
         net::wait_for_nics(&sys_path, Duration::from_secs(10));
+        net::wait_for_disks(&sys_path, Duration::from_secs(1), Duration::from_secs(10));
         Ok::<_, BoxError>(summary)
     })
     .await?;

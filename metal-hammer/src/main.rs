@@ -161,6 +161,8 @@ fn subcommand(cmd: Command) -> Result<(), BoxError> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let boot = rt.block_on(run_install(&LinuxSys, &instr, &devices, &mount_root))?;
             println!("{}", serde_json::to_string_pretty(&boot)?);
+            // No kexec here: unmount the root that install leaves mounted for it.
+            metal_hammer::install::release(&LinuxSys, &mount_root).map_err(|e| format!("unmounting {}: {e}", mount_root.display()))?;
             Ok(())
         }
     }

@@ -61,6 +61,27 @@ pub fn wait_for_nics(sysfs: &Path, timeout: Duration) -> usize {
     }
 }
 
+/// Waits until the set of disks in `<sysfs>/block` has not changed for `settle` (NVMe and
+/// SCSI probe asynchronously, after their module loaded), at most `timeout`. Returns the count.
+pub fn wait_for_disks(sysfs: &Path, settle: Duration, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let list = || inventory::read_disks(sysfs, &[]).into_iter().map(|d| d.name).collect::<Vec<_>>();
+    let mut last = list();
+    let mut stable_since = Instant::now();
+    loop {
+        let now = Instant::now();
+        if (!last.is_empty() && now.duration_since(stable_since) >= settle) || now >= deadline {
+            return last.len();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let cur = list();
+        if cur != last {
+            last = cur;
+            stable_since = Instant::now();
+        }
+    }
+}
+
 /// Brings every physical NIC up and configures the first one that gets a DHCP lease.
 pub fn bring_up(root: &Path, machine: &uuid::Uuid, timeout: Duration) -> Result<Configured, NetError> {
     let sysfs = root.join("sys");
@@ -185,6 +206,26 @@ pub fn configure(nl: &mut Netlink, root: &Path, interface: &str, lease: &Lease) 
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn waits_for_a_late_disk_and_for_the_list_to_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let sysfs = dir.path().to_path_buf();
+        std::fs::create_dir_all(sysfs.join("block/vda")).unwrap();
+        std::fs::write(sysfs.join("block/vda/size"), "8\n").unwrap();
+        let late = sysfs.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::create_dir_all(late.join("block/nvme0n1")).unwrap();
+            std::fs::write(late.join("block/nvme0n1/size"), "8\n").unwrap();
+        });
+        let start = Instant::now();
+        assert_eq!(wait_for_disks(&sysfs, Duration::from_millis(600), Duration::from_secs(5)), 2);
+        assert!(start.elapsed() >= Duration::from_millis(800), "settled after the late disk");
+        t.join().unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(wait_for_disks(empty.path(), Duration::from_millis(100), Duration::from_millis(300)), 0);
+    }
 
     #[test]
     fn renews_at_half_the_lease() {

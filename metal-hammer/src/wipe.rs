@@ -94,6 +94,13 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
     for (offset, len) in signature_ranges(size) {
         sys.zero_range(dev, offset, len).map_err(|source| WipeError::Signatures { device: dev.clone(), offset, source })?;
     }
+    // Drop the kernel's view of the old partitions (their device nodes go away). Not fatal:
+    // the disk itself is clean; devices without partitions (loop without partscan) say EINVAL.
+    if let Err(e) = sys.reread_partitions(dev, &[]) {
+        if !is_unsupported(&e) {
+            crate::log!("{}: re-reading the (now empty) partition table: {e}", dev.display());
+        }
+    }
     Ok(DiskWipe {
         disk: dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dev.display().to_string()),
         method: method.as_str().to_string(),
@@ -201,7 +208,8 @@ mod tests {
                 Call::Discard { device: dev.clone(), offset: 0, len: 100 * MIB, secure: true },
                 Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB },
                 Call::ZeroRange { device: dev.clone(), offset: 99 * MIB, len: MIB },
-                Call::ZeroRange { device: dev, offset: 64 * MIB, len: 4096 },
+                Call::ZeroRange { device: dev.clone(), offset: 64 * MIB, len: 4096 },
+                Call::RereadPartitions { device: dev },
             ]
         );
     }
@@ -220,7 +228,8 @@ mod tests {
         assert!(matches!(calls[0], Call::Discard { secure: true, .. }));
         assert!(matches!(calls[1], Call::Discard { secure: false, .. }));
         assert_eq!(calls[2], Call::ZeroRange { device: "/dev/sda".into(), offset: 0, len: 8 * MIB });
-        assert_eq!(calls.len(), 5, "{calls:?}");
+        assert_eq!(calls.len(), 6, "{calls:?}");
+        assert_eq!(calls[5], Call::RereadPartitions { device: "/dev/sda".into() });
     }
 
     #[test]
