@@ -518,6 +518,38 @@ mod tests {
         assert_eq!(dead.pending_events(), 1);
     }
 
+    async fn never_install(_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path) -> Result<BootInfo, BoxError> {
+        panic!("must not get this far")
+    }
+
+    fn fake_paths(root: &Path) -> Paths {
+        Paths { root: root.into(), modules_dir: root.join("lib/modules/test"), mount_root: root.join("mnt/target"), ca_bundle: root.join("none") }
+    }
+
+    #[tokio::test]
+    async fn run_without_metal_params_fails_in_boot_after_mounting() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = RecordingSys::new();
+        let (err, api) = run(&sys, &fake_paths(dir.path()), "console=ttyS0", never_install).await;
+        assert_eq!(err.stage, "boot");
+        assert!(chain(&err).contains("metal.api"), "{}", chain(&err));
+        assert!(api.is_none());
+        let calls = sys.calls();
+        assert_eq!(calls.len(), 5, "the early mounts, nothing else: {calls:?}");
+        assert!(calls.iter().all(|c| matches!(c, Call::Mount { .. })));
+    }
+
+    #[tokio::test]
+    async fn run_without_module_index_fails_in_modules_and_touches_no_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = RecordingSys::new();
+        let cmdline = "console=ttyS0 metal.api=http://10.99.0.1:8080 metal.token=t metal.partition=lab";
+        let (err, _) = run(&sys, &fake_paths(dir.path()), cmdline, never_install).await;
+        assert_eq!(err.stage, "modules");
+        assert!(chain(&err).contains("modules.alias"), "{}", chain(&err));
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::Discard { .. } | Call::ZeroRange { .. } | Call::KexecLoad { .. })));
+    }
+
     #[test]
     fn tunables_from_cmdline() {
         let t = Tunables::parse("console=ttyS0 metal.reboot_delay_s=3 metal.dhcp_timeout_s=x metal.wait_timeout_s=999");
