@@ -103,7 +103,7 @@ echo "| median | $mr ($((UNPACKED / 1000000)) MB → $(python3 -c "print(int($UN
 truncate -s 1G "$WORK/small.img"
 SMALL=$(losetup --find --show --partscan "$WORK/small.img")
 "$BENCH" run "$URL" "$SHA" "$SIZE" tar.zst "$SMALL" "$WORK/mnt" > /dev/null
-zstd -q -3 -T2 -c "$SMALL" > "$WORK/image.raw.zst"
+zstd -q -3 -T2 -c < "$SMALL" > "$WORK/image.raw.zst"
 losetup -d "$SMALL"
 RAW="$WORK/image.raw.zst"
 RSIZE=$(stat -c %s "$RAW"); RSHA=$(sha256sum "$RAW" | cut -d' ' -f1); RUN=$((1 << 30))

@@ -216,6 +216,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tftp ]; then
     head -c $((1 << 20)) /dev/urandom > "$W/files/small.bin"
     tftp_suite pixie start_pixie_tftp
     tftp_suite "pixie windowsize 16" start_pixie_tftp --option "windowsize 16"
+    tftp_suite "pixie windowsize 64" start_pixie_tftp --option "windowsize 64"
     tftp_suite tftpd-hpa start_tftpd_hpa
     tftp_suite dnsmasq start_dnsmasq_tftp
 fi

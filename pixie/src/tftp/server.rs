@@ -196,6 +196,7 @@ impl TftpServer {
         let mut tries = 0;
         let mut pkt = Vec::with_capacity(neg.blksize as usize + 4);
         let mut wbuf = Vec::new();
+        let mut gso_segment = if window > 1 && (blk as usize + 4) * 2 <= GSO_MAX_BYTES { enable_gso(&sock, blk as usize + 4) } else { None };
         let mut sent_bytes = 0u64;
         loop {
             let end = (base + window - 1).min(last);
@@ -208,18 +209,33 @@ impl TftpServer {
                 let _ = sock.send(&codec::error(code::NOT_DEFINED, "read error")).await;
                 return Outcome::Failed;
             }
-            for b in base..=end {
-                let rel = ((b - base) * blk) as usize;
-                let len = wlen.saturating_sub(rel).min(blk as usize);
+            // With UDP GSO the window's datagrams (all 4 + blksize bytes, only the file's last
+            // one shorter) leave in as few sends as possible; without it, one send per block.
+            let per_send = if gso_segment.is_some() { (GSO_MAX_BYTES / (blk as usize + 4)).max(1) as u64 } else { 1 };
+            let mut b = base;
+            while b <= end {
+                let upto = (b + per_send - 1).min(end);
                 pkt.clear();
-                codec::encode_data_header(&mut pkt, b as u16);
-                pkt.extend_from_slice(&wbuf[rel..rel + len]);
+                for blkno in b..=upto {
+                    let rel = ((blkno - base) * blk) as usize;
+                    let len = wlen.saturating_sub(rel).min(blk as usize);
+                    codec::encode_data_header(&mut pkt, blkno as u16);
+                    pkt.extend_from_slice(&wbuf[rel..rel + len]);
+                    sent_bytes += len as u64;
+                }
                 if let Err(e) = sock.send(&pkt).await {
                     if e.kind() == io::ErrorKind::ConnectionRefused {
                         return Outcome::Aborted;
                     }
+                    if gso_segment.is_some() && upto > b {
+                        // GSO refused at send time (e.g. a device without it): per-block from now on.
+                        tracing::debug!(error = %e, "UDP GSO send failed; falling back to one send per block");
+                        gso_segment = None;
+                        disable_gso(&sock);
+                        break;
+                    }
                 }
-                sent_bytes += len as u64;
+                b = upto + 1;
             }
             // Wait for an ACK inside this window; older duplicates are ignored (no Sorcerer's
             // Apprentice), a timeout resends the window from the first unacknowledged block.
@@ -258,6 +274,30 @@ impl TftpServer {
                 }
             }
         }
+    }
+}
+
+/// Largest payload handed to one GSO send (the kernel's limit is 64 KiB minus headers).
+const GSO_MAX_BYTES: usize = 60_000;
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Turns on UDP GSO (`UDP_SEGMENT`) for a transfer socket; `None` where the kernel refuses.
+fn enable_gso(sock: &UdpSocket, segment: usize) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let seg = libc::c_int::try_from(segment).ok()?;
+    // SAFETY: setsockopt reads one c_int from a live stack variable.
+    let rc = unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, (&seg as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    (rc == 0).then_some(segment)
+}
+
+fn disable_gso(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let zero: libc::c_int = 0;
+    // SAFETY: as in enable_gso.
+    unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, (&zero as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t);
     }
 }
 
