@@ -55,7 +55,7 @@ fn hammer_initramfs_boots_to_init() {
     .map(|s| s.to_string())
     .collect();
     let mut vm = Qemu::start(&args);
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     vm.wait_for("Run /init as init process", deadline);
     vm.wait_for(marker, deadline);
     if marker.starts_with("METAL-HAMMER") {
@@ -124,7 +124,7 @@ fn test_os_verifies_a_correct_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let p = Provision { hostname: "web-1", expect_hostname: "web-1", phone_home_url: "http://10.0.2.2:9/v1/agent/phone-home" };
     let mut vm = boot_test_os(dir.path(), &p, "");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     vm.wait_for("TEST-OS booted", deadline);
     // Nothing listens: phone-home gives up after its (shortened) retry window.
     vm.wait_for("PHONE-HOME status=error", deadline);
@@ -138,7 +138,7 @@ fn test_os_rejects_a_wrong_hostname() {
     let dir = tempfile::tempdir().unwrap();
     let p = Provision { hostname: "web-2", expect_hostname: "web-1", phone_home_url: "http://10.0.2.2:9/v1/agent/phone-home" };
     let mut vm = boot_test_os(dir.path(), &p, "");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     let line = vm.wait_for_any(&["TEST-OS VERIFY PASS", "TEST-OS VERIFY FAIL"], deadline);
     assert!(line.contains("TEST-OS VERIFY FAIL reason=hostname expected=web-1 got=web-2"), "{line}");
 }
@@ -165,7 +165,7 @@ fn test_os_phones_home() {
     let dir = tempfile::tempdir().unwrap();
     let p = Provision { hostname: "web-1", expect_hostname: "web-1", phone_home_url: "http://10.0.2.100:8080/v1/agent/phone-home" };
     let mut vm = boot_test_os(dir.path(), &p, &format!(",guestfwd=tcp:10.0.2.100:8080-tcp:127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     let line = vm.wait_for_any(&["PHONE-HOME status="], deadline);
     assert!(line.contains("PHONE-HOME status=ok"), "{line}\n{}", vm.log.join("\n"));
     let request = server.join().unwrap();

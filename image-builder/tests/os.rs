@@ -144,7 +144,7 @@ fn raw_image_boots_under_uefi() {
         "virtio-net-pci,netdev=n".into(),
     ];
     let mut vm = Qemu::start(&args);
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(240);
     vm.wait_for("TEST-OS booted", deadline);
     let line = vm.wait_for_any(&["TEST-OS VERIFY PASS", "TEST-OS VERIFY FAIL"], deadline);
     assert!(line.contains("PASS"), "{line}\n{}", vm.log.join("\n"));

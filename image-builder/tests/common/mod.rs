@@ -93,15 +93,38 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
+/// At most this many of our QEMU machines run at once, across test processes (nextest runs
+/// each test in its own process): software emulation on two cores slows to a crawl otherwise.
+const VM_SLOTS: usize = 2;
+
+fn vm_slot() -> fs::File {
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+    let open = |i: usize| {
+        fs::OpenOptions::new().create(true).truncate(false).write(true).open(target.join(format!("image-builder-vm-slot-{i}.lock"))).unwrap()
+    };
+    for i in 0..VM_SLOTS {
+        let f = open(i);
+        if f.try_lock().is_ok() {
+            return f;
+        }
+    }
+    let f = open(0);
+    f.lock().unwrap();
+    f
+}
+
 /// A QEMU machine (TCG) with its serial console on stdout, killed on drop.
 pub struct Qemu {
+    _slot: fs::File,
     child: Child,
     lines: Receiver<String>,
     pub log: Vec<String>,
 }
 
 impl Qemu {
+    /// Starts the machine once one of the [`VM_SLOTS`] is free; deadlines start after this.
     pub fn start(args: &[String]) -> Qemu {
+        let slot = vm_slot();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
             .args(args)
@@ -124,7 +147,7 @@ impl Qemu {
                 }
             });
         }
-        Qemu { child, lines: rx, log: Vec::new() }
+        Qemu { _slot: slot, child, lines: rx, log: Vec::new() }
     }
 
     /// Reads console lines until one contains `marker`; returns it. Panics with the console log
