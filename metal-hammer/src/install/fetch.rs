@@ -307,6 +307,8 @@ async fn attempt(
 /// `BLOCK` bytes travel through a bounded channel.
 pub struct Decoded {
     rx: Option<Receiver<io::Result<Vec<u8>>>>,
+    /// Spent blocks go back to the zstd thread: no allocation (and page faults) per block.
+    recycle: std::sync::mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     thread: Option<JoinHandle<Download>>,
@@ -318,6 +320,7 @@ impl Decoded {
     /// Starts zstd on `dl`.
     pub fn start(dl: Download) -> io::Result<Decoded> {
         let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(8);
+        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new().name("image-zstd".into()).spawn(move || {
             let mut dl = dl;
             let mut decoder = match zstd::stream::read::Decoder::new(&mut dl) {
@@ -328,7 +331,8 @@ impl Decoded {
                 }
             };
             loop {
-                let mut buf = vec![0u8; BLOCK];
+                let mut buf = recycled.try_recv().unwrap_or_default();
+                buf.resize(BLOCK, 0);
                 let mut filled = 0;
                 let mut failed = None;
                 while filled < buf.len() {
@@ -358,7 +362,7 @@ impl Decoded {
             drop(decoder);
             dl
         })?;
-        Ok(Decoded { rx: Some(rx), cur: Vec::new(), pos: 0, thread: Some(thread) })
+        Ok(Decoded { rx: Some(rx), recycle, cur: Vec::new(), pos: 0, thread: Some(thread) })
     }
 
     /// Stops decompressing and hands back the download (to drain and hash what is left).
@@ -374,7 +378,10 @@ impl Read for Decoded {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
                 Ok(Ok(b)) => {
-                    self.cur = b;
+                    let spent = std::mem::replace(&mut self.cur, b);
+                    if spent.capacity() > 0 {
+                        let _ = self.recycle.send(spent);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
