@@ -43,6 +43,8 @@ pub struct Store {
     /// SQLite only (one API process owns the file): read caches, cleared by every write.
     catalog_cache: Option<Cache>,
     token_cache: Option<Cache>,
+    /// SQLite: the queue of the group-commit allocation writer.
+    group_writer: Option<tokio::sync::mpsc::UnboundedSender<AllocJob>>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,13 +295,20 @@ impl Store {
             sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
         }
         let sqlite = backend == Backend::Sqlite;
+        let write_lock = sqlite.then(|| Arc::new(Mutex::new(())));
+        let group_writer = write_lock.as_ref().map(|lock| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(group_writer(pool.clone(), lock.clone(), rx));
+            tx
+        });
         let store = Store {
             pool,
             backend,
             url,
-            write_lock: sqlite.then(|| Arc::new(Mutex::new(()))),
+            write_lock,
             catalog_cache: sqlite.then(Cache::default),
             token_cache: sqlite.then(Cache::default),
+            group_writer,
         };
         store.migrate().await?;
         Ok(store)
@@ -923,165 +932,64 @@ impl Store {
     // Allocations
     // -----------------------------------------------------------------------------------------
 
-    async fn allocation_by_key(c: &mut AnyConnection, project: &str, key: &str) -> Result<Option<Allocation>> {
-        let row = sqlx::query("SELECT body FROM allocations WHERE project = $1 AND idempotency_key = $2")
-            .bind(project)
-            .bind(key)
-            .fetch_optional(c)
-            .await?;
-        row.map(|r| parse_json("allocation", &r.try_get::<String, _>("body")?)).transpose()
-    }
 
     /// Picks a machine and allocates it in one transaction; see [`policy::pick`].
+    ///
+    /// PostgreSQL: one transaction per request, candidates locked `FOR UPDATE SKIP LOCKED`, the
+    /// commit carries a NOTIFY for the other replicas. SQLite: requests are handed to one writer
+    /// task that runs every queued request in one transaction (group commit: one fsync for many
+    /// allocations); a request is answered only after its transaction committed.
     pub async fn allocate(&self, plan: &AllocationPlan, dead_after_ms: i64) -> Result<AllocOutcome> {
+        match &self.group_writer {
+            Some(tx) => {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                tx.send(AllocJob { plan: plan.clone(), dead_after_ms, reply })
+                    .map_err(|_| Error::Internal("the allocation writer stopped".into()))?;
+                rx.await.map_err(|_| Error::Internal("the allocation writer dropped a request".into()))?
+            }
+            None => self.allocate_pg(plan, dead_after_ms).await,
+        }
+    }
+
+    async fn allocate_pg(&self, plan: &AllocationPlan, dead_after_ms: i64) -> Result<AllocOutcome> {
         const ATTEMPTS: usize = 16;
         for attempt in 0..ATTEMPTS {
-            let now = now_ms();
             let mut tx = self.write().await?;
-            if let Some(key) = &plan.idempotency_key {
-                if let Some(a) = Self::allocation_by_key(tx.c(), &plan.project, key).await? {
+            match allocate_attempt(tx.c(), Backend::Postgres, plan, dead_after_ms).await {
+                Ok(Attempt::Done(AllocOutcome::Created(a))) => {
+                    // Delivered to every replica's listener when the transaction commits. The
+                    // payload is a UUID (hex and dashes), safe to inline.
+                    sqlx::query(&format!("NOTIFY {ALLOCATION_CHANNEL}, '{}'", a.machine)).execute(tx.c()).await?;
+                    match tx.commit().await {
+                        Ok(()) => return Ok(AllocOutcome::Created(a)),
+                        Err(e) if e.is_unique_violation() => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Attempt::Done(other)) => {
                     tx.rollback().await?;
-                    return Ok(AllocOutcome::Existing(a));
+                    return Ok(other);
                 }
-            }
-            let lock = if self.backend == Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
-            let rows = match (&plan.machine, &plan.size) {
-                (Some(m), _) => {
-                    sqlx::query(&format!(
-                        "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines WHERE id = $1 AND partition = $2{}",
-                        if lock.is_empty() { "" } else { " FOR UPDATE" }
-                    ))
-                    .bind(m.to_string())
-                    .bind(&plan.partition)
-                    .fetch_all(tx.c())
-                    .await?
+                Ok(Attempt::Retry) => {
+                    tx.rollback().await?;
+                    tracing::debug!(attempt, "lost the race for a machine; retrying");
                 }
-                (None, Some(size)) => {
-                    // Pre-filter in SQL; the pick re-checks every condition.
-                    let limit = if self.backend == Backend::Postgres { 1 } else { 16 };
-                    sqlx::query(&format!(
-                        "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines \
-                         WHERE partition = $1 AND size = $2 AND state = 'Waiting' AND allocation IS NULL \
-                         AND crash_loop = 0 AND last_seen_ms > $3 ORDER BY last_seen_ms DESC LIMIT {limit}{lock}"
-                    ))
-                    .bind(&plan.partition)
-                    .bind(size)
-                    .bind(now - dead_after_ms)
-                    .fetch_all(tx.c())
-                    .await?
-                }
-                (None, None) => return Err(Error::bad_request("give a size or a machine")),
-            };
-            let cands: Vec<Candidate> = rows
-                .iter()
-                .map(|r| {
-                    let state: Option<String> = r.try_get("state")?;
-                    Ok(Candidate {
-                        id: parse_machine_id(&r.try_get::<String, _>("id")?)?,
-                        state: state.as_deref().map(parse_event).transpose()?,
-                        allocated: r.try_get::<Option<String>, _>("allocation")?.is_some(),
-                        crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
-                        last_seen_ms: r.try_get("last_seen_ms")?,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let Some(machine) = policy::pick(&cands, now, dead_after_ms, rand::random()) else {
-                tx.rollback().await?;
-                return Err(self.why_no_machine(plan, cands.first(), now, dead_after_ms));
-            };
-            let alloc = Allocation {
-                id: AllocationId::new_random(),
-                machine,
-                project: plan.project.clone(),
-                partition: plan.partition.clone(),
-                image: plan.image.clone(),
-                hostname: plan.hostname.clone(),
-                layout: plan.layout.clone(),
-                ssh_keys: plan.ssh_keys.clone(),
-                user_data: plan.user_data.clone(),
-                created_at: rfc3339(now),
-                idempotency_key: plan.idempotency_key.clone(),
-            };
-            // The re-check: only a machine that is still free and waiting is taken.
-            let n = sqlx::query(
-                "UPDATE machines SET allocation = $1, updated_ms = $2 WHERE id = $3 AND allocation IS NULL AND state = 'Waiting'",
-            )
-            .bind(alloc.id.to_string())
-            .bind(now)
-            .bind(machine.to_string())
-            .execute(tx.c())
-            .await?
-            .rows_affected();
-            if n == 0 {
-                tx.rollback().await?;
-                tracing::debug!(attempt, %machine, "lost the race for a machine; retrying");
-                continue;
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO allocations (id, machine, project, body, idempotency_key, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(alloc.id.to_string())
-            .bind(machine.to_string())
-            .bind(&alloc.project)
-            .bind(to_json(&alloc))
-            .bind(&alloc.idempotency_key)
-            .bind(now)
-            .execute(tx.c())
-            .await;
-            if let Err(e) = inserted {
-                let e = Error::from(e);
-                drop(tx);
-                if e.is_unique_violation() {
+                Err(e) if e.is_unique_violation() => {
+                    drop(tx);
                     if let Some(key) = &plan.idempotency_key {
                         // A concurrent request with the same key won.
                         let mut c = self.pool.acquire().await?;
-                        if let Some(a) = Self::allocation_by_key(&mut c, &plan.project, key).await? {
+                        if let Some(a) = allocation_by_key(&mut c, &plan.project, key).await? {
                             return Ok(AllocOutcome::Existing(a));
                         }
                     }
-                    continue;
                 }
-                return Err(e);
-            }
-            if self.backend == Backend::Postgres {
-                // Delivered to every replica's listener when the transaction commits. The
-                // payload is a UUID (hex and dashes), safe to inline.
-                sqlx::query(&format!("NOTIFY {ALLOCATION_CHANNEL}, '{machine}'")).execute(tx.c()).await?;
-            }
-            match tx.commit().await {
-                Ok(()) => return Ok(AllocOutcome::Created(alloc)),
-                Err(e) if e.is_unique_violation() => continue,
                 Err(e) => return Err(e),
             }
         }
         Err(Error::Conflict(format!(
             "could not allocate after {ATTEMPTS} attempts because of concurrent allocations; retry the request"
         )))
-    }
-
-    fn why_no_machine(&self, plan: &AllocationPlan, cand: Option<&Candidate>, now: i64, dead_after_ms: i64) -> Error {
-        match (&plan.machine, cand) {
-            (Some(m), None) => Error::NotFound(format!("machine {m} not found in partition {}", plan.partition)),
-            (Some(m), Some(c)) => {
-                let why = if c.allocated {
-                    "it is already allocated".to_string()
-                } else if c.crash_loop {
-                    "it is crash-looping".to_string()
-                } else if c.state != Some(Ev::Waiting) {
-                    format!("it is not Waiting (state: {})", c.state.map_or("none", |e| e.as_str()))
-                } else if !c.eligible(now, dead_after_ms) {
-                    format!("it has not been heard from in {} s", dead_after_ms / 1000)
-                } else {
-                    "it was taken concurrently".to_string()
-                };
-                Error::NoMachineAvailable(format!("machine {m} cannot be allocated: {why}; pick another machine or ask for a size"))
-            }
-            (None, _) => Error::NoMachineAvailable(format!(
-                "no machine of size {} is waiting in partition {}; retry when machines return to the pool, or try another size or partition",
-                plan.size.as_deref().unwrap_or("?"),
-                plan.partition
-            )),
-        }
     }
 
     pub async fn allocations(&self, project: Option<&str>) -> Result<Vec<Allocation>> {
@@ -1193,6 +1101,207 @@ impl Store {
         let freed: i64 = r.try_get("freed")?;
         Ok((total, total - freed))
     }
+}
+
+/// One queued allocation for the SQLite group writer.
+struct AllocJob {
+    plan: AllocationPlan,
+    dead_after_ms: i64,
+    reply: tokio::sync::oneshot::Sender<Result<AllocOutcome>>,
+}
+
+#[allow(clippy::large_enum_variant)] // short-lived, returned once per attempt
+enum Attempt {
+    Done(AllocOutcome),
+    /// The picked machine was taken between the read and the write: pick again.
+    Retry,
+}
+
+async fn allocation_by_key(c: &mut AnyConnection, project: &str, key: &str) -> Result<Option<Allocation>> {
+    let row = sqlx::query("SELECT body FROM allocations WHERE project = $1 AND idempotency_key = $2")
+        .bind(project)
+        .bind(key)
+        .fetch_optional(c)
+        .await?;
+    row.map(|r| parse_json("allocation", &r.try_get::<String, _>("body")?)).transpose()
+}
+
+/// One try at an allocation inside the caller's transaction. On `Retry` and on errors the caller
+/// must undo what this wrote (roll back, or delete the allocation row it names).
+async fn allocate_attempt(c: &mut AnyConnection, backend: Backend, plan: &AllocationPlan, dead_after_ms: i64) -> Result<Attempt> {
+    let now = now_ms();
+    if let Some(key) = &plan.idempotency_key {
+        if let Some(a) = allocation_by_key(c, &plan.project, key).await? {
+            return Ok(Attempt::Done(AllocOutcome::Existing(a)));
+        }
+    }
+    let pg = backend == Backend::Postgres;
+    let rows = match (&plan.machine, &plan.size) {
+        (Some(m), _) => {
+            sqlx::query(&format!(
+                "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines WHERE id = $1 AND partition = $2{}",
+                if pg { " FOR UPDATE" } else { "" }
+            ))
+            .bind(m.to_string())
+            .bind(&plan.partition)
+            .fetch_all(&mut *c)
+            .await?
+        }
+        (None, Some(size)) => {
+            // Pre-filter in SQL (index `machines_free`); the pick re-checks every condition.
+            let tail = if pg { "LIMIT 1 FOR UPDATE SKIP LOCKED" } else { "LIMIT 16" };
+            sqlx::query(&format!(
+                "SELECT id, state, allocation, crash_loop, last_seen_ms FROM machines \
+                 WHERE partition = $1 AND size = $2 AND state = 'Waiting' AND allocation IS NULL \
+                 AND crash_loop = 0 AND last_seen_ms > $3 ORDER BY last_seen_ms DESC {tail}"
+            ))
+            .bind(&plan.partition)
+            .bind(size)
+            .bind(now - dead_after_ms)
+            .fetch_all(&mut *c)
+            .await?
+        }
+        (None, None) => return Err(Error::bad_request("give a size or a machine")),
+    };
+    let cands: Vec<Candidate> = rows
+        .iter()
+        .map(|r| {
+            let state: Option<String> = r.try_get("state")?;
+            Ok(Candidate {
+                id: parse_machine_id(&r.try_get::<String, _>("id")?)?,
+                state: state.as_deref().map(parse_event).transpose()?,
+                allocated: r.try_get::<Option<String>, _>("allocation")?.is_some(),
+                crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
+                last_seen_ms: r.try_get("last_seen_ms")?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let Some(machine) = policy::pick(&cands, now, dead_after_ms, rand::random()) else {
+        return Err(why_no_machine(plan, cands.first(), now, dead_after_ms));
+    };
+    let alloc = Allocation {
+        id: AllocationId::new_random(),
+        machine,
+        project: plan.project.clone(),
+        partition: plan.partition.clone(),
+        image: plan.image.clone(),
+        hostname: plan.hostname.clone(),
+        layout: plan.layout.clone(),
+        ssh_keys: plan.ssh_keys.clone(),
+        user_data: plan.user_data.clone(),
+        created_at: rfc3339(now),
+        idempotency_key: plan.idempotency_key.clone(),
+    };
+    sqlx::query("INSERT INTO allocations (id, machine, project, body, idempotency_key, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(alloc.id.to_string())
+        .bind(machine.to_string())
+        .bind(&alloc.project)
+        .bind(to_json(&alloc))
+        .bind(&alloc.idempotency_key)
+        .bind(now)
+        .execute(&mut *c)
+        .await?;
+    // The re-check: only a machine that is still free and waiting is taken.
+    let n = sqlx::query(
+        "UPDATE machines SET allocation = $1, updated_ms = $2 WHERE id = $3 AND allocation IS NULL AND state = 'Waiting'",
+    )
+    .bind(alloc.id.to_string())
+    .bind(now)
+    .bind(machine.to_string())
+    .execute(&mut *c)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        if !pg {
+            sqlx::query("DELETE FROM allocations WHERE id = $1").bind(alloc.id.to_string()).execute(&mut *c).await?;
+        }
+        return Ok(Attempt::Retry);
+    }
+    Ok(Attempt::Done(AllocOutcome::Created(alloc)))
+}
+
+fn why_no_machine(plan: &AllocationPlan, cand: Option<&Candidate>, now: i64, dead_after_ms: i64) -> Error {
+    match (&plan.machine, cand) {
+        (Some(m), None) => Error::NotFound(format!("machine {m} not found in partition {}", plan.partition)),
+        (Some(m), Some(c)) => {
+            let why = if c.allocated {
+                "it is already allocated".to_string()
+            } else if c.crash_loop {
+                "it is crash-looping".to_string()
+            } else if c.state != Some(Ev::Waiting) {
+                format!("it is not Waiting (state: {})", c.state.map_or("none", |e| e.as_str()))
+            } else if !c.eligible(now, dead_after_ms) {
+                format!("it has not been heard from in {} s", dead_after_ms / 1000)
+            } else {
+                "it was taken concurrently".to_string()
+            };
+            Error::NoMachineAvailable(format!("machine {m} cannot be allocated: {why}; pick another machine or ask for a size"))
+        }
+        (None, _) => Error::NoMachineAvailable(format!(
+            "no machine of size {} is waiting in partition {}; retry when machines return to the pool, or try another size or partition",
+            plan.size.as_deref().unwrap_or("?"),
+            plan.partition
+        )),
+    }
+}
+
+/// The SQLite allocation writer: takes every queued request, runs them in one transaction, and
+/// answers each after the commit. Exits when the store is dropped.
+async fn group_writer(pool: AnyPool, lock: Arc<Mutex<()>>, mut jobs: tokio::sync::mpsc::UnboundedReceiver<AllocJob>) {
+    const MAX_BATCH: usize = 256;
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let _guard = lock.lock().await;
+        let results = run_batch(&pool, &batch).await;
+        match results {
+            Ok(results) => {
+                for (job, r) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, jobs = batch.len(), "allocation batch failed; nothing of it was committed");
+                for job in batch {
+                    let _ = job.reply.send(Err(Error::Internal(format!("allocation transaction failed: {msg}"))));
+                }
+            }
+        }
+    }
+}
+
+/// Runs a batch in one transaction. `Err` only when the transaction itself failed (then nothing
+/// was committed); a request's own failure (no machine, …) is its result and wrote nothing.
+async fn run_batch(pool: &AnyPool, batch: &[AllocJob]) -> Result<Vec<Result<AllocOutcome>>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut result = Err(Error::Conflict("could not allocate because of concurrent allocations; retry".into()));
+        for _ in 0..16 {
+            match allocate_attempt(&mut tx, Backend::Sqlite, &job.plan, job.dead_after_ms).await {
+                Ok(Attempt::Retry) => continue,
+                Ok(Attempt::Done(o)) => {
+                    result = Ok(o);
+                    break;
+                }
+                // A database error leaves the transaction in doubt: fail the whole batch.
+                Err(Error::Db(e)) if !matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) => return Err(Error::Db(e)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        results.push(result);
+    }
+    tx.commit().await?;
+    Ok(results)
 }
 
 #[cfg(test)]
