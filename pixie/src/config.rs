@@ -185,6 +185,12 @@ pub struct FileHttp {
     pub public_url: String,
     #[serde(default)]
     pub hammer_dir: Option<PathBuf>,
+    /// Instead of `hammer_dir`: fetch `/hammer/<file>` from `<hammer_url>/<file>` and keep it in
+    /// memory for `hammer_cache_s` (300).
+    #[serde(default)]
+    pub hammer_url: Option<String>,
+    #[serde(default)]
+    pub hammer_cache_s: Option<u64>,
     #[serde(default)]
     pub images_dir: Option<PathBuf>,
 }
@@ -315,6 +321,8 @@ pub struct HttpConfig {
     /// Without a trailing slash.
     pub public_url: String,
     pub hammer_dir: Option<PathBuf>,
+    pub hammer_url: Option<String>,
+    pub hammer_cache: Duration,
     pub images_dir: Option<PathBuf>,
 }
 
@@ -414,6 +422,12 @@ impl TryFrom<File> for Config {
         let http = HttpConfig {
             listen: f.http.listen,
             public_url: check_http_url("http.public_url", &f.http.public_url)?,
+            hammer_url: match (&f.http.hammer_dir, &f.http.hammer_url) {
+                (Some(_), Some(_)) => return Err(invalid("http: give either hammer_dir or hammer_url, not both")),
+                (_, Some(u)) => Some(check_http_url("http.hammer_url", u)?),
+                _ => None,
+            },
+            hammer_cache: Duration::from_secs(f.http.hammer_cache_s.unwrap_or(300).max(1)),
             hammer_dir: f.http.hammer_dir,
             images_dir: f.http.images_dir,
         };
@@ -598,6 +612,7 @@ public_url = "http://10.99.0.1:8081"
             ("token = \"secret\"", "", "token"),
             ("ip = \"10.99.0.50\"", "ip = \"10.1.0.50\"", "outside"),
             ("url = \"http://10.99.0.1:8080/\"", "url = \"ftp://x\"", "http://"),
+            ("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\nhammer_dir = \"/a\"\nhammer_url = \"http://b\"", "not both"),
         ] {
             let text = LAB.replace(from, to);
             let err = parse(&text).unwrap_err().to_string();

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -118,40 +118,111 @@ impl MemDir {
 
     /// Answers `GET <prefix>/<name>` (and HEAD, whose body axum drops).
     pub fn serve(&self, name: &str, headers: &HeaderMap) -> Response {
-        let c = match self.load(name) {
-            Ok(c) => c,
-            Err(status) => return (status, "not found\n").into_response(),
+        match self.load(name) {
+            Ok(c) => respond(c.data, headers),
+            Err(status) => (status, "not found\n").into_response(),
+        }
+    }
+}
+
+/// A whole file or the one range asked for.
+pub fn respond(data: Bytes, headers: &HeaderMap) -> Response {
+    let len = data.len() as u64;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let mut resp = match parse_range(range, len) {
+        RangeReq::Full => {
+            let mut r = Response::new(Body::from(data));
+            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            r
+        }
+        RangeReq::Part { start, end } => {
+            let mut r = Response::new(Body::from(data.slice(start as usize..=end as usize)));
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+        RangeReq::Unsatisfiable => {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    resp
+}
+
+/// The kernel and initrd fetched from an upstream URL (`http.hammer_url`) and kept in memory for
+/// `ttl`; one fetch at a time, so a hundred machines booting at once cause one download.
+pub struct Upstream {
+    base: String,
+    http: reqwest::Client,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, Bytes)>>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl Upstream {
+    pub fn new(base: &str, ttl: Duration) -> Upstream {
+        Upstream {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("static HTTP client settings"),
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self, name: &str) -> Option<Bytes> {
+        let c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.get(name).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, b)| b.clone())
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes, (StatusCode, String)> {
+        if !valid_name(name) {
+            return Err((StatusCode::NOT_FOUND, "not found".into()));
+        }
+        if let Some(b) = self.cached(name) {
+            return Ok(b);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(b) = self.cached(name) {
+            return Ok(b);
+        }
+        let url = format!("{}/{name}", self.base);
+        let bad = |what: String| {
+            tracing::warn!(%url, error = %what, "upstream fetch failed");
+            (StatusCode::BAD_GATEWAY, format!("upstream {url}: {what}"))
         };
-        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-        let mut resp = match parse_range(range, c.len) {
-            RangeReq::Full => {
-                let mut r = Response::new(Body::from(c.data.clone()));
-                r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(c.len));
-                r
-            }
-            RangeReq::Part { start, end } => {
-                let mut r = Response::new(Body::from(c.data.slice(start as usize..=end as usize)));
-                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-                let h = r.headers_mut();
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{}", c.len)) {
-                    h.insert(header::CONTENT_RANGE, v);
-                }
-                r
-            }
-            RangeReq::Unsatisfiable => {
-                let mut r = Response::new(Body::empty());
-                *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", c.len)) {
-                    r.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                r
-            }
-        };
-        let h = resp.headers_mut();
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        resp
+        let resp = self.http.get(&url).timeout(Duration::from_secs(300)).send().await.map_err(|e| bad(e.to_string()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err((StatusCode::NOT_FOUND, "not found".into()));
+        }
+        if !resp.status().is_success() {
+            return Err(bad(format!("status {}", resp.status())));
+        }
+        if resp.content_length().is_some_and(|l| l > MAX_CACHED) {
+            return Err(bad("larger than 1 GiB".into()));
+        }
+        let data = resp.bytes().await.map_err(|e| bad(e.to_string()))?;
+        tracing::info!(%url, bytes = data.len(), "fetched from upstream");
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (Instant::now(), data.clone()));
+        Ok(data)
+    }
+
+    pub async fn serve(&self, name: &str, headers: &HeaderMap) -> Response {
+        match self.get(name).await {
+            Ok(data) => respond(data, headers),
+            Err((status, msg)) => (status, format!("{msg}\n")).into_response(),
+        }
     }
 }
 
@@ -177,6 +248,39 @@ mod tests {
         assert_eq!(parse_range(Some("items=0-1"), 100), Full);
         assert_eq!(parse_range(Some("bytes=x-1"), 100), Full);
         assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
+    }
+
+    #[tokio::test]
+    async fn upstream_is_fetched_once_and_served_with_ranges() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let app = axum::Router::new().route(
+            "/hammer/{name}",
+            axum::routing::get(move |axum::extract::Path(name): axum::extract::Path<String>| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    if name == "vmlinuz" { Ok(vec![7u8; 1000]) } else { Err(StatusCode::NOT_FOUND) }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let up = Upstream::new(&format!("http://{addr}/hammer/"), Duration::from_secs(60));
+        assert_eq!(up.get("vmlinuz").await.unwrap().len(), 1000);
+        assert_eq!(up.get("vmlinuz").await.unwrap().len(), 1000);
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "second request served from memory");
+        assert_eq!(up.get("missing").await.unwrap_err().0, StatusCode::NOT_FOUND);
+        assert_eq!(up.get("../x").await.unwrap_err().0, StatusCode::NOT_FOUND);
+        let mut hm = HeaderMap::new();
+        hm.insert(header::RANGE, HeaderValue::from_static("bytes=-10"));
+        let r = up.serve("vmlinuz", &hm).await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 990-999/1000");
+        let down = Upstream::new("http://127.0.0.1:9", Duration::from_secs(60));
+        assert_eq!(down.get("vmlinuz").await.unwrap_err().0, StatusCode::BAD_GATEWAY);
     }
 
     #[test]

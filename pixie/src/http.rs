@@ -23,8 +23,9 @@ use crate::metrics::Metrics;
 
 pub struct HttpState {
     pub api: ApiClient,
-    /// `/hammer/*`, served from memory.
+    /// `/hammer/*`, served from memory: a local directory or an upstream URL.
     pub hammer: Option<crate::files::MemDir>,
+    pub hammer_upstream: Option<crate::files::Upstream>,
     pub partition: String,
     /// Without a trailing slash.
     pub public_url: String,
@@ -81,9 +82,10 @@ async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, 
 }
 
 async fn hammer(State(st): State<Arc<HttpState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    match &st.hammer {
-        Some(dir) => dir.serve(&name, &headers),
-        None => (StatusCode::NOT_FOUND, "no hammer_dir configured\n").into_response(),
+    match (&st.hammer, &st.hammer_upstream) {
+        (Some(dir), _) => dir.serve(&name, &headers),
+        (None, Some(up)) => up.serve(&name, &headers).await,
+        (None, None) => (StatusCode::NOT_FOUND, "no hammer_dir or hammer_url configured\n").into_response(),
     }
 }
 

@@ -113,7 +113,8 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
         pixie::dhcp::server::start(Arc::new(handler))?;
     }
     let hammer = cfg.http.hammer_dir.as_deref().map(pixie::files::MemDir::new);
-    let state = Arc::new(HttpState { api, hammer, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
+    let hammer_upstream = cfg.http.hammer_url.as_deref().map(|u| pixie::files::Upstream::new(u, cfg.http.hammer_cache));
+    let state = Arc::new(HttpState { api, hammer, hammer_upstream, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
     let dirs = StaticDirs {
         images: cfg.http.images_dir.clone(),
         boot: cfg.tftp.as_ref().map(|t| t.root.clone()),
