@@ -4,14 +4,19 @@
 //! # Durability contract of [`write_raw`]
 //!
 //! The device is opened `O_WRONLY | O_EXCL | O_CLOEXEC` (`O_EXCL` on a block device fails while
-//! any partition of it is mounted or claimed). Data goes through the page cache in large
-//! sequential writes; a short write is continued and an interrupted one retried, any other
-//! error ends the install. After the last byte, `fsync` flushes the data and the device's
-//! volatile cache, and `BLKFLSBUF` drops the device's cached pages so what is read back (the
-//! partition table, the superblocks) comes from the disk. Only then is the write reported done.
+//! any partition of it is mounted or claimed), and on a block device a second time with
+//! `O_DIRECT`. Data is written sequentially in 4 MiB blocks from a page-aligned buffer: whole
+//! sectors of an aligned block go through the `O_DIRECT` descriptor (no page-cache copy), the
+//! rest (the tail of an image that is not a whole number of blocks, anything after a short
+//! write) through the buffered one, at the same explicit offsets (`pwrite`). A short write is
+//! continued and an interrupted one retried; any other error ends the install. After the last
+//! byte, `fsync` flushes the buffered data and the device's volatile write cache (which also
+//! holds the direct writes), and `BLKFLSBUF` drops the device's cached pages so what is read
+//! back (the partition table, the superblocks) comes from the disk. Only then is the write
+//! reported done.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
@@ -33,7 +38,10 @@ pub trait Sink {
 /// A disk or image file opened for [`write_raw`].
 pub struct DeviceSink {
     file: File,
+    /// `O_DIRECT` descriptor of a block device, and its logical sector size.
+    direct: Option<(File, usize)>,
     block: bool,
+    offset: u64,
 }
 
 impl DeviceSink {
@@ -44,13 +52,31 @@ impl DeviceSink {
             flags |= libc::O_EXCL;
         }
         let file = OpenOptions::new().write(true).custom_flags(flags).open(path)?;
-        Ok(DeviceSink { file, block })
+        let direct = if block {
+            let sector = super::gpt::logical_sector_size(&file)? as usize;
+            // Not fatal: a device that refuses O_DIRECT is written through the page cache.
+            OpenOptions::new().write(true).custom_flags(libc::O_CLOEXEC | libc::O_DIRECT).open(path).ok().map(|f| (f, sector))
+        } else {
+            None
+        };
+        Ok(DeviceSink { file, direct, block, offset: 0 })
     }
 }
 
 impl Sink for DeviceSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        use std::os::unix::fs::FileExt;
+        let n = match &self.direct {
+            Some((direct, sector))
+                if (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len() >= *sector && self.offset.is_multiple_of(*sector as u64) =>
+            {
+                let whole = buf.len() - buf.len() % sector;
+                direct.write_at(&buf[..whole], self.offset)?
+            }
+            _ => self.file.write_at(buf, self.offset)?,
+        };
+        self.offset += n as u64;
+        Ok(n)
     }
     fn flush_durable(&mut self) -> io::Result<()> {
         self.file.sync_all()?;
@@ -66,10 +92,20 @@ impl Sink for DeviceSink {
     }
 }
 
+/// Alignment of the write buffer: a page, enough for `O_DIRECT` on any logical sector size.
+const ALIGN: usize = 4096;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; ALIGN]);
+
 /// Copies `src` to `sink` until `src` ends, then makes it durable. `progress` gets the bytes
 /// written since its last call. Returns the number of bytes written.
 pub fn write_raw<R: Read, S: Sink>(mut src: R, sink: &mut S, limit: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
-    let mut buf = vec![0u8; 4 << 20];
+    let mut pages = vec![Page([0; ALIGN]); (4 << 20) / ALIGN];
+    // SAFETY: `Page` is a plain byte array with no padding; the slice covers exactly the
+    // vector's initialised elements and lives no longer than it.
+    let buf: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), pages.len() * ALIGN) };
     let mut total = 0u64;
     loop {
         // Fill the buffer as far as the source allows, so writes stay large.
