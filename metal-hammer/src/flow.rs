@@ -265,7 +265,10 @@ where
         let initrd = (!boot.initrd.is_empty()).then(|| PathBuf::from(&boot.initrd));
         sys.kexec_load(Path::new(&boot.kernel), initrd.as_deref(), &boot.cmdline)?;
         api.event(ProvisioningEvent::BootingNewKernel, format!("{} {}", boot.kernel, boot.cmdline));
-        api.retry("events", Duration::from_secs(30), Duration::from_secs(5), || api.flush()).await?;
+        // The install report is in; this event is worth a short wait, not a failed boot.
+        if let Err(e) = api.retry("events", Duration::from_secs(30), Duration::from_secs(5), || api.flush()).await {
+            crate::log!("booting without reporting it: {}", chain(&e));
+        }
         unmount_below(sys, mount_root);
         sys.sync();
         marker("kexec", Status::Ok, &[("kernel", &boot.kernel)]);
