@@ -219,7 +219,7 @@ impl ApiClient {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                     let d = backoff.next_delay();
-                    crate::log!("{what}: {} (retrying in {} ms)", crate::console::chain(&e), d.as_millis());
+                    crate::log!("{} (retrying {what} in {} ms)", crate::console::chain(&e), d.as_millis());
                     tokio::time::sleep(d).await;
                 }
                 Err(e) => return Err(e),
@@ -243,7 +243,7 @@ impl ApiClient {
                 Ok(None) => backoff.reset(),
                 Err(e) if e.is_transient() => {
                     let d = backoff.next_delay();
-                    crate::log!("wait: {} (reconnecting in {} ms)", crate::console::chain(&e), d.as_millis());
+                    crate::log!("{} (reconnecting in {} ms)", crate::console::chain(&e), d.as_millis());
                     tokio::time::sleep(d).await;
                 }
                 Err(e) => return Err(e),
