@@ -100,6 +100,12 @@ impl ApiClient {
         })
     }
 
+    /// The same client (credential, queued events) talking to another address (tests only).
+    #[cfg(test)]
+    pub(crate) fn with_base(self, base: String) -> ApiClient {
+        ApiClient { base, ..self }
+    }
+
     pub fn is_registered(&self) -> bool {
         self.credential.lock().unwrap().is_some()
     }

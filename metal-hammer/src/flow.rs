@@ -359,6 +359,11 @@ mod tests {
     /// Serves the agent routes on 127.0.0.1:<random>; `wait` answers 204 `empty_waits` times,
     /// then 200 with [`instructions`].
     async fn fake_api(seen: Seen, empty_waits: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        serve_fake_api(listener, seen, empty_waits)
+    }
+
+    fn serve_fake_api(listener: tokio::net::TcpListener, seen: Seen, empty_waits: usize) -> String {
         let waits = Arc::new(Mutex::new(0usize));
         let app = Router::new()
             .route(
@@ -405,7 +410,6 @@ mod tests {
                 }),
             )
             .with_state(seen);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         format!("http://{addr}")
@@ -502,6 +506,32 @@ mod tests {
         assert_eq!(instr.hostname, "web-1");
         assert_eq!(seen.all(), vec!["register lab", "event Waiting", "wait", "wait", "wait"]);
         assert_eq!(api.pending_events(), 0);
+    }
+
+    #[tokio::test]
+    async fn wait_reconnects_when_the_api_comes_back_and_delivers_queued_events() {
+        let seen = Seen::default();
+        let url = fake_api(seen.clone(), 0).await;
+        let api = registered(&url).await;
+        // Point the registered client at a port with nobody listening, then start the API
+        // there a little later: the wait retries with back-off and the queued event goes out.
+        let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = spare.local_addr().unwrap();
+        drop(spare);
+        let moved = api.with_base(format!("http://{addr}"));
+        moved.event(ProvisioningEvent::Waiting, "queued while away");
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            serve_fake_api(listener, seen2, 0);
+        });
+        let start = std::time::Instant::now();
+        let instr = tokio::time::timeout(Duration::from_secs(20), moved.wait_for_instructions(1, Duration::from_millis(400))).await.expect("came back").unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(1200));
+        assert_eq!(instr.hostname, "web-1");
+        assert_eq!(seen.all(), vec!["register lab", "event Waiting", "wait"]);
+        assert_eq!(moved.pending_events(), 0);
     }
 
     #[tokio::test]
