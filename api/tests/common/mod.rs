@@ -55,6 +55,24 @@ impl Db {
     }
 }
 
+impl Drop for Db {
+    /// Drops the test database even when the test failed (on a thread of its own, since this
+    /// may run inside the test's runtime).
+    fn drop(&mut self) {
+        if let Some((base, name)) = self.pg.take() {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
 pub struct Api {
     pub running: Option<metal_api::Running>,
     pub base: String,
