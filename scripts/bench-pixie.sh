@@ -20,10 +20,12 @@ API=$TARGET/release/metal-api
 
 S=pbs$$; C=pbc$$
 W=$(mktemp -d /tmp/bench-pixie.XXXXXX)
-PIDS=()
+# Every process this script starts lives in one of its two namespaces: stopping means killing
+# what `ip netns pids` lists there (a background `ip netns exec` is not the server's pid).
+killns() { local p; for p in $(ip netns pids "$1" 2>/dev/null); do kill "$p" 2>/dev/null || true; done; }
 cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    sleep 0.3
+    killns "$S"; killns "$C"
+    sleep 0.5
     ip netns del "$S" 2>/dev/null || true
     ip netns del "$C" 2>/dev/null || true
     rm -rf "$W"
@@ -41,14 +43,18 @@ ip -n "$S" link set vs up; ip -n "$C" link set vc up
 ns() { ip netns exec "$S" "$@"; }
 nc() { ip netns exec "$C" "$@"; }
 
-start() { # name, command...: starts in the server namespace, remembers the pid
+start() { # name, command...: starts in the server namespace
     local name=$1; shift
-    ns "$@" > "$W/$name.log" 2>&1 &
-    PIDS+=($!)
-    LAST=$!
+    ip netns exec "$S" "$@" > "$W/$name.log" 2>&1 &
     sleep 1
+    kill -0 $! 2>/dev/null || { echo "$name did not start:" >&2; cat "$W/$name.log" >&2; exit 1; }
 }
-stop() { kill "$LAST" 2>/dev/null || true; wait "$LAST" 2>/dev/null || true; sleep 0.5; }
+stop() { # everything in the server namespace
+    killns "$S"
+    local i
+    for i in $(seq 1 50); do [ -z "$(ip netns pids "$S")" ] && break; sleep 0.1; done
+    wait 2>/dev/null || true
+}
 
 echo "# bench-pixie $(date -u +%FT%TZ) on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -182,16 +188,14 @@ EOF
 }
 http_suite() {
     pixie_conf ""
-    local api_started=0
     if [ -x "$API" ]; then
         start api "$API" --listen 10.99.0.1:8080 --admin-token admin-secret --db "sqlite://$W/metal.db"
-        api_started=$LAST
         ns curl -sf -X POST -H 'authorization: Bearer admin-secret' -H 'content-type: application/json' \
             -d '{"id":"lab","boot":{"kernel_url":"http://10.99.0.1:8081/hammer/vmlinuz","initrd_url":"http://10.99.0.1:8081/hammer/initrd.img","cmdline":"console=ttyS0","api_url":"http://10.99.0.1:8080"}}' \
             http://10.99.0.1:8080/v1/partitions > /dev/null
     fi
-    RUST_LOG=warn start pixie "$PIXIE" --config "$W/pixie.toml" --no-dhcp; local pixie_pid=$LAST
-    start_nginx; local nginx_pid=$LAST
+    RUST_LOG=warn start pixie "$PIXIE" --config "$W/pixie.toml" --no-dhcp
+    start_nginx
     for c in 1 16 64 256; do
         echo "| HTTP 50 MiB initrd, $c clients | pixie | $(wrk_mbs http://10.99.0.1:8081/hammer/initrd.img "$c") MB/s |"
         echo "| HTTP 50 MiB initrd, $c clients | nginx | $(wrk_mbs http://10.99.0.1:8082/hammer/initrd.img "$c") MB/s |"
@@ -199,9 +203,7 @@ http_suite() {
     ns curl -sf "http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" > "$W/files/script.ipxe" || true
     echo "| iPXE script, 64 connections | pixie (API decision) | $(wrk_rps "http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" 64) req/s |"
     echo "| iPXE script, 64 connections | nginx (static file of that size) | $(wrk_rps http://10.99.0.1:8082/script.ipxe 64) req/s |"
-    kill "$pixie_pid" "$nginx_pid" 2>/dev/null || true
-    [ "$api_started" != 0 ] && kill "$api_started" 2>/dev/null || true
-    sleep 0.5
+    stop
 }
 
 echo "| benchmark | server | result |"
