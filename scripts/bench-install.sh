@@ -41,12 +41,14 @@ for l in sys.stdin:
 
 WORK=$(mktemp -d /tmp/bench-install.XXXXXX)
 LOOP=""
+SMALL=""
 SERVER_PID=""
 cleanup() {
     set +e
-    for m in "$WORK/mnt" "$WORK/mnt"; do mountpoint -q "$m" && umount -l "$m"; done
+    mountpoint -q "$WORK/mnt" && umount -l "$WORK/mnt"
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
     [ -n "$LOOP" ] && losetup -d "$LOOP"
+    [ -n "$SMALL" ] && losetup -d "$SMALL"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -84,14 +86,14 @@ REF=(); OURS=()
 for r in $(seq "$ROUNDS"); do
     reset_disk
     t0=$(now)
-    mkfs.ext4 -q -F "$LOOP"
+    mkfs.ext4 -q -F -F "$LOOP"
     mount "$LOOP" "$WORK/mnt"
     curl -sf "$URL" | zstd -d -q | tar -x -C "$WORK/mnt"
     umount "$WORK/mnt"; sync
     ref=$(secs "$t0" "$(now)")
     reset_disk
     t0=$(now)
-    "$BENCH" run "$URL" "$SHA" "$SIZE" tar.zst "$LOOP" "$WORK/mnt" > /dev/null
+    BENCH_STAGES=1 "$BENCH" run "$URL" "$SHA" "$SIZE" tar.zst "$LOOP" "$WORK/mnt" > /dev/null 2>>"${STAGES_LOG:-/dev/stderr}"
     ours=$(secs "$t0" "$(now)")
     REF+=("$ref"); OURS+=("$ours")
     echo "| $r | $ref | $ours | $(python3 -c "print(f'{$ref/$ours:.2f}x')") |"
@@ -104,7 +106,7 @@ truncate -s 1G "$WORK/small.img"
 SMALL=$(losetup --find --show --partscan "$WORK/small.img")
 "$BENCH" run "$URL" "$SHA" "$SIZE" tar.zst "$SMALL" "$WORK/mnt" > /dev/null
 zstd -q -3 -T2 -c < "$SMALL" > "$WORK/image.raw.zst"
-losetup -d "$SMALL"
+losetup -d "$SMALL"; SMALL=""
 RAW="$WORK/image.raw.zst"
 RSIZE=$(stat -c %s "$RAW"); RSHA=$(sha256sum "$RAW" | cut -d' ' -f1); RUN=$((1 << 30))
 serve "$RAW"

@@ -22,8 +22,20 @@ fn main() {
         Some("serve") => serve(Path::new(&args[1])),
         Some("run") => run(&args[1..]),
         Some("unpack") => unpack(Path::new(&args[1]), Path::new(&args[2])),
+        Some("fetch") => fetch(&args[1], args[2].parse().expect("size")),
         _ => eprintln!("install bench: driven by scripts/bench-install.sh"),
     }
+}
+
+/// Only download + SHA-256 + zstd, into nothing.
+fn fetch(url: &str, size: u64) {
+    use metal_hammer::install::fetch::{Decoded, Download, FetchOptions};
+    let start = Instant::now();
+    let dl = Download::start(url, size, FetchOptions::default()).expect("start");
+    let mut decoded = Decoded::start(dl).expect("zstd");
+    let n = std::io::copy(&mut decoded, &mut std::io::sink()).expect("stream");
+    let digest = decoded.into_download().finish().expect("finish");
+    println!("seconds={:.3} bytes={n} sha256={}", start.elapsed().as_secs_f64(), hex::encode(digest));
 }
 
 /// Only the tar unpacking, from an uncompressed tar in memory, into DIR.

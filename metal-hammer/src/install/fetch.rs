@@ -270,12 +270,15 @@ async fn attempt(
         s if s >= 500 || s == 408 || s == 429 => return Err(Attempt::Retry(format!("HTTP status {s}").into())),
         s => return Err(Attempt::Fatal(FetchError::Status { url: url.into(), status: s })),
     }
-    loop {
+    // Small network reads are gathered into blocks of at least COALESCE bytes, so the zstd
+    // thread wakes once per block, not once per TCP read.
+    let mut pending = bytes::BytesMut::new();
+    let result = loop {
         let chunk = match tokio::time::timeout(opts.idle_timeout, resp.chunk()).await {
             Ok(Ok(Some(c))) => c,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => return Err(Attempt::Retry(e.into())),
-            Err(_) => return Err(Attempt::Retry(format!("no data for {:?}", opts.idle_timeout).into())),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Err(e)) => break Err(Attempt::Retry(e.into())),
+            Err(_) => break Err(Attempt::Retry(format!("no data for {:?}", opts.idle_timeout).into())),
         };
         let mut chunk = chunk;
         if skip > 0 {
@@ -287,15 +290,21 @@ async fn attempt(
             continue;
         }
         if *offset + chunk.len() as u64 > expected {
-            return Err(Attempt::Fatal(FetchError::Length { url: url.into(), expected, got: *offset + chunk.len() as u64 }));
+            break Err(Attempt::Fatal(FetchError::Length { url: url.into(), expected, got: *offset + chunk.len() as u64 }));
         }
         hasher.update(&chunk);
         *offset += chunk.len() as u64;
         counters.received.store(*offset, Ordering::Relaxed);
-        if tx.send(Msg::Data(chunk)).is_err() {
+        pending.extend_from_slice(&chunk);
+        if pending.len() >= COALESCE && tx.send(Msg::Data(pending.split().freeze())).is_err() {
             return Err(Attempt::Cancelled);
         }
+    };
+    // Everything hashed is passed on, also when the connection broke: the resume starts there.
+    if !pending.is_empty() && tx.send(Msg::Data(pending.freeze())).is_err() {
+        return Err(Attempt::Cancelled);
     }
+    result?;
     if *offset < expected {
         return Err(Attempt::Retry(format!("connection ended at byte {} of {expected}", *offset).into()));
     }
@@ -315,6 +324,8 @@ pub struct Decoded {
 }
 
 const BLOCK: usize = 1 << 20;
+/// Least bytes the download thread hands on at once (less only at the end of a connection).
+const COALESCE: usize = 256 << 10;
 
 impl Decoded {
     /// Starts zstd on `dl`.
