@@ -32,6 +32,7 @@ pub enum Call {
     Sync,
     RereadPartitions { device: PathBuf },
     RunInChroot { root: PathBuf, program: String, args: Vec<String> },
+    WriteAt { device: PathBuf, offset: u64, len: usize },
     NvmeIdentify { device: PathBuf },
     NvmeFormat { device: PathBuf, nsid: u32, lbaf: u8, ses: u8 },
     NvmeSanitize { device: PathBuf, action: u8 },
@@ -60,6 +61,23 @@ pub trait Sys: Send + Sync {
     fn reboot(&self) -> io::Result<()>;
     /// `sync(2)`.
     fn sync(&self);
+    /// Reads `len` bytes at `offset` (not destructive; the wipe uses it to check that a
+    /// discard really cleared the device). Reads through the page cache, which discard and
+    /// zero-out invalidate for their range.
+    fn read_at(&self, device: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        File::open(device)?.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+    /// Writes `data` at `offset` and waits for it to reach the device (`fdatasync`). The wipe
+    /// plants canaries with it before a discard.
+    fn write_at(&self, device: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(device)?;
+        f.write_all_at(data, offset)?;
+        f.sync_data()
+    }
     /// NVMe Identify of a namespace block device: what it can erase. `ENOTTY` when not NVMe.
     fn nvme_identify(&self, device: &Path) -> io::Result<crate::nvme::NvmeInfo> {
         let _ = device;
@@ -98,6 +116,7 @@ pub struct RecordingSys {
     calls: Mutex<Vec<Call>>,
     fail_on: Mutex<Option<(i32, CallPredicate)>>,
     nvme: Mutex<Option<crate::nvme::NvmeInfo>>,
+    dirty: Mutex<Option<Vec<u8>>>,
 }
 
 impl RecordingSys {
@@ -114,6 +133,12 @@ impl RecordingSys {
     /// exercise a fallback).
     pub fn fail_with(&self, errno: i32, pred: impl Fn(&Call) -> bool + Send + Sync + 'static) {
         *self.fail_on.lock().unwrap() = Some((errno, Box::new(pred)));
+    }
+
+    /// Makes [`Sys::read_at`] return this byte (repeated) instead of zeros, as a device whose
+    /// discard did not clear it would. Reads are not recorded.
+    pub fn set_read_byte(&self, byte: u8) {
+        *self.dirty.lock().unwrap() = Some(vec![byte]);
     }
 
     /// Makes [`Sys::nvme_identify`] answer `info` (by default it answers `ENOTTY`: not NVMe).
@@ -177,6 +202,13 @@ impl Sys for RecordingSys {
     }
     fn sync(&self) {
         let _ = self.record(Call::Sync);
+    }
+    fn write_at(&self, device: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.record(Call::WriteAt { device: device.into(), offset, len: data.len() })
+    }
+    fn read_at(&self, _device: &Path, _offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let byte = self.dirty.lock().unwrap().as_ref().map_or(0, |b| b[0]);
+        Ok(vec![byte; len])
     }
     fn nvme_identify(&self, device: &Path) -> io::Result<crate::nvme::NvmeInfo> {
         self.record(Call::NvmeIdentify { device: device.into() })?;

@@ -3,7 +3,9 @@
 //! Every disk is wiped in its own thread. Per disk the strongest method the device supports
 //! runs over the whole device: on NVMe a Format NVM with secure erase (crypto erase when
 //! offered) or a Sanitize; else secure discard (`BLKSECDISCARD`), else discard (`BLKDISCARD`),
-//! else overwriting with zeros (`BLKZEROOUT`). Whatever ran, the first and last MiB (MBR, both
+//! else overwriting with zeros (`BLKZEROOUT`). A discard is checked by reading 64 blocks spread
+//! over the device: a device that accepted it but kept the data is overwritten after all (and
+//! reported as `overwrite`). Whatever ran, the first and last MiB (MBR, both
 //! GPT copies, the superblocks of ext4/xfs/vfat/swap/LVM/mdraid/ZFS labels) and the btrfs
 //! superblock mirrors are then zeroed, so no partition table or filesystem signature survives.
 //! A failed wipe is an error for the whole call: a machine with an unwiped disk must not be
@@ -87,10 +89,20 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
     let start = Instant::now();
     let dev = &target.path;
     let size = target.size_bytes;
-    let method = match nvme_erase(sys, dev)? {
+    let mut method = match nvme_erase(sys, dev)? {
         Some(m) => m,
         None => discard_or_overwrite(sys, dev, size)?,
     };
+    // A discard the device accepted but ignored (thin provisioning, a hypervisor with
+    // discard=ignore, TRIM without read-zero) leaves the old data readable: the canaries
+    // planted before it tell, and then the whole disk is overwritten.
+    if matches!(method, Method::SecureDiscard | Method::Discard) {
+        if let Some(offset) = leftover_data(sys, dev, size) {
+            crate::log!("{}: data left at offset {offset} after {}; overwriting the whole disk", dev.display(), method.as_str());
+            sys.zero_range(dev, 0, size).map_err(method_err(dev, Method::Overwrite))?;
+            method = Method::Overwrite;
+        }
+    }
     for (offset, len) in signature_ranges(size) {
         sys.zero_range(dev, offset, len).map_err(|source| WipeError::Signatures { device: dev.clone(), offset, source })?;
     }
@@ -106,6 +118,24 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
         method: method.as_str().to_string(),
         duration_ms: start.elapsed().as_millis() as u64,
     })
+}
+
+/// Where canaries go and are read back: 64 blocks of 4 KiB spread evenly over the device.
+pub fn sample_offsets(size: u64) -> Vec<u64> {
+    const BLOCK: u64 = 4096;
+    if size < BLOCK {
+        return Vec::new();
+    }
+    let last = size / BLOCK - 1;
+    let mut v: Vec<u64> = (0..64u64).map(|i| (last * i / 63) * BLOCK).collect();
+    v.dedup();
+    v
+}
+
+/// The first canary offset that does not read back as zeros (read errors count as "cannot
+/// tell", not as leftovers: the signature clearing that follows writes regardless).
+fn leftover_data(sys: &dyn Sys, dev: &Path, size: u64) -> Option<u64> {
+    sample_offsets(size).into_iter().find(|&off| sys.read_at(dev, off, 4096).is_ok_and(|b| b.iter().any(|&x| x != 0)))
 }
 
 fn method_err(dev: &Path, method: Method) -> impl FnOnce(std::io::Error) -> WipeError + '_ {
@@ -140,8 +170,16 @@ fn nvme_erase(sys: &dyn Sys, dev: &Path) -> Result<Option<Method>, WipeError> {
     }
 }
 
-/// Secure discard, else discard, else overwrite with zeros, over the whole device.
+/// What the canaries contain: anything but zeros.
+pub const CANARY: &[u8; 16] = b"METAL-CANARY-01\n";
+
+/// Secure discard, else discard, else overwrite with zeros, over the whole device. Canaries
+/// are planted first at the [`sample_offsets`], so an ignored discard shows.
 fn discard_or_overwrite(sys: &dyn Sys, dev: &Path, size: u64) -> Result<Method, WipeError> {
+    let canary = CANARY.repeat(4096 / CANARY.len());
+    for off in sample_offsets(size) {
+        sys.write_at(dev, off, &canary).map_err(|source| WipeError::Signatures { device: dev.to_path_buf(), offset: off, source })?;
+    }
     match sys.discard(dev, 0, size, true) {
         Ok(()) => Ok(Method::SecureDiscard),
         Err(e) if is_unsupported(&e) => match sys.discard(dev, 0, size, false) {
@@ -191,6 +229,22 @@ mod tests {
     use super::*;
     use crate::sys::{Call, RecordingSys};
 
+    /// The calls without the canary writes (checked on their own in `canaries_before_discard`).
+    fn no_canaries(sys: &RecordingSys) -> Vec<Call> {
+        sys.calls().into_iter().filter(|c| !matches!(c, Call::WriteAt { .. })).collect()
+    }
+
+    #[test]
+    fn canaries_before_discard() {
+        let sys = RecordingSys::new();
+        wipe_disk(&sys, &target("vda", 100 * MIB)).unwrap();
+        let calls = sys.calls();
+        let first_discard = calls.iter().position(|c| matches!(c, Call::Discard { .. })).unwrap();
+        assert_eq!(first_discard, 64, "64 canaries, then the discard");
+        assert_eq!(calls[0], Call::WriteAt { device: "/dev/vda".into(), offset: 0, len: 4096 });
+        assert_eq!(calls[63], Call::WriteAt { device: "/dev/vda".into(), offset: 100 * MIB - 4096, len: 4096 });
+    }
+
     fn target(name: &str, size: u64) -> WipeTarget {
         WipeTarget { path: PathBuf::from(format!("/dev/{name}")), size_bytes: size }
     }
@@ -203,7 +257,7 @@ mod tests {
         assert_eq!(w.disk, "vda");
         let dev = PathBuf::from("/dev/vda");
         assert_eq!(
-            sys.calls(),
+            no_canaries(&sys),
             vec![
                 Call::Discard { device: dev.clone(), offset: 0, len: 100 * MIB, secure: true },
                 Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB },
@@ -224,7 +278,7 @@ mod tests {
         sys.fail_with(libc::EOPNOTSUPP, |c| matches!(c, Call::Discard { .. }));
         let w = wipe_disk(&sys, &target("sda", 8 * MIB)).unwrap();
         assert_eq!(w.method, "overwrite");
-        let calls = sys.calls();
+        let calls = no_canaries(&sys);
         assert!(matches!(calls[0], Call::Discard { secure: true, .. }));
         assert!(matches!(calls[1], Call::Discard { secure: false, .. }));
         assert_eq!(calls[2], Call::ZeroRange { device: "/dev/sda".into(), offset: 0, len: 8 * MIB });
@@ -238,7 +292,7 @@ mod tests {
         sys.fail_when(|c| matches!(c, Call::Discard { secure: true, .. }));
         let err = wipe_disk(&sys, &target("vda", 8 * MIB)).unwrap_err();
         assert!(matches!(err, WipeError::Method { method: "secure-discard", .. }), "{err}");
-        assert_eq!(sys.calls().len(), 1, "nothing after a failed method");
+        assert_eq!(no_canaries(&sys).len(), 1, "nothing after a failed method");
 
         let sys = RecordingSys::new();
         sys.fail_when(|c| matches!(c, Call::ZeroRange { offset, .. } if *offset > 0));
@@ -251,7 +305,7 @@ mod tests {
         sys.fail_when(|c| matches!(c, Call::Discard { device, .. } if device.ends_with("vdb")));
         let err = wipe_all(&sys, &[target("vda", 4 * MIB), target("vdb", 4 * MIB), target("vdc", 4 * MIB)]).unwrap_err();
         assert!(err.to_string().contains("vdb"), "{err}");
-        let calls = sys.calls();
+        let calls = no_canaries(&sys);
         for d in ["/dev/vda", "/dev/vdc"] {
             assert!(calls.contains(&Call::ZeroRange { device: d.into(), offset: 3 * MIB, len: MIB }), "{d} fully wiped");
         }
@@ -266,7 +320,7 @@ mod tests {
         let sys = RecordingSys::new();
         sys.set_nvme(NvmeInfo { nsid: 1, lbaf: 2, format: true, format_crypto: true, ..Default::default() });
         assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-format");
-        let calls = sys.calls();
+        let calls = no_canaries(&sys);
         assert_eq!(calls[0], Call::NvmeIdentify { device: dev.clone() });
         assert_eq!(calls[1], Call::NvmeFormat { device: dev.clone(), nsid: 1, lbaf: 2, ses: crate::nvme::SES_CRYPTO });
         assert_eq!(calls[2], Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB }, "signatures cleared after a format too");
@@ -274,7 +328,7 @@ mod tests {
         let sys = RecordingSys::new();
         sys.set_nvme(NvmeInfo { nsid: 1, sanitize_block: true, ..Default::default() });
         assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-sanitize");
-        assert_eq!(sys.calls()[1], Call::NvmeSanitize { device: dev.clone(), action: 2 });
+        assert_eq!(no_canaries(&sys)[1], Call::NvmeSanitize { device: dev.clone(), action: 2 });
 
         // Neither offered (or not NVMe after all): discard.
         let sys = RecordingSys::new();
@@ -288,6 +342,33 @@ mod tests {
         sys.set_nvme(NvmeInfo { nsid: 1, format: true, ..Default::default() });
         sys.fail_when(|c| matches!(c, Call::NvmeFormat { .. }));
         assert!(matches!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)), Err(WipeError::Method { method: "nvme-format", .. })));
+    }
+
+    #[test]
+    fn a_discard_that_left_data_behind_becomes_an_overwrite() {
+        let sys = RecordingSys::new();
+        sys.set_read_byte(0x5a);
+        let w = wipe_disk(&sys, &target("sda", 8 * MIB)).unwrap();
+        assert_eq!(w.method, "overwrite");
+        let calls = no_canaries(&sys);
+        assert!(matches!(calls[0], Call::Discard { secure: true, .. }));
+        assert_eq!(calls[1], Call::ZeroRange { device: "/dev/sda".into(), offset: 0, len: 8 * MIB });
+        // NVMe format is trusted (the controller erased); no sampling there.
+        let sys = RecordingSys::new();
+        sys.set_read_byte(0x5a);
+        sys.set_nvme(crate::nvme::NvmeInfo { nsid: 1, format: true, ..Default::default() });
+        assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-format");
+    }
+
+    #[test]
+    fn samples_spread_over_the_whole_device() {
+        let s = sample_offsets(100 * MIB);
+        assert_eq!(s.len(), 64);
+        assert_eq!(s[0], 0);
+        assert_eq!(*s.last().unwrap(), 100 * MIB - 4096);
+        assert!(s.iter().all(|o| o % 4096 == 0));
+        assert_eq!(sample_offsets(8192), vec![0, 4096]);
+        assert!(sample_offsets(100).is_empty());
     }
 
     #[test]
