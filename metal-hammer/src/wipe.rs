@@ -56,6 +56,8 @@ pub enum WipeError {
     NotAllowed(PathBuf),
     #[error("wiping {device} with {method} failed")]
     Method { device: PathBuf, method: &'static str, source: std::io::Error },
+    #[error("writing a canary to {device} at offset {offset} failed")]
+    Canary { device: PathBuf, offset: u64, source: std::io::Error },
     #[error("clearing signatures on {device} at offset {offset} failed")]
     Signatures { device: PathBuf, offset: u64, source: std::io::Error },
     #[error("{failed} of {total} disks failed to wipe; first: {first}")]
@@ -178,7 +180,7 @@ pub const CANARY: &[u8; 16] = b"METAL-CANARY-01\n";
 fn discard_or_overwrite(sys: &dyn Sys, dev: &Path, size: u64) -> Result<Method, WipeError> {
     let canary = CANARY.repeat(4096 / CANARY.len());
     for off in sample_offsets(size) {
-        sys.write_at(dev, off, &canary).map_err(|source| WipeError::Signatures { device: dev.to_path_buf(), offset: off, source })?;
+        sys.write_at(dev, off, &canary).map_err(|source| WipeError::Canary { device: dev.to_path_buf(), offset: off, source })?;
     }
     match sys.discard(dev, 0, size, true) {
         Ok(()) => Ok(Method::SecureDiscard),
