@@ -436,7 +436,7 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
             if Instant::now() > deadline {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{} did not appear after re-reading the partition table", p.node.display())));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     Ok(())

@@ -118,7 +118,8 @@ pub(crate) fn check_no_symlinks(root: &Path, rel: &Path) -> io::Result<()> {
 }
 
 /// Writes one file: parents created (`/root/.ssh` with 0700, others 0755), content replaced,
-/// mode set explicitly (not subject to the umask), flushed to disk.
+/// mode set explicitly (not subject to the umask). Not synced one by one: the install remounts
+/// the root read-only and syncs at its end.
 pub fn write_file(root: &Path, rel: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     check_no_symlinks(root, rel)?;
     let dst = root.join(rel);
@@ -144,8 +145,7 @@ pub fn write_file(root: &Path, rel: &Path, content: &[u8], mode: u32) -> io::Res
         .custom_flags(libc::O_NOFOLLOW)
         .open(&dst)?;
     f.write_all(content)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all()
+    f.set_permissions(fs::Permissions::from_mode(mode))
 }
 
 /// Writes every file of [`files`]; returns the paths written.

@@ -10,9 +10,15 @@
 //! Below the mount points of filesystems without Unix ownership (vfat), failing `chown`/`chmod`
 //! is expected and ignored; anywhere else it is an error.
 //!
-//! Durability: files are written through the page cache; the caller syncs the filesystems
-//! (`syncfs`) once at the end, which is much faster than an `fsync` per file and gives the same
-//! guarantee at the point that matters (before the install is reported).
+//! Small files (up to 512 KiB) are read into memory here and written by two writer threads
+//! while the archive is read on; an entry for a path already created (or for a directory of a
+//! queued file), and every hard link, first waits for the writers, so the result is the same as
+//! writing in archive order.
+//!
+//! Durability: files are written through the page cache (no `fsync` per file); the install
+//! makes them durable once at its end, by unmounting the other filesystems, remounting the root
+//! read-only and `sync` (each of which writes the filesystems back), before anything is
+//! reported.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -21,6 +27,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tar::EntryType;
@@ -75,22 +84,187 @@ pub fn sanitize(name: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Regular files up to this size are read into memory by the unpacking thread and written by
+/// the writer threads; bigger ones are streamed by the unpacking thread itself.
+const SMALL_FILE: u64 = 512 << 10;
+/// Writer threads, and how many files may wait for them (bounds memory: 32 × 512 KiB).
+const WRITERS: usize = 2;
+const QUEUE: usize = 32;
+
+/// What writing a file needs, shared by the unpacking thread and the writer threads.
+struct FileCtx<'a> {
+    opts: &'a ExtractOptions,
+    /// The process umask, when known (`/proc/self/status`).
+    umask: Option<u32>,
+    /// Running with effective uid and gid 0: new files are 0:0 already.
+    root_creds: bool,
+    /// File content bytes written, by every thread.
+    written: AtomicU64,
+}
+
+/// The metadata of one archive entry.
+struct Meta {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// A small file for a writer thread.
+struct FileJob {
+    rel: PathBuf,
+    dst: PathBuf,
+    data: Vec<u8>,
+    meta: Meta,
+}
+
+/// Writer-thread bookkeeping: files queued or being written, and the first error.
+#[derive(Default)]
+struct Shared {
+    inflight: Mutex<usize>,
+    idle: Condvar,
+    error: Mutex<Option<ExtractError>>,
+}
+
+impl Shared {
+    fn done(&self) {
+        let mut n = self.inflight.lock().unwrap();
+        *n -= 1;
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.inflight.lock().unwrap();
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap();
+        }
+    }
+
+    fn take_error(&self) -> Result<(), ExtractError> {
+        match self.error.lock().unwrap().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl FileCtx<'_> {
+    fn is_lenient(&self, rel: &Path) -> bool {
+        self.opts.lenient.iter().any(|l| rel.starts_with(l))
+    }
+
+    /// Ownership/mode errors are fatal except on filesystems that cannot store them.
+    fn meta_result(&self, rel: &Path, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(e) if self.is_lenient(rel) && matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP | libc::EINVAL)) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Creates `dst` with `mode` (less set-id bits and the umask); `true` when the file is
+    /// new. An existing file is truncated instead (and keeps its old mode for now).
+    fn create(&self, dst: &Path, mode: u32) -> io::Result<(File, bool)> {
+        let new = OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dst);
+        match new {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(dst)
+                .map(|f| (f, false)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a regular file for writing, replacing a symlink or an empty directory in its way.
+    fn open_file(&self, rel: &Path, dst: &Path, mode: u32) -> Result<(File, bool), ExtractError> {
+        let wrap = |source: io::Error| ExtractError::Write { path: rel.to_path_buf(), source };
+        match with_parents(dst, || self.create(dst, mode)) {
+            Ok(f) => Ok(f),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EISDIR)) => {
+                if fs::symlink_metadata(dst).map(|m| m.is_dir()).unwrap_or(false) {
+                    fs::remove_dir(dst).map_err(wrap)?;
+                } else {
+                    fs::remove_file(dst).map_err(wrap)?;
+                }
+                self.create(dst, mode).map_err(wrap)
+            }
+            Err(e) => Err(wrap(e)),
+        }
+    }
+
+    /// Owner, mode, extended attributes and mtime of a file just written.
+    fn finish_file(&self, f: &File, rel: &Path, dst: &Path, fresh: bool, m: &Meta) -> Result<(), ExtractError> {
+        let wrap = |source: io::Error| ExtractError::Write { path: rel.to_path_buf(), source };
+        // A file we just created is already root's (no directory is set-group-ID while we
+        // unpack: directory modes are applied at the end) and has its mode unless the umask
+        // took bits away or it has set-id/sticky bits: skip what is done.
+        if self.opts.same_owner && !(fresh && m.uid == 0 && m.gid == 0 && self.root_creds) {
+            let r = std::os::unix::fs::fchown(f, Some(m.uid as u32), Some(m.gid as u32));
+            self.meta_result(rel, r).map_err(wrap)?;
+        }
+        if !(fresh && m.mode & 0o7000 == 0 && self.umask.is_some_and(|u| m.mode & u == 0)) {
+            // After chown, which clears set-id bits.
+            let r = f.set_permissions(fs::Permissions::from_mode(m.mode));
+            self.meta_result(rel, r).map_err(wrap)?;
+        }
+        for (name, value) in &m.xattrs {
+            self.meta_result(rel, lsetxattr(dst, name, value)).map_err(wrap)?;
+        }
+        let r = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(m.mtime));
+        self.meta_result(rel, r).map_err(wrap)
+    }
+
+    fn write_job(&self, job: FileJob) -> Result<(), ExtractError> {
+        let (mut f, fresh) = self.open_file(&job.rel, &job.dst, job.meta.mode)?;
+        f.write_all(&job.data).map_err(|source| ExtractError::Write { path: job.rel.clone(), source })?;
+        self.finish_file(&f, &job.rel, &job.dst, fresh, &job.meta)?;
+        self.written.fetch_add(job.data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A writer thread: takes files until the queue closes; after an error it only empties the
+/// queue (the unpacking thread sees the error and stops).
+fn writer(ctx: &FileCtx<'_>, shared: &Shared, rx: &Mutex<Receiver<FileJob>>) {
+    loop {
+        let job = match rx.lock().unwrap().recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        if shared.error.lock().unwrap().is_none() {
+            if let Err(e) = ctx.write_job(job) {
+                shared.error.lock().unwrap().get_or_insert(e);
+            }
+        }
+        shared.done();
+    }
+}
+
 struct Unpacker<'a> {
     root: &'a Path,
-    opts: &'a ExtractOptions,
+    ctx: &'a FileCtx<'a>,
+    shared: &'a Shared,
+    queue: Option<SyncSender<FileJob>>,
     symlinks: HashSet<PathBuf>,
+    /// Every path created so far: an entry for one of them again waits for the writers first.
+    seen: HashSet<PathBuf>,
     /// Directories whose mode and mtime are set at the end (adding entries changes the mtime,
     /// and a read-only mode would not stop root anyway).
     dirs: Vec<(PathBuf, u32, u64)>,
     stats: ExtractStats,
     buf: Vec<u8>,
     progress: &'a mut dyn FnMut(u64),
-    /// The process umask, when known (`/proc/self/status`).
-    umask: Option<u32>,
-    /// Running with effective uid and gid 0: new files are 0:0 already.
-    root_creds: bool,
+    reported: u64,
 }
 
+/// The process umask, read without changing it.
 fn current_umask() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Umask:"))?;
@@ -156,37 +330,51 @@ fn remove_non_dir(p: &Path) -> io::Result<()> {
 }
 
 impl Unpacker<'_> {
-    fn is_lenient(&self, rel: &Path) -> bool {
-        self.opts.lenient.iter().any(|l| rel.starts_with(l))
-    }
-
-    /// Ownership/mode errors are fatal except on filesystems that cannot store them.
-    fn meta_result(&self, rel: &Path, r: io::Result<()>) -> io::Result<()> {
-        match r {
-            Err(e) if self.is_lenient(rel) && matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP | libc::EINVAL)) => Ok(()),
-            r => r,
-        }
-    }
-
     fn through_symlink(&self, rel: &Path) -> bool {
         rel.ancestors().skip(1).any(|a| self.symlinks.contains(a))
     }
 
+    /// Waits until the writer threads are done with everything queued; their first error.
+    fn drain(&mut self) -> Result<(), ExtractError> {
+        self.shared.wait_idle();
+        self.shared.take_error()
+    }
+
+    fn report(&mut self) {
+        let w = self.ctx.written.load(Ordering::Relaxed);
+        if w > self.reported {
+            (self.progress)(w - self.reported);
+            self.reported = w;
+        }
+    }
+
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+        self.shared.take_error()?;
+        self.report();
         let name = entry.path().map_err(ExtractError::Read)?.into_owned();
         let rel = sanitize(&name).ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
         if self.through_symlink(&rel) {
             return Err(ExtractError::Unsafe { path: name.display().to_string() });
         }
+        let kind = entry.header().entry_type();
+        // A path seen before (tar semantics: the later entry wins) or a hard link (its target
+        // may still be queued): let the writers finish first.
+        if !self.seen.insert(rel.clone()) || kind == EntryType::Link {
+            self.drain()?;
+        }
         let dst = self.root.join(&rel);
         let wrap = |source: io::Error| ExtractError::Write { path: rel.clone(), source };
         let xattrs = self.xattrs(entry)?;
         let h = entry.header();
-        let kind = h.entry_type();
-        let mode = h.mode().map_err(ExtractError::Read)? & 0o7777;
-        let uid = h.uid().map_err(ExtractError::Read)?;
-        let gid = h.gid().map_err(ExtractError::Read)?;
-        let mtime = h.mtime().unwrap_or(0);
+        let meta = Meta {
+            mode: h.mode().map_err(ExtractError::Read)? & 0o7777,
+            uid: h.uid().map_err(ExtractError::Read)?,
+            gid: h.gid().map_err(ExtractError::Read)?,
+            mtime: h.mtime().unwrap_or(0),
+            xattrs,
+        };
+        let (mode, uid, gid, mtime) = (meta.mode, meta.uid, meta.gid, meta.mtime);
+        let ctx = self.ctx;
 
         match kind {
             EntryType::Directory => {
@@ -204,55 +392,57 @@ impl Unpacker<'_> {
                         Err(e) => return Err(wrap(e)),
                     }
                 }
-                if self.opts.same_owner {
-                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                if ctx.opts.same_owner {
+                    ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
-                self.set_xattrs(&rel, &dst, &xattrs).map_err(wrap)?;
+                for (name, value) in &meta.xattrs {
+                    ctx.meta_result(&rel, lsetxattr(&dst, name, value)).map_err(wrap)?;
+                }
                 self.dirs.push((rel.clone(), mode, mtime));
                 self.stats.dirs += 1;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let f = match with_parents(&dst, || self.create(&dst, mode)) {
-                    Ok(f) => f,
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EISDIR)) => {
-                        if fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false) {
-                            fs::remove_dir(&dst).map_err(wrap)?;
-                        } else {
-                            fs::remove_file(&dst).map_err(wrap)?;
+                self.symlinks.remove(&rel);
+                let size = entry.size();
+                match &self.queue {
+                    Some(queue) if size <= SMALL_FILE => {
+                        let mut data = Vec::with_capacity(size as usize);
+                        entry.read_to_end(&mut data).map_err(ExtractError::Read)?;
+                        self.stats.bytes += data.len() as u64;
+                        // Its directories count as seen: an entry that would replace one of
+                        // them (say, by a symlink) waits until this file is written.
+                        for a in rel.ancestors().skip(1) {
+                            if !self.seen.insert(a.to_path_buf()) {
+                                break;
+                            }
                         }
-                        self.symlinks.remove(&rel);
-                        self.create(&dst, mode).map_err(wrap)?
+                        *self.shared.inflight.lock().unwrap() += 1;
+                        let job = FileJob { rel: rel.clone(), dst, data, meta };
+                        if queue.send(job).is_err() {
+                            self.shared.done();
+                            return Err(self.shared.take_error().err().unwrap_or(ExtractError::Write {
+                                path: rel,
+                                source: io::Error::other("the writer threads are gone"),
+                            }));
+                        }
                     }
-                    Err(e) => return Err(wrap(e)),
-                };
-                let (mut f, fresh) = f;
-                let n = self.copy(entry, &mut f, &rel)?;
-                // A file we just created is already root's (no directory is set-group-ID while
-                // we unpack: directory modes are applied at the end) and has its mode unless
-                // the umask took bits away or it has set-id/sticky bits: skip what is done.
-                if self.opts.same_owner && !(fresh && uid == 0 && gid == 0 && self.root_creds) {
-                    let r = std::os::unix::fs::fchown(&f, Some(uid as u32), Some(gid as u32));
-                    self.meta_result(&rel, r).map_err(wrap)?;
+                    _ => {
+                        let (mut f, fresh) = ctx.open_file(&rel, &dst, mode)?;
+                        let n = self.copy(entry, &mut f, &rel)?;
+                        ctx.finish_file(&f, &rel, &dst, fresh, &meta)?;
+                        self.stats.bytes += n;
+                    }
                 }
-                if !(fresh && mode & 0o7000 == 0 && self.umask.is_some_and(|u| mode & u == 0)) {
-                    // After chown, which clears set-id bits.
-                    let r = f.set_permissions(fs::Permissions::from_mode(mode));
-                    self.meta_result(&rel, r).map_err(wrap)?;
-                }
-                self.set_xattrs(&rel, &dst, &xattrs).map_err(wrap)?;
-                let r = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
-                self.meta_result(&rel, r).map_err(wrap)?;
                 self.stats.files += 1;
-                self.stats.bytes += n;
             }
             EntryType::Symlink => {
                 let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
                 remove_non_dir(&dst).map_err(wrap)?;
                 with_parents(&dst, || std::os::unix::fs::symlink(&target, &dst)).map_err(wrap)?;
-                if self.opts.same_owner {
-                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                if ctx.opts.same_owner {
+                    ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
-                self.meta_result(&rel, set_symlink_mtime(&dst, mtime)).map_err(wrap)?;
+                ctx.meta_result(&rel, set_symlink_mtime(&dst, mtime)).map_err(wrap)?;
                 self.symlinks.insert(rel.clone());
                 self.stats.symlinks += 1;
             }
@@ -280,10 +470,10 @@ impl Unpacker<'_> {
                 let c = cstr(&dst).map_err(wrap)?;
                 // SAFETY: valid NUL-terminated path; mknod has no other pointer arguments.
                 with_parents(&dst, || cvt(unsafe { libc::mknod(c.as_ptr(), ft | mode, libc::makedev(major, minor)) })).map_err(wrap)?;
-                if self.opts.same_owner {
-                    self.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
+                if ctx.opts.same_owner {
+                    ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
-                self.meta_result(&rel, fs::set_permissions(&dst, fs::Permissions::from_mode(mode))).map_err(wrap)?;
+                ctx.meta_result(&rel, fs::set_permissions(&dst, fs::Permissions::from_mode(mode))).map_err(wrap)?;
                 self.stats.other += 1;
             }
             // PAX/GNU headers are consumed by the tar reader; anything else has no place in a
@@ -291,24 +481,6 @@ impl Unpacker<'_> {
             _ => {}
         }
         Ok(())
-    }
-
-    /// Creates `dst` with `mode` (less set-id bits and the umask); `true` when the file is
-    /// new. An existing file is truncated instead (and keeps its old mode for now).
-    fn create(&self, dst: &Path, mode: u32) -> io::Result<(File, bool)> {
-        let new = OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dst);
-        match new {
-            Ok(f) => Ok((f, true)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(dst)
-                .map(|f| (f, false)),
-            Err(e) => Err(e),
-        }
     }
 
     fn copy<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, f: &mut File, rel: &Path) -> Result<u64, ExtractError> {
@@ -322,7 +494,8 @@ impl Unpacker<'_> {
             };
             f.write_all(&self.buf[..n]).map_err(|source| ExtractError::Write { path: rel.to_path_buf(), source })?;
             total += n as u64;
-            (self.progress)(n as u64);
+            self.ctx.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.report();
         }
         Ok(total)
     }
@@ -342,48 +515,65 @@ impl Unpacker<'_> {
         Ok(out)
     }
 
-    fn set_xattrs(&self, rel: &Path, dst: &Path, xattrs: &[(String, Vec<u8>)]) -> io::Result<()> {
-        for (name, value) in xattrs {
-            self.meta_result(rel, lsetxattr(dst, name, value))?;
-        }
-        Ok(())
-    }
-
     fn finish_dirs(&mut self) -> Result<(), ExtractError> {
         // Children before parents, so setting a child's mtime does not touch the parent's again.
         let dirs = std::mem::take(&mut self.dirs);
         for (rel, mode, mtime) in dirs.iter().rev() {
             let dst = self.root.join(rel);
             let wrap = |source: io::Error| ExtractError::Write { path: rel.clone(), source };
-            self.meta_result(rel, fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))).map_err(wrap)?;
+            self.ctx.meta_result(rel, fs::set_permissions(&dst, fs::Permissions::from_mode(*mode))).map_err(wrap)?;
             let f = File::open(&dst).map_err(wrap)?;
-            self.meta_result(rel, f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime))).map_err(wrap)?;
+            self.ctx.meta_result(rel, f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime))).map_err(wrap)?;
         }
         Ok(())
     }
 }
 
 /// Unpacks the tar stream `reader` into `root`. `progress` is called with the number of bytes
-/// of file content written since the last call.
+/// of file content written since the last call. Small files are written by [`WRITERS`] threads
+/// while this one reads on; the result is the same as writing them in archive order.
 pub fn unpack<R: Read>(reader: R, root: &Path, opts: &ExtractOptions, progress: &mut dyn FnMut(u64)) -> Result<ExtractStats, ExtractError> {
-    let mut archive = tar::Archive::new(reader);
-    let mut u = Unpacker {
-        root,
+    let ctx = FileCtx {
         opts,
-        symlinks: HashSet::new(),
-        dirs: Vec::new(),
-        stats: ExtractStats::default(),
-        buf: vec![0u8; 256 * 1024],
-        progress,
         umask: current_umask(),
         root_creds: nix::unistd::geteuid().is_root() && nix::unistd::getegid().as_raw() == 0,
+        written: AtomicU64::new(0),
     };
-    for entry in archive.entries().map_err(ExtractError::Read)? {
-        let mut entry = entry.map_err(ExtractError::Read)?;
-        u.entry(&mut entry)?;
-    }
-    u.finish_dirs()?;
-    Ok(u.stats)
+    let shared = Shared::default();
+    let (queue, jobs) = sync_channel::<FileJob>(QUEUE);
+    let jobs = Mutex::new(jobs);
+    std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(|| writer(&ctx, &shared, &jobs));
+        }
+        let mut u = Unpacker {
+            root,
+            ctx: &ctx,
+            shared: &shared,
+            queue: Some(queue),
+            symlinks: HashSet::new(),
+            seen: HashSet::new(),
+            dirs: Vec::new(),
+            stats: ExtractStats::default(),
+            buf: vec![0u8; 256 * 1024],
+            progress,
+            reported: 0,
+        };
+        let result = (|| {
+            let mut archive = tar::Archive::new(reader);
+            for entry in archive.entries().map_err(ExtractError::Read)? {
+                let mut entry = entry.map_err(ExtractError::Read)?;
+                u.entry(&mut entry)?;
+            }
+            u.drain()?;
+            u.finish_dirs()?;
+            u.report();
+            Ok(u.stats)
+        })();
+        // Closing the queue ends the writers (also after an error); the scope joins them.
+        drop(u.queue.take());
+        result
+    })
 }
 
 #[cfg(test)]
@@ -521,6 +711,45 @@ mod tests {
         unpack(&data[..], dir.path(), &opts(), &mut |_| {}).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_symlink_over_the_directory_of_a_queued_file_cannot_redirect_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().to_str().unwrap().to_string();
+        // "a/b" is written by a writer thread (its directory made on the way); then "a"
+        // becomes a symlink out of the root. The file must not end up outside.
+        let data = raw_tar(&[("a/b", EntryType::Regular, b"x", None), ("a", EntryType::Symlink, b"", Some(&target))]);
+        let r = unpack(&data[..], dir.path(), &opts(), &mut |_| {});
+        assert!(!outside.path().join("b").exists());
+        // "a" is a directory by then, so the symlink cannot replace it.
+        assert!(r.is_err());
+        assert_eq!(fs::read(dir.path().join("a/b")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn many_files_through_the_writer_threads() {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..500u32 {
+            let body = vec![(i % 251) as u8; (i as usize * 97) % 5000];
+            let mut h = header(EntryType::Regular, body.len() as u64, 0o640);
+            b.append_data(&mut h, format!("d{}/f{i}", i % 7), &body[..]).unwrap();
+        }
+        // The same path twice: the later entry wins.
+        let mut h = header(EntryType::Regular, 3, 0o644);
+        b.append_data(&mut h, "d0/f0", &b"new"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = 0;
+        let stats = unpack(&data[..], dir.path(), &opts(), &mut |n| seen += n).unwrap();
+        assert_eq!(stats.files, 501);
+        assert_eq!(seen, stats.bytes);
+        for i in 1..500u32 {
+            let body = fs::read(dir.path().join(format!("d{}/f{i}", i % 7))).unwrap();
+            assert_eq!(body, vec![(i % 251) as u8; (i as usize * 97) % 5000]);
+        }
+        assert_eq!(fs::read(dir.path().join("d0/f0")).unwrap(), b"new");
     }
 
     #[test]

@@ -646,11 +646,11 @@ impl Run<'_> {
         r
     }
 
-    /// Unmounts all but the root, syncs, remounts the root read-only and forgets it (it stays
-    /// mounted for the kexec).
+    /// Unmounts all but the root (each unmount writes its filesystem back), remounts the root
+    /// read-only (which writes it back) and forgets it (it stays mounted for the kexec), then
+    /// `sync` for the devices' caches.
     fn finish(&mut self, plan: &LayoutPlan, mount_root: &Path) -> Result<(), InstallError> {
         self.unmount_to(1)?;
-        self.sys.sync();
         let root_dev = plan.root().device.display().to_string();
         self.sys
             .mount(&root_dev, mount_root, "ext4", libc::MS_REMOUNT | libc::MS_RDONLY, None)
