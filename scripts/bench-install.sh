@@ -39,7 +39,16 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("target",{}).get("name")=="install" and m.get("executable"): print(m["executable"])' | tail -1)
 [ -x "$BENCH" ] || { echo "could not build the benchmark driver" >&2; exit 1; }
 
+# Our mounts live in a mount namespace of their own: processes that other tools start in new
+# namespaces meanwhile (ip netns exec, unshare) cannot pin them.
+if [ -z "${BENCH_IN_NS:-}" ]; then
+    exec env BENCH_IN_NS=1 unshare --mount --propagation private "$0" "$@"
+fi
+
+# The loop devices' backing files live in RAM (BENCH_DIR, default /dev/shm): the comparison is
+# about the software pipelines, not this machine's shared disk.
 WORK=$(mktemp -d /tmp/bench-install.XXXXXX)
+DISKS=$(mktemp -d "${BENCH_DIR:-/dev/shm}/bench-install.XXXXXX")
 LOOP=""
 SMALL=""
 SERVER_PID=""
@@ -49,7 +58,7 @@ cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
     [ -n "$LOOP" ] && losetup -d "$LOOP"
     [ -n "$SMALL" ] && losetup -d "$SMALL"
-    rm -rf "$WORK"
+    rm -rf "$WORK" "$DISKS"
 }
 trap cleanup EXIT
 mkdir -p "$WORK/mnt"
@@ -68,8 +77,8 @@ serve() { # FILE → URL in $URL, server pid in $SERVER_PID
     URL=$(cat "$WORK/url")
 }
 
-truncate -s 4G "$WORK/disk.img"
-LOOP=$(losetup --find --show --partscan "$WORK/disk.img")
+truncate -s 4G "$DISKS/disk.img"
+LOOP=$(losetup --find --show --partscan "$DISKS/disk.img")
 reset_disk() { wipefs -a -q "$LOOP" >/dev/null 2>&1 || true; dd if=/dev/zero of="$LOOP" bs=1M count=2 conv=notrunc status=none; sync; }
 
 SIZE=$(stat -c %s "$IMAGE")
@@ -102,8 +111,8 @@ mr=$(median "${REF[@]}"); mo=$(median "${OURS[@]}")
 echo "| median | $mr ($((UNPACKED / 1000000)) MB → $(python3 -c "print(int($UNPACKED/1e6/$mr))") MB/s) | $mo ($(python3 -c "print(int($UNPACKED/1e6/$mo))") MB/s) | **$(python3 -c "print(f'{$mr/$mo:.2f}x')")** |"
 
 # raw.zst: the tar installed onto a 1 GiB disk by metal-hammer, read back and compressed.
-truncate -s 1G "$WORK/small.img"
-SMALL=$(losetup --find --show --partscan "$WORK/small.img")
+truncate -s 1G "$DISKS/small.img"
+SMALL=$(losetup --find --show --partscan "$DISKS/small.img")
 "$BENCH" run "$URL" "$SHA" "$SIZE" tar.zst "$SMALL" "$WORK/mnt" > /dev/null
 zstd -q -3 -T2 -c < "$SMALL" > "$WORK/image.raw.zst"
 losetup -d "$SMALL"; SMALL=""
