@@ -42,7 +42,7 @@ impl Default for FetchOptions {
             max_backoff: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            channel_depth: 64,
+            channel_depth: 16,
         }
     }
 }
