@@ -442,8 +442,18 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
     Ok(())
 }
 
-/// The real [`Sys::run_in_chroot`].
+/// How long the real [`Sys::run_in_chroot`] lets a program run before it kills it.
+pub const CHROOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The real [`Sys::run_in_chroot`], with [`CHROOT_TIMEOUT`].
 pub fn run_in_chroot(root: &Path, program: &str, args: &[&str]) -> io::Result<()> {
+    run_in_chroot_timeout(root, program, args, CHROOT_TIMEOUT)
+}
+
+/// [`run_in_chroot`] with a deadline: the program runs in a process group of its own, which
+/// is killed (`SIGKILL`) when `timeout` passes; that is an error (`TimedOut`).
+pub fn run_in_chroot_timeout(root: &Path, program: &str, args: &[&str], timeout: std::time::Duration) -> io::Result<()> {
+    use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
     let croot = CString::new(root.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root contains NUL"))?;
@@ -453,20 +463,41 @@ pub fn run_in_chroot(root: &Path, program: &str, args: &[&str]) -> io::Result<()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: between fork and exec the closure only makes the chroot and chdir system calls
-    // (async-signal-safe) on a path prepared before the fork.
+    // SAFETY: between fork and exec the closure only makes the chroot, chdir and setpgid system
+    // calls (async-signal-safe) on a path prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::chroot(croot.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+            if libc::chroot(croot.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 || libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("cannot run {program} in {}: {e}", root.display())))?;
-    if out.status.success() {
-        return Ok(());
+    let mut child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot run {program} in {}: {e}", root.display())))?;
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: signals the process group the child leads (setpgid above).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr);
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(io::Error::other(format!("{program} {} failed ({s}): {}", args.join(" "), stderr.trim()))),
+        None => Err(io::Error::new(io::ErrorKind::TimedOut, format!("{program} {} did not finish within {timeout:?} and was killed: {}", args.join(" "), stderr.trim()))),
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    Err(io::Error::other(format!("{program} {} failed ({}): {}", args.join(" "), out.status, stderr.trim())))
 }

@@ -404,3 +404,15 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_hook_that_hangs_is_killed() {
+    if !nix::unistd::geteuid().is_root() || !Path::new("/bin/sleep").exists() {
+        return;
+    }
+    let t = std::time::Instant::now();
+    let err = crate::sys::run_in_chroot_timeout(Path::new("/"), "/bin/sleep", &["30"], Duration::from_millis(300)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    crate::sys::run_in_chroot_timeout(Path::new("/"), "/bin/true", &[], Duration::from_secs(10)).unwrap();
+}
