@@ -111,7 +111,27 @@ pub fn rootfs_tree(kernel: &KernelDir, busybox: &Path, phone_home: &Path, initrd
     )?;
     tree.host_file("boot/vmlinuz", 0o644, &kernel.vmlinuz())?;
     tree.bytes("boot/initrd.img", 0o644, initrd)?;
+    add_uefi_boot(&mut tree, Path::new("/").join(crate::os::SYSTEMD_BOOT_EFI).as_path())?;
     Ok(tree)
+}
+
+/// Makes the test OS bootable from its disk under UEFI, the way Debian images are: systemd-boot
+/// (from the host's `systemd-boot-efi` package) and the bootloader hook metal-hammer runs at
+/// install time. Without systemd-boot on the host the image still installs and kexecs, but a
+/// reboot cannot boot it from disk; that is said on stderr.
+pub fn add_uefi_boot(tree: &mut Tree, systemd_boot: &Path) -> Result<()> {
+    if !systemd_boot.is_file() {
+        eprintln!(
+            "test-os: {} is missing (Debian package systemd-boot-efi): the image will not boot from its disk",
+            systemd_boot.display()
+        );
+        return Ok(());
+    }
+    tree.host_file(crate::os::SYSTEMD_BOOT_EFI, 0o644, systemd_boot)?;
+    let boot = crate::os::Boot { title: "metal test OS", kernel: "boot/vmlinuz", initrd: "boot/initrd.img", cmdline: CMDLINE };
+    let hook = crate::os::bootloader_hook(&boot).ok_or_else(|| Error::Invalid("test OS command line is not shell-safe".into()))?;
+    tree.bytes("usr/local/sbin/metal-bootloader-hook", 0o755, hook)?;
+    Ok(())
 }
 
 fn dpkg_version(package: &str) -> Option<String> {

@@ -144,7 +144,9 @@ pub struct FileBoot {
     /// TFTP file for legacy BIOS PXE (option 93 = 0). Default `undionly.kpxe`.
     #[serde(default)]
     pub bios: Option<String>,
-    /// TFTP file for x86-64 UEFI PXE (option 93 = 7 or 9). Default `ipxe.efi`; `snponly.efi` also works.
+    /// TFTP file for x86-64 UEFI PXE (option 93 = 7 or 9). Default `snponly.efi`: it drives the
+    /// NIC through the firmware, so when a script `exit`s (boot from local disk) the firmware
+    /// carries on with its next boot option. Debian's `ipxe.efi` hangs there instead.
     #[serde(default)]
     pub uefi: Option<String>,
     /// TFTP file for ARM64 UEFI (option 93 = 11). No default: such clients get no boot file.
@@ -327,7 +329,7 @@ pub struct HttpConfig {
 }
 
 pub const DEFAULT_BIOS_FILE: &str = "undionly.kpxe";
-pub const DEFAULT_UEFI_FILE: &str = "ipxe.efi";
+pub const DEFAULT_UEFI_FILE: &str = "snponly.efi";
 
 fn parse_subnet(s: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
     let (addr, prefix) = s

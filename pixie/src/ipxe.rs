@@ -78,10 +78,12 @@ pub fn render(input: &ScriptInput<'_>) -> String {
                      echo pixie: booting from the local disk\n\
                      sanboot --no-describe --drive 0x80\n"
                     .to_string(),
-                // UEFI (and anything unknown): leave iPXE; the firmware tries the next boot entry.
+                // UEFI (and anything unknown): leave iPXE with a failure status. EDK2's boot
+                // manager treats a boot option that returns success as "done" and opens its
+                // setup menu; on a failure it tries the next boot option.
                 _ => "#!ipxe\n\
                      echo pixie: booting from the local disk\n\
-                     exit\n"
+                     exit 1\n"
                     .to_string(),
             },
         },
@@ -120,7 +122,7 @@ mod tests {
         assert!(bios.contains("\nsanboot --no-describe --drive 0x80\n"));
         for arch in [Arch::UefiX64, Arch::UefiArm64, Arch::Unknown] {
             let efi = render(&ScriptInput::Decision { decision: &d, arch, retry_url: URL, attempt: 0 });
-            assert!(efi.ends_with("\nexit\n") && !efi.contains("sanboot"), "{arch:?}");
+            assert!(efi.ends_with("\nexit 1\n") && !efi.contains("sanboot"), "{arch:?}");
         }
     }
 

@@ -481,10 +481,10 @@ public_url = "http://{SERVER_IP}:8081"
     assert_eq!(from_pixie.len(), 1, "{offers:?}\n{}", pixie.log_text());
     let proxy = &from_pixie[0].0;
     assert_eq!(proxy.yiaddr(), Ipv4Addr::UNSPECIFIED);
-    assert_eq!(proxy.fname(), Some(&b"ipxe.efi\0"[..]));
+    assert_eq!(proxy.fname(), Some(&b"snponly.efi\0"[..]));
     assert_eq!(proxy.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
     assert_eq!(ack.len(), 1, "no proxyDHCP ACK on port 4011\n{}", pixie.log_text());
     assert_eq!(ack[0].0.opts().msg_type(), Some(v4::MessageType::Ack));
-    assert_eq!(ack[0].0.fname(), Some(&b"ipxe.efi\0"[..]));
+    assert_eq!(ack[0].0.fname(), Some(&b"snponly.efi\0"[..]));
     assert_eq!(ack[0].0.yiaddr(), Ipv4Addr::UNSPECIFIED);
 }

