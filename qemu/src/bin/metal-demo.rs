@@ -61,7 +61,7 @@ async fn demo(args: Args) -> Result<()> {
     let id = lab.vms[i].machine_id();
     println!("==> powering on machine {id} (BIOS, PXE); serial console: {}", lab.vms[i].serial.display());
     lab.vms[i].power_on()?;
-    let mut timeline = Timeline::new(started);
+    let mut timeline = Timeline::new(started, lab.vms[i].serial.clone());
 
     let d = Deadline::new("power-on to Waiting", Duration::from_secs(300));
     follow(&lab, &mut timeline, id, Ev::Waiting, &d).await?;
@@ -111,6 +111,7 @@ async fn demo(args: Args) -> Result<()> {
 /// Prints the machine's events as they arrive until `until` is seen.
 async fn follow(lab: &Lab, tl: &mut Timeline, id: metal_types::MachineId, until: Ev, d: &Deadline) -> Result<()> {
     loop {
+        tl.print_progress();
         let events = lab.admin.events(id).await.unwrap_or_default();
         for e in events.iter().skip(tl.printed) {
             tl.print(e);
@@ -134,11 +135,29 @@ struct Timeline {
     printed: usize,
     counts: HashMap<Ev, usize>,
     last: Option<Instant>,
+    serial: PathBuf,
+    serial_offset: usize,
 }
 
 impl Timeline {
-    fn new(started: Instant) -> Timeline {
-        Timeline { started, printed: 0, counts: HashMap::new(), last: None }
+    fn new(started: Instant, serial: PathBuf) -> Timeline {
+        Timeline { started, printed: 0, counts: HashMap::new(), last: None, serial, serial_offset: 0 }
+    }
+
+    /// Prints metal-hammer's stage markers and install progress from the serial console.
+    fn print_progress(&mut self) {
+        let bytes = std::fs::read(&self.serial).unwrap_or_default();
+        if bytes.len() <= self.serial_offset {
+            return;
+        }
+        let text = String::from_utf8_lossy(&bytes[self.serial_offset..]).into_owned();
+        let Some(end) = text.rfind('\n') else { return };
+        self.serial_offset += end + 1;
+        for line in text[..end].lines() {
+            if let Some(i) = line.find("METAL-HAMMER stage=").or_else(|| line.find("metal-hammer: stream:")) {
+                println!("    {:>7.1} s               | {}", self.started.elapsed().as_secs_f64(), line[i..].trim());
+            }
+        }
     }
     fn print(&mut self, e: &MachineEvent) {
         let now = Instant::now();
