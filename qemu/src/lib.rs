@@ -80,7 +80,14 @@ impl Lab {
             .await?;
         let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token).await?;
         let keep = std::env::var_os("METAL_LAB_KEEP").is_some();
-        let tmp = if keep { tmp.map(|t| { let _ = t.keep(); None }).flatten() } else { tmp };
+        let tmp = if keep {
+            if let Some(t) = tmp {
+                let _ = t.keep();
+            }
+            None
+        } else {
+            tmp
+        };
         Ok(Lab {
             tenant: ApiClient::new(&services::api_url(), &tenant.token),
             dir,
@@ -107,7 +114,7 @@ impl Lab {
 
     /// The newest image with this name.
     pub fn image(&self, name: &str) -> Option<&Image> {
-        self.images.iter().filter(|i| i.manifest.name == name).last()
+        self.images.iter().rfind(|i| i.manifest.name == name)
     }
 
     /// Kills the API (like a crash) and starts it again on the same store.

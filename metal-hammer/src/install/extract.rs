@@ -306,7 +306,7 @@ fn lsetxattr(p: &Path, name: &str, value: &[u8]) -> io::Result<()> {
 
 fn set_symlink_mtime(p: &Path, mtime: u64) -> io::Result<()> {
     let c = cstr(p)?;
-    let t = libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 };
+    let t = libc::timespec { tv_sec: mtime as _, tv_nsec: 0 };
     let times = [t, t];
     // SAFETY: valid path and a two-element timespec array, as utimensat requires.
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })

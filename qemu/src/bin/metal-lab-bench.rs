@@ -3,7 +3,7 @@
 //! prints a marker) measured in the same run on the same machine. Prints a Markdown table.
 //! Run through `scripts/bench` (as root).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -186,7 +186,7 @@ fn reference_chain(fw: Firmware) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn tiny_initramfs(root: &Path, out: &PathBuf) -> Result<()> {
+fn tiny_initramfs(root: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(root.join("bin"))?;
     std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).context("busybox-static")?;
     std::fs::write(root.join("init"), "#!/bin/busybox sh\n/bin/busybox echo REFERENCE-INITRAMFS-MARKER\n/bin/busybox poweroff -f\n")?;
