@@ -6,6 +6,7 @@
 //! - [`os`]: Debian images by mmdebstrap, or images from a directory or tarball, as `tar.zst`
 //!   and `raw.zst` (GPT, ESP + ext4, systemd-boot).
 //! - [`publish`]: registering a built image in the API's catalog.
+//! - [`serve`]: serving a directory of images over HTTP for the lab.
 //!
 //! Every archive is reproducible: the [`tree::Tree`] keeps entries sorted, the [`cpio`] and
 //! [`archive`] writers use fixed mtimes and numeric owners, and compression uses fixed zstd
@@ -20,6 +21,7 @@ pub mod kernel;
 pub mod kmod;
 pub mod os;
 pub mod publish;
+pub mod serve;
 pub mod testos;
 pub mod tools;
 pub mod tree;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use image_builder::{hammer, kernel, publish, testos};
+use image_builder::{hammer, kernel, publish, serve, testos};
 
 #[derive(Parser)]
 #[command(name = "image-builder", version, about = "Builds what bare-metal machines boot: kernel cache, metal-hammer initramfs, test OS, OS images")]
@@ -74,6 +74,15 @@ enum Cmd {
         #[arg(long, env = "METAL_TOKEN")]
         token: String,
     },
+    /// Serve the files of a directory over HTTP (GET, HEAD, Range) for the lab, until killed.
+    Serve {
+        /// The directory to serve (e.g. target/lab/images); nothing outside it is reachable.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port (the real one is printed).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: String,
+    },
 }
 
 fn run(cli: Cli) -> image_builder::Result<()> {
@@ -100,6 +109,7 @@ fn run(cli: Cli) -> image_builder::Result<()> {
         Cmd::Publish { manifest, url_base, api, token } => {
             println!("{}", publish::publish(&manifest, &url_base, &api, &token)?);
         }
+        Cmd::Serve { dir, listen } => serve::serve(&dir, &listen)?,
     }
     Ok(())
 }
