@@ -1130,12 +1130,21 @@ async fn allocation_by_key(c: &mut AnyConnection, project: &str, key: &str) -> R
 /// must undo what this wrote (roll back, or delete the allocation row it names).
 async fn allocate_attempt(c: &mut AnyConnection, backend: Backend, plan: &AllocationPlan, dead_after_ms: i64) -> Result<Attempt> {
     let now = now_ms();
+    let pg = backend == Backend::Postgres;
     if let Some(key) = &plan.idempotency_key {
+        if pg {
+            // Requests with the same key queue here until the first one's transaction ends, so
+            // the later ones see its allocation below instead of each taking (and locking) a
+            // machine of their own in the meantime. SQLite serialises writers anyway.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))::text")
+                .bind(format!("{}/{key}", plan.project))
+                .execute(&mut *c)
+                .await?;
+        }
         if let Some(a) = allocation_by_key(c, &plan.project, key).await? {
             return Ok(Attempt::Done(AllocOutcome::Existing(a)));
         }
     }
-    let pg = backend == Backend::Postgres;
     let rows = match (&plan.machine, &plan.size) {
         (Some(m), _) => {
             sqlx::query(&format!(

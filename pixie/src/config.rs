@@ -591,7 +591,7 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(d.pools[0].netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(d.boot.bios_file, "undionly.kpxe");
         assert_eq!(d.boot.ipxe_script_url, "http://10.99.0.1:8081/ipxe");
-        assert_eq!(d.boot.uefi_http_url, "http://10.99.0.1:8081/boot/ipxe.efi");
+        assert_eq!(d.boot.uefi_http_url, "http://10.99.0.1:8081/boot/snponly.efi");
         let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
         assert_eq!(d.reservations[&mac].ip, Ipv4Addr::new(10, 99, 0, 50));
         assert_eq!(c.tftp.unwrap().max_blksize, 65464);

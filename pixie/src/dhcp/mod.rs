@@ -475,7 +475,7 @@ public_url = "http://10.99.0.1:8081"
         let mut http = client_msg(v4::MessageType::Discover, MAC);
         http.opts_mut().insert(DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016".to_vec()));
         http.opts_mut().insert(DhcpOption::ClientSystemArchitecture(16u16.into()));
-        assert_eq!(boot_choice(&req(&http), &c.boot), BootChoice::UefiHttp { url: "http://10.99.0.1:8081/boot/ipxe.efi".into() });
+        assert_eq!(boot_choice(&req(&http), &c.boot), BootChoice::UefiHttp { url: "http://10.99.0.1:8081/boot/snponly.efi".into() });
         let plain = client_msg(v4::MessageType::Discover, MAC);
         assert!(!boot_choice(&req(&plain), &c.boot).is_some());
     }
@@ -550,7 +550,7 @@ public_url = "http://10.99.0.1:8081"
         let (d, _) = decide(&r, SERVER_PORT, &c, &mut t, 0);
         let msg = wire_reply(&build_reply(&discover, &r, reply_of(&d), &c));
         assert_eq!(msg.siaddr(), c.server_ip);
-        assert_eq!(msg.fname(), Some(&b"ipxe.efi\0"[..]));
+        assert_eq!(msg.fname(), Some(&b"snponly.efi\0"[..]));
         assert_eq!(msg.opts().get(OptionCode::BootfileName), Some(&DhcpOption::BootfileName(b"snponly.efi".to_vec())));
         // OVMF would take PXEClient without option 43 for a BINL offer and ask port 4011.
         assert!(msg.opts().get(OptionCode::ClassIdentifier).is_none());
@@ -696,7 +696,7 @@ public_url = "http://10.99.0.1:8081"
         let msg = wire_reply(&build_reply(&discover, &r, offer, &c));
         assert_eq!(msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
         assert_eq!(msg.siaddr(), c.server_ip);
-        assert_eq!(msg.fname(), Some(&b"ipxe.efi\0"[..]));
+        assert_eq!(msg.fname(), Some(&b"snponly.efi\0"[..]));
         let o = msg.opts();
         assert_eq!(o.get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
         assert_eq!(o.get(OptionCode::ClientMachineIdentifier), Some(&DhcpOption::ClientMachineIdentifier(guid)));
