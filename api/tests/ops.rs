@@ -99,11 +99,13 @@ async fn failed_reclaim_when_the_old_os_phones_home() {
 #[tokio::test]
 async fn dead_machines_are_not_allocated() {
     let db = Db::sqlite();
-    let mut api = Api::start_with(&db, |c| c.dead_after_s = 1).await;
+    // Dead after 2 s; a parked wait beats every second, so a beat may lag up to a second under
+    // load before the assertion during the poll could see Dead.
+    let mut api = Api::start_with(&db, |c| c.dead_after_s = 2).await;
     let cat = api.catalog().await;
     let mut agent = Agent::new(50);
     agent.join_pool(&api, &cat.pixie).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // let the heartbeat age
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await; // let the heartbeat age
     let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
     assert_eq!(m.liveliness, Liveliness::Dead);
     let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("d")).await;
@@ -111,9 +113,9 @@ async fn dead_machines_are_not_allocated() {
     // A parked wait keeps beating: the machine stays alive through a long poll.
     let (base, cred) = (api.base.clone(), agent.credential.clone());
     let poll = tokio::spawn(async move {
-        reqwest::Client::new().get(format!("{base}/v1/agent/wait?timeout_s=3")).bearer_auth(cred).send().await.unwrap().status()
+        reqwest::Client::new().get(format!("{base}/v1/agent/wait?timeout_s=5")).bearer_auth(cred).send().await.unwrap().status()
     });
-    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
     let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
     assert_eq!(m.liveliness, Liveliness::Alive, "during a long poll");
     assert_eq!(poll.await.unwrap(), StatusCode::NO_CONTENT);
