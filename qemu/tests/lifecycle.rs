@@ -16,7 +16,7 @@ use metal_types::{Machine, ProvisioningEvent as Ev};
 /// Scenarios 1 and 4: a BIOS machine PXE boots into metal-hammer, registers with the right
 /// inventory, wipes its disk, waits; is allocated with the test OS, installs it, kexecs, phones
 /// home, and the verifier inside the OS passes. Then it is freed, power-cycled, wiped again
-/// (the tenant's data is gone), waits again, and a second allocation installs again.
+/// (the tenant's data is gone), waits again, and a second allocation installs another image.
 #[test]
 #[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
 fn bios_lifecycle_and_reclaim() -> Result<()> {
@@ -63,8 +63,11 @@ fn bios_lifecycle_and_reclaim() -> Result<()> {
         let root_fs = lab.vms[i].read_disk(0, (65 << 20) + 1024 + 0x38, 2)?;
         ensure!(root_fs != [0x53, 0xef], "the ext4 superblock of the tenant's root survived the reclaim wipe");
 
-        let alloc2 = allocate(&lab, "bios1-b", &image).await?;
+        // Reinstall with another image: any other test-os version build-lab made.
+        let other = lab.images.iter().find(|i| i.manifest.name == "test-os" && i.id != image).context("only one test-os version built")?.id.clone();
+        let alloc2 = allocate(&lab, "bios1-b", &other).await?;
         ensure!(alloc2.id != alloc.id, "second allocation reused the first one's id");
+        ensure!(alloc2.image == other, "second allocation got image {}, asked for {other}", alloc2.image);
         let d = Deadline::new("second allocation to Phoned Home", Duration::from_secs(150));
         lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
         serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
