@@ -82,12 +82,11 @@ impl Drop for Netns {
     }
 }
 
-/// Links namespace `a` (interface `a_if`) and `b` (`b_if`) with a veth pair.
+/// Links namespace `a` (interface `a_if`) and `b` (`b_if`) with a veth pair, created inside the
+/// test's own namespaces: it never appears in the host's, and tests running side by side in
+/// other processes cannot collide on its names.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
-    let tmp = format!("pxv{}", COUNTER.fetch_add(1, Ordering::SeqCst));
-    ip(&format!("link add {tmp} type veth peer name {tmp}p"));
-    ip(&format!("link set {tmp} netns {} name {a_if}", a.name));
-    ip(&format!("link set {tmp}p netns {} name {b_if}", b.name));
+    ip(&format!("-n {} link add {a_if} type veth peer name {b_if} netns {}", a.name, b.name));
     a.ip(&format!("link set {a_if} up"));
     b.ip(&format!("link set {b_if} up"));
 }
