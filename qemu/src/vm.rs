@@ -148,6 +148,9 @@ impl Vm {
                 }
                 cmd.args(["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"]);
                 cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+                // The lab network is IPv4: without this OVMF also tries PXE over IPv6 (waiting
+                // for a DHCPv6 answer that never comes) before it falls through to the disk.
+                cmd.args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]);
             }
         }
         let mut sata_bus = false;

@@ -9,40 +9,29 @@ use common::{allocate, metalctl};
 use metal_lab::{run_in_lab, Deadline, DiskBus, DiskSpec, Firmware, Lab, VmSpec};
 use metal_types::{Image, ProvisioningEvent as Ev};
 
-/// Scenario 2: a UEFI machine whose NIC has no option ROM, so OVMF's own PXE fetches iPXE from
-/// pixie's TFTP and chains to HTTP; the whole lifecycle onto an NVMe disk.
+/// Scenarios 2 and 3: a UEFI machine whose NIC has no option ROM, so OVMF's own PXE fetches
+/// iPXE from pixie's TFTP and chains to HTTP; the whole lifecycle onto an NVMe disk. Then the
+/// installed machine is reset: pixie's script tells iPXE to leave (`exit 1`), the firmware moves
+/// on through its boot order to the NVMe disk (systemd-boot, installed by the image's bootloader
+/// hook), metal-hammer never starts, and the installed OS phones home again.
 #[test]
 #[ignore = "end-to-end: needs root, QEMU and scripts/build-lab; run with the e2e nextest profile"]
-fn uefi_nvme_lifecycle() -> Result<()> {
+fn uefi_nvme_lifecycle_and_reboot_from_disk() -> Result<()> {
     run_in_lab(|| async {
         let mut lab = Lab::start(None).await?;
-        uefi_nvme_installed(&mut lab, "uefi1", 2).await?;
-        lab.pass();
-        Ok(())
-    })
-}
-
-/// Scenario 3: the installed UEFI machine is reset; pixie tells it to boot from its local disk,
-/// the firmware boots the disk (systemd-boot, set up by the image's bootloader hook), and the
-/// installed OS phones home again.
-///
-/// Not in the CI run yet: after iPXE leaves with `exit 1`, Debian's OVMF tries its UEFI HTTP
-/// boot option (and, unless disabled, PXE over IPv6) before the disk, each waiting out a long
-/// timeout. See the issue note for what remains.
-#[test]
-#[ignore = "end-to-end, not in CI yet: OVMF tries HTTP boot before the disk after iPXE exits"]
-fn uefi_reboot_from_disk() -> Result<()> {
-    run_in_lab(|| async {
-        let mut lab = Lab::start(None).await?;
-        let (i, seen) = uefi_nvme_installed(&mut lab, "uefi2", 5).await?;
+        let (i, seen) = uefi_nvme_installed(&mut lab, "uefi1", 2).await?;
         let id = lab.vms[i].machine_id();
         let mut serial = lab.vms[i].serial_cursor();
         serial.wait_for(&Deadline::new("first boot", Duration::from_secs(60)), "TEST-OS VERIFY PASS", &[]).await?;
         lab.vms[i].reset()?;
-        let d = Deadline::new("reboot from disk to Phoned Home", Duration::from_secs(300));
+        let d = Deadline::new("reboot from disk to Phoned Home", Duration::from_secs(240));
+        // OVMF names each boot option it loads; the NVMe disk's must come before the test OS.
+        serial.wait_for(&d, "UEFI QEMU NVMe Ctrl", &["METAL-HAMMER stage=boot", "TEST-OS booted"]).await?;
         serial.wait_for(&d, "TEST-OS booted", &["METAL-HAMMER stage=boot"]).await?;
         lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
         serial.wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+        let m = lab.admin.machine(id).await?;
+        ensure!(m.allocation.is_some(), "the machine lost its allocation across the reboot");
         lab.pass();
         Ok(())
     })
