@@ -1,11 +1,16 @@
-//! The API client: boot decisions (`POST /v1/boot/decide`) and `PXE Booting` events
+//! The API client: boot decisions (`POST /v1/boot/decide`, with a short per-machine cache and
+//! one call for concurrent identical requests: [`DecisionCache`]) and `PXE Booting` events
 //! (`POST /v1/boot/pxe-event`, fire-and-forget through a bounded queue).
+//!
+//! One [`reqwest::Client`] is shared by every clone of [`ApiClient`], so calls reuse the pooled
+//! keep-alive connections to the API instead of connecting per request.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use metal_types::{BootDecision, BootRequest, PxeEvent};
-use tokio::sync::mpsc;
+use metal_types::{Arch, BootDecision, BootRequest, MachineId, PxeEvent};
+use tokio::sync::{mpsc, OnceCell};
 
 use crate::metrics::Metrics;
 
@@ -71,6 +76,84 @@ impl ApiClient {
     }
 }
 
+/// What identifies one machine's question: the answer is reused only for the same triple.
+pub type DecisionKey = (String, Option<MachineId>, Arch);
+
+/// The answer of one API call, shared by every request that waited for it.
+pub type SharedDecision = Result<BootDecision, Arc<ApiError>>;
+
+/// One API call for a key and, once it has answered, when it did.
+type Flight = Arc<OnceCell<(Instant, SharedDecision)>>;
+
+/// Boot decisions reused for `ttl` per (MAC, UUID, arch), with single flight: requests that
+/// arrive while the API is being asked for the same key wait for that call instead of making
+/// their own. Failures are handed to the requests that waited for them but never kept: the next
+/// request asks the API again. A `ttl` of zero turns both off. Why a short `ttl` cannot boot a
+/// machine into a decision made before its last reboot: docs/pixie.md, "Decision cache".
+pub struct DecisionCache {
+    api: ApiClient,
+    ttl: Duration,
+    flights: Mutex<HashMap<DecisionKey, Flight>>,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This request asked the API.
+    Api,
+    /// Another request's call, answered within `ttl` or still running when this one came.
+    Shared,
+}
+
+/// Above this many keys, answered and expired entries are dropped when a new key comes.
+const PRUNE_ABOVE: usize = 4096;
+
+impl DecisionCache {
+    pub fn new(api: ApiClient, ttl: Duration) -> DecisionCache {
+        DecisionCache { api, ttl, flights: Mutex::new(HashMap::new()) }
+    }
+
+    fn usable(&self, flight: &Flight) -> bool {
+        match flight.get() {
+            None => true,
+            Some((at, Ok(_))) => at.elapsed() < self.ttl,
+            Some((_, Err(_))) => false,
+        }
+    }
+
+    /// The decision for `req`, from the API or from a call made for the same key within `ttl`.
+    pub async fn decide(&self, req: &BootRequest) -> (SharedDecision, Source) {
+        if self.ttl.is_zero() {
+            return (self.api.decide(req).await.map_err(Arc::new), Source::Api);
+        }
+        let key: DecisionKey = (req.mac.clone(), req.uuid, req.arch);
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            match flights.get(&key) {
+                Some(f) if self.usable(f) => f.clone(),
+                _ => {
+                    if flights.len() >= PRUNE_ABOVE {
+                        flights.retain(|_, f| self.usable(f));
+                    }
+                    let f = Flight::default();
+                    flights.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        // The first caller runs the call; if its request is dropped mid-call (client gone), a
+        // waiting one takes over, so nobody waits for a call that no longer runs.
+        let mut asked = false;
+        let (_, answer) = flight
+            .get_or_init(|| async {
+                asked = true;
+                (Instant::now(), self.api.decide(req).await.map_err(Arc::new))
+            })
+            .await;
+        (answer.clone(), if asked { Source::Api } else { Source::Shared })
+    }
+}
+
 /// The sending side of the event queue; never blocks (the DHCP path calls it).
 #[derive(Clone)]
 pub struct EventQueue {
@@ -121,4 +204,131 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A stand-in API on loopback: counts decide calls and TCP connections, answers after
+    /// `delay`, with `500` while `fail` is set.
+    struct FakeApi {
+        url: String,
+        calls: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
+        fail: Arc<AtomicBool>,
+    }
+
+    async fn fake_api(delay: Duration) -> FakeApi {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fail = Arc::new(AtomicBool::new(false));
+        let (c, f) = (calls.clone(), fail.clone());
+        let app = axum::Router::new().route(
+            "/v1/boot/decide",
+            axum::routing::post(move |axum::Json(req): axum::Json<BootRequest>| {
+                let (c, f) = (c.clone(), f.clone());
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    if f.load(Ordering::SeqCst) {
+                        return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+                    }
+                    let cmdline = format!("metal.mac={}", req.mac);
+                    Ok(axum::Json(BootDecision::Hammer { kernel_url: "http://k".into(), initrd_url: "http://i".into(), cmdline }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let conns = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                conns.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc));
+            }
+        });
+        FakeApi { url, calls, connections, fail }
+    }
+
+    fn req(mac: &str) -> BootRequest {
+        BootRequest { partition: "lab".into(), mac: mac.into(), uuid: None, arch: Arch::BiosX86 }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_identical_requests_make_one_call_and_the_answer_expires() {
+        let api = fake_api(Duration::from_millis(200)).await;
+        let cache = Arc::new(DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::from_millis(300)));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.decide(&req("52:54:00:00:00:01")).await })
+            })
+            .collect();
+        let mut from_api = 0;
+        for t in tasks {
+            let (answer, source) = t.await.unwrap();
+            assert!(matches!(answer.unwrap(), BootDecision::Hammer { cmdline, .. } if cmdline == "metal.mac=52:54:00:00:00:01"));
+            from_api += usize::from(source == Source::Api);
+        }
+        assert_eq!(api.calls.load(Ordering::SeqCst), 1, "one API call for 16 identical requests");
+        assert_eq!(from_api, 1);
+        assert_eq!(cache.decide(&req("52:54:00:00:00:01")).await.1, Source::Shared, "within the TTL");
+        let (other, _) = cache.decide(&req("52:54:00:00:00:02")).await;
+        assert!(matches!(other.unwrap(), BootDecision::Hammer { cmdline, .. } if cmdline == "metal.mac=52:54:00:00:00:02"));
+        assert_eq!(api.calls.load(Ordering::SeqCst), 2, "another MAC is another question");
+        let mut uefi = req("52:54:00:00:00:01");
+        uefi.arch = Arch::UefiX64;
+        cache.decide(&uefi).await.0.unwrap();
+        assert_eq!(api.calls.load(Ordering::SeqCst), 3, "another arch is another question");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(cache.decide(&req("52:54:00:00:00:01")).await.1, Source::Api, "expired after the TTL");
+        assert_eq!(api.calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failures_are_shared_by_waiters_but_never_kept() {
+        let api = fake_api(Duration::from_millis(100)).await;
+        api.fail.store(true, Ordering::SeqCst);
+        let cache = Arc::new(DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::from_secs(2)));
+        let r = req("52:54:00:00:00:01");
+        let (a, b) = tokio::join!(cache.decide(&r), cache.decide(&r));
+        assert!(matches!(&*a.0.unwrap_err(), ApiError::Status { status: 500, .. }));
+        assert!(b.0.is_err());
+        assert_eq!(api.calls.load(Ordering::SeqCst), 1);
+        api.fail.store(false, Ordering::SeqCst);
+        let (answer, source) = cache.decide(&req("52:54:00:00:00:01")).await;
+        assert!(answer.is_ok() && source == Source::Api, "the failure was not cached");
+        assert_eq!(api.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_first_caller_hands_the_call_to_a_waiter() {
+        let api = fake_api(Duration::from_millis(300)).await;
+        let cache = Arc::new(DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::from_secs(2)));
+        let c = cache.clone();
+        let first = tokio::spawn(async move { c.decide(&req("52:54:00:00:00:01")).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = cache.clone();
+        let second = tokio::spawn(async move { c.decide(&req("52:54:00:00:00:01")).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first.abort();
+        let (answer, source) = tokio::time::timeout(Duration::from_secs(3), second).await.expect("the waiter is not stuck").unwrap();
+        assert!(answer.is_ok());
+        assert_eq!(source, Source::Api, "the waiter made the call itself");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ttl_zero_asks_every_time_over_one_kept_alive_connection() {
+        let api = fake_api(Duration::ZERO).await;
+        let cache = DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::ZERO);
+        for _ in 0..20 {
+            assert_eq!(cache.decide(&req("52:54:00:00:00:01")).await.1, Source::Api);
+        }
+        assert_eq!(api.calls.load(Ordering::SeqCst), 20);
+        assert_eq!(api.connections.load(Ordering::SeqCst), 1, "sequential calls reuse one connection");
+    }
 }

@@ -195,6 +195,10 @@ pub struct FileHttp {
     pub hammer_cache_s: Option<u64>,
     #[serde(default)]
     pub images_dir: Option<PathBuf>,
+    /// How long a boot decision is reused for the same (MAC, UUID, arch), in ms; 0 turns the
+    /// cache off. At most [`MAX_DECISION_CACHE_MS`].
+    #[serde(default)]
+    pub decision_cache_ms: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,7 +330,14 @@ pub struct HttpConfig {
     pub hammer_url: Option<String>,
     pub hammer_cache: Duration,
     pub images_dir: Option<PathBuf>,
+    /// Zero: every `/ipxe` request asks the API.
+    pub decision_cache: Duration,
 }
+
+/// The longest boot-decision cache allowed: below the time any machine needs from power-on to
+/// its `/ipxe` request, and not above the shortest wait in pixie's retry scripts (2 s), so a
+/// machine never gets an answer older than its own reboot (docs/pixie.md, "Decision cache").
+pub const MAX_DECISION_CACHE_MS: u64 = 2000;
 
 pub const DEFAULT_BIOS_FILE: &str = "undionly.kpxe";
 pub const DEFAULT_UEFI_FILE: &str = "snponly.efi";
@@ -432,6 +443,14 @@ impl TryFrom<File> for Config {
             hammer_cache: Duration::from_secs(f.http.hammer_cache_s.unwrap_or(300).max(1)),
             hammer_dir: f.http.hammer_dir,
             images_dir: f.http.images_dir,
+            decision_cache: match f.http.decision_cache_ms.unwrap_or(1000) {
+                ms if ms > MAX_DECISION_CACHE_MS => {
+                    return Err(invalid(format!(
+                        "http.decision_cache_ms {ms} is above {MAX_DECISION_CACHE_MS}: a cached decision must be younger than any reboot"
+                    )))
+                }
+                ms => Duration::from_millis(ms),
+            },
         };
         let tftp = match f.tftp {
             None => None,
@@ -595,6 +614,9 @@ public_url = "http://10.99.0.1:8081"
         let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
         assert_eq!(d.reservations[&mac].ip, Ipv4Addr::new(10, 99, 0, 50));
         assert_eq!(c.tftp.unwrap().max_blksize, 65464);
+        assert_eq!(c.http.decision_cache, Duration::from_millis(1000));
+        let off = parse(&LAB.replace("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 0")).unwrap();
+        assert_eq!(off.http.decision_cache, Duration::ZERO);
     }
 
     #[test]
@@ -615,6 +637,7 @@ public_url = "http://10.99.0.1:8081"
             ("ip = \"10.99.0.50\"", "ip = \"10.1.0.50\"", "outside"),
             ("url = \"http://10.99.0.1:8080/\"", "url = \"ftp://x\"", "http://"),
             ("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\nhammer_dir = \"/a\"\nhammer_url = \"http://b\"", "not both"),
+            ("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 5000", "decision_cache_ms 5000"),
         ] {
             let text = LAB.replace(from, to);
             let err = parse(&text).unwrap_err().to_string();

@@ -1,36 +1,30 @@
-//! The metal-hammer kernel and initrd, served from memory.
+//! Static files: the metal-hammer kernel and initrd (`/hammer/*`) and the TFTP root (`/boot/*`).
 //!
-//! Every booting machine fetches the same two files, often many machines at once. They are read
-//! once into reference-counted buffers and handed to the socket without further copies in pixie;
-//! a file that changes on disk (length or mtime) is read again on the next request. Single byte
-//! ranges are honoured (`206`), several ranges get the whole file (`200`, as RFC 9110 allows), an
-//! unsatisfiable range gets `416`. Names are one path segment of `[A-Za-z0-9._-]`, not starting
-//! with a dot, and must resolve inside the directory.
+//! Local files are opened per request and sent by the zero-copy path in [`crate::http`]
+//! (`sendfile(2)`: page cache to socket); this module decides what to send: [`LocalDir::open`]
+//! resolves a request path to an open file, [`plan`] turns a file length and a `Range` header into
+//! the response head and the byte range of the body. Single byte ranges are honoured (`206`),
+//! several ranges get the whole file (`200`, as RFC 9110 allows), an unsatisfiable range gets
+//! `416`. A `/hammer` name is one path segment of `[A-Za-z0-9._-]`, not starting with a dot, that
+//! resolves inside the directory; a `/boot` path may have directories but no `.` or `..` segment.
+//!
+//! A kernel and initrd fetched from an upstream URL ([`Upstream`]) are kept in memory instead.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-/// Files larger than this are not cached (they would be images, not a kernel or initrd).
+/// Upstream files larger than this are not kept in memory (they would be images).
 pub const MAX_CACHED: u64 = 1 << 30;
-
-#[derive(Clone)]
-struct Cached {
-    len: u64,
-    mtime: Option<SystemTime>,
-    data: Bytes,
-}
-
-pub struct MemDir {
-    root: PathBuf,
-    cache: Mutex<HashMap<String, Cached>>,
-}
 
 /// A parsed `Range` header against a file of `len` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,45 +78,163 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-impl MemDir {
-    pub fn new(root: &Path) -> MemDir {
-        MemDir { root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()), cache: Mutex::new(HashMap::new()) }
+/// How request paths map into a [`LocalDir`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One name (`/hammer/<name>`), which must resolve inside the directory (symlinks included).
+    Flat,
+    /// A relative path (`/boot/<dir>/<name>`), percent-decoded, without `.`, `..` or empty
+    /// segments; symlinks are followed (Debian's iPXE files in a TFTP root are symlinks).
+    Tree,
+}
+
+/// A local directory served by the zero-copy path.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+    layout: Layout,
+}
+
+/// A regular file opened for one response.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub file: File,
+    pub len: u64,
+}
+
+/// `%XX` decoded; `None` for a bad escape or a decoded NUL or backslash.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    (!s.contains(['\0', '\\'])).then_some(s)
+}
+
+impl LocalDir {
+    pub fn new(root: &Path, layout: Layout) -> LocalDir {
+        LocalDir { root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()), layout }
     }
 
-    fn load(&self, name: &str) -> Result<Cached, StatusCode> {
-        if !valid_name(name) {
-            return Err(StatusCode::NOT_FOUND);
+    /// The file for `rel`, the request path after the prefix and its slash (query removed).
+    /// Every refusal is `404`, so a probe learns nothing about what exists outside.
+    pub fn resolve(&self, rel: &str) -> Result<PathBuf, StatusCode> {
+        match self.layout {
+            Layout::Flat => {
+                if !valid_name(rel) {
+                    return Err(StatusCode::NOT_FOUND);
+                }
+                let path = self.root.join(rel).canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
+                if !path.starts_with(&self.root) {
+                    return Err(StatusCode::NOT_FOUND);
+                }
+                Ok(path)
+            }
+            Layout::Tree => {
+                let rel = percent_decode(rel).ok_or(StatusCode::NOT_FOUND)?;
+                let mut path = self.root.clone();
+                for seg in rel.split('/') {
+                    if seg.is_empty() || seg == "." || seg == ".." {
+                        return Err(StatusCode::NOT_FOUND);
+                    }
+                    path.push(seg);
+                }
+                Ok(path)
+            }
         }
-        let path = self.root.join(name).canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
-        if !path.starts_with(&self.root) {
-            return Err(StatusCode::NOT_FOUND);
-        }
-        let meta = std::fs::metadata(&path).map_err(|_| StatusCode::NOT_FOUND)?;
+    }
+
+    /// Opens the file for `rel` (see [`LocalDir::resolve`]); directories and devices are `404`.
+    pub fn open(&self, rel: &str) -> Result<OpenFile, StatusCode> {
+        let path = self.resolve(rel)?;
+        // O_NONBLOCK: opening a FIFO someone left in the directory must not hang the server.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|_| StatusCode::NOT_FOUND)?;
+        let meta = file.metadata().map_err(|_| StatusCode::NOT_FOUND)?;
         if !meta.is_file() {
             return Err(StatusCode::NOT_FOUND);
         }
-        if meta.len() > MAX_CACHED {
-            return Err(StatusCode::PAYLOAD_TOO_LARGE);
-        }
-        let mtime = meta.modified().ok();
-        if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
-            if c.len == meta.len() && c.mtime == mtime {
-                return Ok(c.clone());
-            }
-        }
-        let data = Bytes::from(std::fs::read(&path).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?);
-        let c = Cached { len: data.len() as u64, mtime, data };
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), c.clone());
-        Ok(c)
+        Ok(OpenFile { file, len: meta.len() })
     }
 
-    /// Answers `GET <prefix>/<name>` (and HEAD, whose body axum drops).
-    pub fn serve(&self, name: &str, headers: &HeaderMap) -> Response {
-        match self.load(name) {
-            Ok(c) => respond(c.data, headers),
+    /// Answers through axum, reading the file into memory: for the requests the zero-copy path
+    /// hands over (a GET with a body, say).
+    pub async fn serve_buffered(&self, rel: &str, headers: &HeaderMap) -> Response {
+        let read = match self.resolve(rel) {
+            Ok(path) => tokio::fs::read(path).await.map_err(|_| StatusCode::NOT_FOUND),
+            Err(s) => Err(s),
+        };
+        match read {
+            Ok(data) => respond(Bytes::from(data), headers),
             Err(status) => (status, "not found\n").into_response(),
         }
     }
+}
+
+/// The response to a static-file request, before the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub status: u16,
+    /// The whole head, status line to the empty line.
+    pub head: String,
+    /// Offset and length of the file bytes that follow the head (`None` for HEAD and `416`).
+    pub body: Option<(u64, u64)>,
+}
+
+/// The response head for a file of `len` bytes and the `Range` header `range`; `head_only` for
+/// HEAD (same headers, no body); `keep_alive` false adds `connection: close`.
+pub fn plan(range: Option<&str>, len: u64, head_only: bool, keep_alive: bool) -> Plan {
+    let (status, reason, offset, count) = match parse_range(range, len) {
+        RangeReq::Full => (200, "OK", 0, len),
+        RangeReq::Part { start, end } => (206, "Partial Content", start, end - start + 1),
+        RangeReq::Unsatisfiable => (416, "Range Not Satisfiable", 0, 0),
+    };
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    let _ = write!(head, "content-length: {count}\r\naccept-ranges: bytes\r\n");
+    if status == 200 || status == 206 {
+        head.push_str("content-type: application/octet-stream\r\n");
+    }
+    match status {
+        206 => {
+            let _ = write!(head, "content-range: bytes {offset}-{}/{len}\r\n", offset + count - 1);
+        }
+        416 => {
+            let _ = write!(head, "content-range: bytes */{len}\r\n");
+        }
+        _ => {}
+    }
+    if !keep_alive {
+        head.push_str("connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let body = (status != 416 && !head_only && count > 0).then_some((offset, count));
+    Plan { status, head, body }
+}
+
+/// A short plain-text answer (`404` and the like) with its body, for the zero-copy path.
+pub fn plain(status: u16, reason: &str, text: &str, head_only: bool, keep_alive: bool) -> String {
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", text.len());
+    if !keep_alive {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(text);
+    }
+    out
 }
 
 /// A whole file or the one range asked for.
@@ -226,11 +338,10 @@ impl Upstream {
     }
 }
 
-pub type SharedMemDir = Arc<MemDir>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn ranges() {
@@ -284,21 +395,55 @@ mod tests {
     }
 
     #[test]
-    fn names_and_reloads() {
+    fn flat_names_stay_inside_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vmlinuz"), b"kernel-1").unwrap();
-        std::fs::write(dir.path().join(".hidden"), b"x").unwrap();
-        let m = MemDir::new(dir.path());
-        for bad in ["", ".hidden", "..", "a/b", "../etc", "%2e%2e"] {
-            assert_eq!(m.load(bad).err(), Some(StatusCode::NOT_FOUND), "{bad}");
+        let root = dir.path().join("hammer");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("vmlinuz"), b"kernel-1").unwrap();
+        std::fs::write(root.join(".hidden"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out")).unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        let d = LocalDir::new(&root, Layout::Flat);
+        for bad in ["", ".hidden", "..", "a/b", "../secret", "..%2fsecret", "%2e%2e", "out", "sub", "missing"] {
+            assert_eq!(d.open(bad).err(), Some(StatusCode::NOT_FOUND), "{bad}");
         }
-        assert_eq!(&m.load("vmlinuz").unwrap().data[..], b"kernel-1");
-        std::fs::write(dir.path().join("vmlinuz"), b"kernel-22").unwrap();
-        assert_eq!(&m.load("vmlinuz").unwrap().data[..], b"kernel-22");
-        let mut h = HeaderMap::new();
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=7-"));
-        let r = m.serve("vmlinuz", &h);
-        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 7-8/9");
+        let f = d.open("vmlinuz").unwrap();
+        assert_eq!(f.len, 8);
+        std::fs::write(root.join("vmlinuz"), b"kernel-22").unwrap();
+        assert_eq!(d.open("vmlinuz").unwrap().len, 9, "every request sees the file as it is now");
+    }
+
+    #[test]
+    fn tree_paths_are_decoded_and_refuse_dot_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("efi")).unwrap();
+        std::fs::write(dir.path().join("efi/snp only.efi"), b"efi").unwrap();
+        std::fs::write(dir.path().join("undionly.kpxe"), b"bios").unwrap();
+        let d = LocalDir::new(dir.path(), Layout::Tree);
+        assert_eq!(d.open("undionly.kpxe").unwrap().len, 4);
+        assert_eq!(d.open("efi/snp%20only.efi").unwrap().len, 3);
+        for bad in ["", "efi", "efi/", "../etc/passwd", "efi/../undionly.kpxe", "%2e%2e/x", "..%2fetc", "./undionly.kpxe", "a%00b", "%zz", "a%5cb"] {
+            assert_eq!(d.open(bad).err(), Some(StatusCode::NOT_FOUND), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plans_whole_ranged_head_and_unsatisfiable_answers() {
+        let p = plan(None, 100, false, true);
+        assert_eq!((p.status, p.body), (200, Some((0, 100))));
+        assert!(p.head.starts_with("HTTP/1.1 200 OK\r\n") && p.head.ends_with("\r\n\r\n"), "{}", p.head);
+        assert!(p.head.contains("content-length: 100\r\n") && !p.head.contains("connection"), "{}", p.head);
+        let p = plan(Some("bytes=10-19"), 100, false, false);
+        assert_eq!((p.status, p.body), (206, Some((10, 10))));
+        assert!(p.head.contains("content-range: bytes 10-19/100\r\n") && p.head.contains("content-length: 10\r\n"), "{}", p.head);
+        assert!(p.head.contains("connection: close\r\n"), "{}", p.head);
+        let p = plan(Some("bytes=-10"), 100, true, true);
+        assert_eq!((p.status, p.body), (206, None), "HEAD: the headers of the GET, no body");
+        assert!(p.head.contains("content-range: bytes 90-99/100\r\n"), "{}", p.head);
+        let p = plan(Some("bytes=100-"), 100, false, true);
+        assert_eq!((p.status, p.body), (416, None));
+        assert!(p.head.contains("content-range: bytes */100\r\n") && p.head.contains("content-length: 0\r\n"), "{}", p.head);
+        assert_eq!(plan(None, 0, false, true).body, None, "an empty file has no body to send");
     }
 }

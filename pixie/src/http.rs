@@ -1,31 +1,52 @@
 //! HTTP: per-machine iPXE scripts (`/ipxe`), the metal-hammer kernel and initrd (`/hammer/*`),
 //! the lab's images (`/images/*`), the TFTP root for UEFI HTTP boot (`/boot/*`), `/metrics` and
 //! `/healthz`. Static files are served with Range support; paths cannot leave their directory.
+//!
+//! [`serve`] runs its own HTTP/1.1 connection loop: it reads each request head itself
+//! (`httparse`), sends local files under `/hammer/` and `/boot/` with `sendfile(2)` straight from
+//! the page cache to the socket, and passes every other request to the axum [`router`] and
+//! writes the response. Requests it does not take on (a body, a head it cannot parse, anything
+//! but HTTP/1.x) hand the connection to hyper, which first reads the bytes already received.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
 use metal_types::{Arch, BootRequest, MachineId};
-use tower_http::services::ServeDir;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+use tower_http::services::{ServeDir, ServeFile};
 
-use crate::api::{error_chain, ApiClient};
+use crate::api::{error_chain, DecisionCache, Source};
 use crate::config::Mac;
 use crate::dhcp::arch_name;
+use crate::files::{plain, plan, LocalDir};
 use crate::ipxe::{render, ScriptInput};
 use crate::metrics::Metrics;
 
 pub struct HttpState {
-    pub api: ApiClient,
-    /// `/hammer/*`, served from memory: a local directory or an upstream URL.
-    pub hammer: Option<crate::files::MemDir>,
+    /// Boot decisions from the API, reused for `http.decision_cache_ms`.
+    pub decisions: DecisionCache,
+    /// `/hammer/*` from a local directory (zero-copy) or, instead, an upstream URL (memory).
+    pub hammer: Option<LocalDir>,
     pub hammer_upstream: Option<crate::files::Upstream>,
+    /// `/boot/*`: the TFTP root (zero-copy).
+    pub boot: Option<LocalDir>,
     pub partition: String,
     /// Without a trailing slash.
     pub public_url: String,
@@ -62,28 +83,43 @@ async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, 
     }
     retry_url.push_str(&format!("&arch={}&attempt={}", arch_name(arch), attempt + 1));
     let req = BootRequest { partition: st.partition.clone(), mac: mac.to_string(), uuid, arch };
-    match st.api.decide(&req).await {
+    let (answer, source) = st.decisions.decide(&req).await;
+    let via = match source {
+        Source::Api => "api",
+        Source::Shared => "shared",
+    };
+    st.metrics.inc("pixie_boot_decision_source_total", &[("source", via)]);
+    match answer {
         Ok(decision) => {
             let what = match &decision {
                 metal_types::BootDecision::Hammer { .. } => "hammer",
                 metal_types::BootDecision::LocalDisk => "local_disk",
             };
             st.metrics.inc("pixie_boot_decisions_total", &[("outcome", what)]);
-            tracing::info!(%mac, uuid = ?uuid.map(|u| u.to_string()), arch = arch_name(arch), decision = what, attempt, "iPXE script");
+            tracing::info!(%mac, uuid = ?uuid.map(|u| u.to_string()), arch = arch_name(arch), decision = what, via, attempt, "iPXE script");
             script(render(&ScriptInput::Decision { decision: &decision, arch, retry_url: &retry_url, attempt }))
         }
         Err(e) => {
             st.metrics.inc("pixie_boot_decisions_total", &[("outcome", "retry")]);
-            let reason = error_chain(&e);
+            let reason = error_chain(&*e);
             tracing::warn!(%mac, arch = arch_name(arch), attempt, error = %reason, "no boot decision: iPXE told to retry");
             script(render(&ScriptInput::Retry { reason: &reason, retry_url: &retry_url, attempt }))
         }
     }
 }
 
-async fn hammer(State(st): State<Arc<HttpState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+/// `/hammer/<name>` for what the zero-copy path leaves to axum: upstream files from memory; a
+/// local file (a request that came with a body, say) streamed by tower-http.
+async fn hammer(State(st): State<Arc<HttpState>>, Path(name): Path<String>, req: Request) -> Response {
+    let headers = req.headers().clone();
     match (&st.hammer, &st.hammer_upstream) {
-        (Some(dir), _) => dir.serve(&name, &headers),
+        (Some(dir), _) => match dir.resolve(&name) {
+            Ok(path) => match ServeFile::new(path).oneshot(req).await {
+                Ok(r) => r.into_response(),
+                Err(e) => match e {},
+            },
+            Err(status) => (status, "not found\n").into_response(),
+        },
         (None, Some(up)) => up.serve(&name, &headers).await,
         (None, None) => (StatusCode::NOT_FOUND, "no hammer_dir or hammer_url configured\n").into_response(),
     }
@@ -108,7 +144,8 @@ async fn count(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Re
     resp
 }
 
-/// Directories served as static files from disk (`/hammer` is served from memory instead).
+/// Directories the axum router serves from disk (`/boot` only for requests the zero-copy path
+/// leaves to it).
 #[derive(Debug, Clone, Default)]
 pub struct StaticDirs {
     pub images: Option<PathBuf>,
@@ -127,4 +164,344 @@ pub fn router(state: Arc<HttpState>, dirs: &StaticDirs) -> Router {
         }
     }
     r.layer(middleware::from_fn_with_state(state.clone(), count)).with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection loop.
+// ---------------------------------------------------------------------------------------------
+
+/// A request head larger than this is refused (hyper answers it with `431`).
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// What the loop needs from one request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    /// The request target as sent (origin form: path and query).
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Bytes of the head, request line to the empty line.
+    pub len: usize,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+
+    /// Whether the connection stays open after the answer (HTTP/1.1 unless `close`; HTTP/1.0
+    /// connections are closed, the simple and always-correct answer).
+    pub fn keep_alive(&self) -> bool {
+        let close = self
+            .header("connection")
+            .is_some_and(|v| String::from_utf8_lossy(v).split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+        self.minor == 1 && !close
+    }
+
+    /// Whether a body follows the head (then the request goes to hyper, which can read it).
+    pub fn has_body(&self) -> bool {
+        self.header("transfer-encoding").is_some()
+            || self.header("content-length").is_some_and(|v| v.iter().any(|b| *b != b'0' && !b.is_ascii_whitespace()))
+    }
+
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.target.split(['?', '#']).next().unwrap_or("")
+    }
+}
+
+/// The result of reading a request head from the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Complete(Head),
+    /// More bytes needed.
+    Partial,
+    /// Not an HTTP/1.x head this loop takes on.
+    Other,
+}
+
+/// Parses a request head (pure; `buf` holds the bytes received so far).
+pub fn parse_head(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else { return Parsed::Other };
+            if !target.starts_with('/') || minor > 1 {
+                return Parsed::Other;
+            }
+            let headers = req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
+            Parsed::Complete(Head { method: method.to_string(), target: target.to_string(), minor, headers, len })
+        }
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => Parsed::Partial,
+        _ => Parsed::Other,
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves (connections then open are dropped).
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, dirs: &StaticDirs, shutdown: impl Future<Output = ()>) {
+    let app = router(state.clone(), dirs);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(stream, state.clone(), app.clone()));
+    }
+}
+
+/// One connection: requests in order until the client closes, asks to close, or errs.
+async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router) {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match parse_head(&buf) {
+                    Parsed::Complete(h) => break h,
+                    Parsed::Partial => {}
+                    Parsed::Other => return hand_to_hyper(stream, buf.freeze(), app).await,
+                }
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        if head.has_body() {
+            return hand_to_hyper(stream, buf.freeze(), app).await;
+        }
+        buf.advance(head.len);
+        let keep_alive = head.keep_alive();
+        let result = match static_file(&st, &head) {
+            Some((dir, route, rel)) => send_file(&mut stream, &st.metrics, dir, route, rel, &head, keep_alive).await,
+            None => answer_with_router(&mut stream, &app, &head, keep_alive).await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(target = %head.target, error = %e, "HTTP connection ended while answering");
+            return;
+        }
+        if !keep_alive {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// The local directory, metrics route and relative path when `head` asks for a local file.
+fn static_file<'a>(st: &'a HttpState, head: &'a Head) -> Option<(&'a LocalDir, &'static str, &'a str)> {
+    if head.method != "GET" && head.method != "HEAD" {
+        return None;
+    }
+    let path = head.path();
+    if let (Some(rel), Some(dir)) = (path.strip_prefix("/hammer/"), &st.hammer) {
+        return Some((dir, "hammer", rel));
+    }
+    if let (Some(rel), Some(dir)) = (path.strip_prefix("/boot/"), &st.boot) {
+        return Some((dir, "boot", rel));
+    }
+    None
+}
+
+/// Answers a GET or HEAD of a local file: the head, then the bytes by `sendfile(2)`.
+async fn send_file(
+    stream: &mut TcpStream,
+    metrics: &Metrics,
+    dir: &LocalDir,
+    route: &'static str,
+    rel: &str,
+    head: &Head,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let head_only = head.method == "HEAD";
+    let file = match dir.open(rel) {
+        Ok(f) => f,
+        Err(_) => {
+            metrics.inc("pixie_http_requests_total", &[("route", route), ("status", "404")]);
+            return stream.write_all(plain(404, "Not Found", "not found\n", head_only, keep_alive).as_bytes()).await;
+        }
+    };
+    let range = head.header("range").and_then(|v| std::str::from_utf8(v).ok());
+    let p = plan(range, file.len, head_only, keep_alive);
+    metrics.inc("pixie_http_requests_total", &[("route", route), ("status", &p.status.to_string())]);
+    send_head(stream, p.head.as_bytes(), p.body.is_some()).await?;
+    if let Some((offset, len)) = p.body {
+        sendfile_all(stream, &file.file, offset, len).await?;
+    }
+    Ok(())
+}
+
+/// Writes the response head; with `more`, flagged `MSG_MORE` so it leaves in one segment with
+/// the first file bytes.
+async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool) -> io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    while !head.is_empty() {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            // SAFETY: the pointer and length describe `head`, which outlives the call.
+            let n = unsafe { libc::send(stream.as_raw_fd(), head.as_ptr().cast(), head.len(), flags) };
+            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        });
+        match sent {
+            Ok(n) => head = &head[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from `offset` with `sendfile(2)`, waiting for socket space in
+/// between. A file that shrinks under it ends the connection (the length is already promised).
+async fn sendfile_all(stream: &TcpStream, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
+    let end = offset + len;
+    while offset < end {
+        stream.writable().await?;
+        let chunk = (end - offset).min(1 << 30) as usize;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            let mut off = offset as libc::off64_t;
+            // SAFETY: both descriptors are open for the call; `off` is a valid pointer.
+            let n = unsafe { libc::sendfile64(stream.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
+            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as u64) }
+        });
+        match sent {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being sent")),
+            Ok(n) => offset += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Responses up to this size are written in one piece with their head.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// Passes a bodiless request to the router and writes its response (length-delimited, or
+/// chunked when the length is unknown).
+async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, keep_alive: bool) -> io::Result<()> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut req = Request::builder()
+        .method(Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?)
+        .uri(head.target.as_str())
+        .version(if head.minor == 0 { axum::http::Version::HTTP_10 } else { axum::http::Version::HTTP_11 })
+        .body(Body::empty())
+        .map_err(|_| bad("request target"))?;
+    for (name, value) in &head.headers {
+        let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) else {
+            return Err(bad("header"));
+        };
+        req.headers_mut().append(n, v);
+    }
+    let resp = app.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+    let (parts, mut body) = resp.into_parts();
+    let head_only = head.method == "HEAD";
+    let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // 1xx, 204 and 304 have no body at all; HTTP/1.0 clients get an unknown length as
+    // "until close" (their connections close anyway), HTTP/1.1 clients get it chunked.
+    let no_body = head_only || parts.status.is_informational() || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    let chunked = length.is_none() && !no_body && head.minor == 1;
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", parts.status.as_u16(), parts.status.canonical_reason().unwrap_or("")).as_bytes());
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if no_body {
+        return stream.write_all(&out).await;
+    }
+    if length.is_some_and(|l| l <= SMALL_BODY) {
+        // A script or a metrics page: one write, one segment.
+        let data = body.collect().await.map_err(|e| io::Error::other(e.to_string()))?.to_bytes();
+        out.extend_from_slice(&data);
+        return stream.write_all(&out).await;
+    }
+    stream.write_all(&out).await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| io::Error::other(e.to_string()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            stream.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+            stream.write_all(&data).await?;
+            stream.write_all(b"\r\n").await?;
+        } else {
+            stream.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// The rest of the connection goes to hyper, which first reads `pre` (the bytes already read).
+async fn hand_to_hyper(stream: TcpStream, pre: Bytes, app: Router) {
+    let io = hyper_util::rt::TokioIo::new(Replay { pre, stream });
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+        tracing::debug!(error = %e, "HTTP connection (hyper) ended with an error");
+    }
+}
+
+/// A stream that yields `pre` before reading from the socket.
+struct Replay {
+    pre: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

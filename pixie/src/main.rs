@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use pixie::api::{ApiClient, EventQueue};
+use pixie::api::{ApiClient, DecisionCache, EventQueue};
 use pixie::config::{Config, TokenSource};
-use pixie::http::{router, HttpState, StaticDirs};
+use pixie::files::{Layout, LocalDir};
+use pixie::http::{HttpState, StaticDirs};
 use pixie::metrics::Metrics;
 
 #[derive(Debug, Parser)]
@@ -112,9 +113,18 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
         let handler = pixie::dhcp::server::Handler::new(Arc::new(d.clone()), cfg.partition.clone(), events.clone(), metrics.clone())?;
         pixie::dhcp::server::start(Arc::new(handler))?;
     }
-    let hammer = cfg.http.hammer_dir.as_deref().map(pixie::files::MemDir::new);
+    let hammer = cfg.http.hammer_dir.as_deref().map(|d| LocalDir::new(d, Layout::Flat));
     let hammer_upstream = cfg.http.hammer_url.as_deref().map(|u| pixie::files::Upstream::new(u, cfg.http.hammer_cache));
-    let state = Arc::new(HttpState { api, hammer, hammer_upstream, partition: cfg.partition.clone(), public_url: cfg.http.public_url.clone(), metrics });
+    let boot = cfg.tftp.as_ref().map(|t| LocalDir::new(&t.root, Layout::Tree));
+    let state = Arc::new(HttpState {
+        decisions: DecisionCache::new(api, cfg.http.decision_cache),
+        hammer,
+        hammer_upstream,
+        boot,
+        partition: cfg.partition.clone(),
+        public_url: cfg.http.public_url.clone(),
+        metrics,
+    });
     let dirs = StaticDirs {
         images: cfg.http.images_dir.clone(),
         boot: cfg.tftp.as_ref().map(|t| t.root.clone()),
@@ -122,12 +132,10 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
         .with_context(|| format!("binding HTTP on {}", cfg.http.listen))?;
-    tracing::info!(listen = %cfg.http.listen, public_url = %cfg.http.public_url, partition = %cfg.partition, "HTTP listening");
-    axum::serve(listener, router(state, &dirs))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("HTTP server")?;
+    tracing::info!(listen = %cfg.http.listen, public_url = %cfg.http.public_url, partition = %cfg.partition, decision_cache = ?cfg.http.decision_cache, "HTTP listening");
+    pixie::http::serve(listener, state, &dirs, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
     Ok(())
 }

@@ -1,0 +1,251 @@
+//! pixie's HTTP connection loop on loopback: local files by `sendfile(2)` (whole, ranged, HEAD,
+//! 404, traversal), keep-alive with file and router requests mixed on one connection, a request
+//! with a body handed to hyper, and a client that goes away in the middle of a body.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pixie::api::{ApiClient, DecisionCache};
+use pixie::files::{Layout, LocalDir};
+use pixie::http::{HttpState, StaticDirs};
+use pixie::metrics::Metrics;
+
+struct Server {
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+    hammer_data: Vec<u8>,
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+}
+
+/// pixie's HTTP side on 127.0.0.1 with `/hammer` and `/boot` in a temp dir; no API listens.
+fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let hammer = dir.path().join("hammer");
+    let boot = dir.path().join("boot");
+    std::fs::create_dir_all(hammer.join("sub")).unwrap();
+    std::fs::create_dir_all(boot.join("efi")).unwrap();
+    let hammer_data = pattern(3_000_000);
+    std::fs::write(hammer.join("initrd.img"), &hammer_data).unwrap();
+    std::fs::write(hammer.join("empty"), b"").unwrap();
+    std::fs::write(boot.join("efi/snponly.efi"), b"efi-binary").unwrap();
+    std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), hammer.join("escape")).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(HttpState {
+        decisions: DecisionCache::new(ApiClient::new("http://127.0.0.1:9", "t", Duration::from_millis(500)), Duration::from_secs(1)),
+        hammer: Some(LocalDir::new(&hammer, Layout::Flat)),
+        hammer_upstream: None,
+        boot: Some(LocalDir::new(&boot, Layout::Tree)),
+        partition: "lab".into(),
+        public_url: "http://127.0.0.1:1".into(),
+        metrics: metrics.clone(),
+    });
+    let dirs = StaticDirs { images: None, boot: Some(boot.clone()) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            pixie::http::serve(listener, state, &dirs, std::future::pending()).await;
+        });
+    });
+    let addr = rx.recv().unwrap();
+    Server { addr, metrics, _dir: dir, hammer_data }
+}
+
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(s)
+}
+
+/// Reads one response; `head_only` for the answer to HEAD (no body despite the length).
+fn read_answer(r: &mut BufReader<TcpStream>, head_only: bool) -> Answer {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("status line {line:?}")).parse().unwrap();
+    let mut headers = vec![];
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (n, v) = l.split_once(':').unwrap();
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    let mut a = Answer { status, headers, body: vec![] };
+    if head_only {
+        return a;
+    }
+    if let Some(len) = a.header("content-length") {
+        let mut body = vec![0; len.parse().unwrap()];
+        r.read_exact(&mut body).unwrap();
+        a.body = body;
+    } else if a.header("transfer-encoding") == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            a.body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    a
+}
+
+fn ask(r: &mut BufReader<TcpStream>, request: &str) -> Answer {
+    r.get_mut().write_all(request.as_bytes()).unwrap();
+    read_answer(r, request.starts_with("HEAD "))
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: t\r\n{extra}\r\n")
+}
+
+#[test]
+fn files_whole_ranged_head_and_refused() {
+    let s = start();
+    let mut c = connect(s.addr);
+    let a = ask(&mut c, &get("/hammer/initrd.img", ""));
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("accept-ranges"), Some("bytes"));
+    assert!(a.body == s.hammer_data, "whole file");
+    let a = ask(&mut c, &get("/hammer/initrd.img", "range: bytes=1000-1999\r\n"));
+    assert_eq!(a.status, 206);
+    assert_eq!(a.header("content-range"), Some("bytes 1000-1999/3000000"));
+    assert_eq!(a.body, &s.hammer_data[1000..2000]);
+    let a = ask(&mut c, &get("/hammer/initrd.img?x=1", "range: bytes=-10\r\n"));
+    assert_eq!((a.status, a.body.as_slice()), (206, &s.hammer_data[2_999_990..]));
+    let a = ask(&mut c, "HEAD /hammer/initrd.img HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!((a.status, a.header("content-length")), (200, Some("3000000")));
+    let a = ask(&mut c, "HEAD /hammer/initrd.img HTTP/1.1\r\nrange: bytes=10-19\r\n\r\n");
+    assert_eq!((a.status, a.header("content-length"), a.header("content-range")), (206, Some("10"), Some("bytes 10-19/3000000")));
+    let a = ask(&mut c, &get("/hammer/initrd.img", "range: bytes=3000000-\r\n"));
+    assert_eq!((a.status, a.header("content-range")), (416, Some("bytes */3000000")));
+    let a = ask(&mut c, &get("/hammer/empty", ""));
+    assert_eq!((a.status, a.body.len()), (200, 0));
+    let a = ask(&mut c, &get("/boot/efi/snponly.efi", ""));
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"efi-binary"[..]));
+    for bad in [
+        "/hammer/missing",
+        "/hammer/../secret",
+        "/hammer/..%2fsecret",
+        "/hammer/escape",
+        "/hammer/sub",
+        "/hammer/",
+        "/boot/../secret",
+        "/boot/efi/../../secret",
+        "/boot/%2e%2e/secret",
+        "/boot/efi",
+    ] {
+        let a = ask(&mut c, &get(bad, ""));
+        assert_eq!(a.status, 404, "{bad}");
+        assert!(!a.body.starts_with(b"secret"), "{bad}");
+    }
+    let m = s.metrics.render();
+    assert!(m.contains("pixie_http_requests_total{route=\"hammer\",status=\"206\"} 3"), "{m}");
+    assert!(m.contains("pixie_http_requests_total{route=\"hammer\",status=\"416\"} 1"), "{m}");
+    assert!(m.contains("pixie_http_requests_total{route=\"boot\",status=\"404\"} 4"), "{m}");
+}
+
+#[test]
+fn keep_alive_mixes_files_router_and_pipelined_requests() {
+    let s = start();
+    let mut c = connect(s.addr);
+    // Three requests in one write: the loop answers them in order.
+    let pipelined = format!("{}{}{}", get("/healthz", ""), get("/hammer/initrd.img", "range: bytes=0-4\r\n"), get("/metrics", ""));
+    c.get_mut().write_all(pipelined.as_bytes()).unwrap();
+    let a = read_answer(&mut c, false);
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"ok\n"[..]));
+    let a = read_answer(&mut c, false);
+    assert_eq!((a.status, a.body.as_slice()), (206, &s.hammer_data[..5]));
+    let a = read_answer(&mut c, false);
+    assert!(String::from_utf8_lossy(&a.body).contains("route=\"healthz\""), "the router's requests are counted");
+    // No API: the script tells iPXE to retry; then a file again on the same connection.
+    let a = ask(&mut c, &get("/ipxe?mac=52:54:00:00:00:01&arch=bios_x86", ""));
+    assert_eq!(a.status, 200);
+    assert!(String::from_utf8_lossy(&a.body).contains("chain --replace"), "{}", String::from_utf8_lossy(&a.body));
+    let a = ask(&mut c, &get("/ipxe?mac=nope", ""));
+    assert_eq!(a.status, 400);
+    let a = ask(&mut c, "HEAD /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(a.status, 200);
+    let a = ask(&mut c, &get("/hammer/initrd.img", ""));
+    assert!(a.status == 200 && a.body == s.hammer_data);
+    // `connection: close` is honoured: answer, then end of stream.
+    let a = ask(&mut c, &get("/hammer/initrd.img", "range: bytes=0-0\r\nconnection: close\r\n"));
+    assert_eq!((a.status, a.header("connection")), (206, Some("close")));
+    let mut rest = vec![];
+    assert_eq!(c.read_to_end(&mut rest).unwrap(), 0, "closed after the answer");
+}
+
+#[test]
+fn http_1_0_gets_one_answer_and_a_close() {
+    let s = start();
+    let mut c = connect(s.addr);
+    let a = ask(&mut c, "GET /boot/efi/snponly.efi HTTP/1.0\r\n\r\n");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"efi-binary"[..]));
+    let mut rest = vec![];
+    assert_eq!(c.read_to_end(&mut rest).unwrap(), 0);
+}
+
+#[test]
+fn a_request_with_a_body_goes_to_hyper_and_the_connection_goes_on() {
+    let s = start();
+    let mut c = connect(s.addr);
+    let a = ask(&mut c, "POST /hammer/initrd.img HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello");
+    assert_eq!(a.status, 405);
+    let a = ask(&mut c, &get("/hammer/initrd.img", "range: bytes=5-9\r\n"));
+    assert_eq!((a.status, a.body.as_slice()), (206, &s.hammer_data[5..10]), "hyper serves the rest of the connection");
+    let a = ask(&mut c, &get("/healthz", ""));
+    assert_eq!(a.status, 200);
+    let mut c = connect(s.addr);
+    let a = ask(&mut c, "GET / HTTP/1.1\r\nbad header line\r\n\r\n");
+    assert_eq!(a.status, 400, "a head httparse refuses is answered by hyper");
+}
+
+#[test]
+fn a_client_leaving_mid_body_does_not_disturb_others() {
+    let s = start();
+    // Big enough that the body cannot fit in the socket buffers at once.
+    let big = s._dir.path().join("hammer/big");
+    let data = pattern(64 << 20);
+    std::fs::write(&big, &data).unwrap();
+    for _ in 0..4 {
+        let mut c = connect(s.addr);
+        c.get_mut().write_all(get("/hammer/big", "").as_bytes()).unwrap();
+        let mut first = vec![0; 100_000];
+        c.read_exact(&mut first).unwrap();
+        drop(c);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = connect(s.addr);
+    let a = ask(&mut c, &get("/hammer/big", ""));
+    assert!(a.status == 200 && a.body == data, "a whole body after the others left");
+    assert_eq!(s.metrics.get("pixie_http_requests_total", &[("route", "hammer"), ("status", "200")]), 5);
+}
+
