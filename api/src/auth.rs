@@ -1,8 +1,10 @@
 //! Tokens and who is calling.
 //!
-//! Tokens are 32 random bytes (hex) behind a role prefix (`adm_`, `ten_`, `pix_`, `enr_`, `mch_`,
+//! Tokens are 32 random bytes (hex) behind a role prefix (`adm_`, `ten_`, `pix_`, `mch_`,
 //! `phh_`). The store keeps only their SHA-256; a presented token is hashed, looked up, and the
-//! hashes compared once more in constant time.
+//! hashes compared once more in constant time. Enrolment tokens (`enr1.…`) are not stored: they
+//! are signed claims, checked by [`crate::enrolment::verify`]. Stored enrolment tokens of earlier
+//! versions (`enr_…`, role `enrolment`) are still accepted until they expire.
 
 use crate::error::{Error, Result};
 use crate::store::TokenRow;
@@ -147,6 +149,16 @@ fn bearer(parts: &Parts) -> Result<&str> {
 }
 
 pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
+    if token.starts_with(crate::enrolment::PREFIX) {
+        return match crate::enrolment::verify(&app.enrolment_key(), token, crate::now_ms()) {
+            Ok(c) => Ok(Principal::Enrolment { partition: Some(c.partition), mac: c.mac }),
+            Err(crate::enrolment::TokenError::Expired { expires_ms }) => Err(Error::Unauthorized(format!(
+                "the enrolment token expired at {} (it lives for --enrolment-ttl-s): PXE boot the machine again for a fresh one",
+                crate::rfc3339(expires_ms)
+            ))),
+            Err(e) => Err(Error::Unauthorized(format!("{e}; PXE boot the machine again for a fresh one"))),
+        };
+    }
     let h = hash(token);
     let unknown = || Error::Unauthorized("the token is not valid (unknown or revoked); ask an operator for a new one".into());
     let Some(t) = app.store.token_by_hash(&h).await? else {

@@ -2,6 +2,7 @@
 //! every failure is an [`Error`], turned into a response in `error.rs`.
 
 use crate::auth::{self, Principal, Scope};
+use crate::enrolment::{self, normalize_mac};
 use crate::error::{Error, Result};
 use crate::policy::{self, UNKNOWN_SIZE};
 use crate::store::{AllocOutcome, AllocationPlan, Kind, MachineRow};
@@ -106,11 +107,6 @@ async fn method_not_allowed() -> Response {
         message: "this route does not accept that method; see /openapi.json".into(),
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
-}
-
-/// MACs compare lower case, colon separated.
-fn normalize_mac(mac: &str) -> String {
-    mac.trim().to_ascii_lowercase().replace('-', ":")
 }
 
 fn parse_machine(s: &str) -> Result<MachineId> {
@@ -570,21 +566,9 @@ async fn register(State(app): AppState, p: Principal, Body(req): Body<RegisterRe
     match &p {
         Principal::Admin => {}
         Principal::Enrolment { partition, mac } => {
-            if partition.as_deref().is_some_and(|tp| tp != req.partition) {
-                return Err(Error::Forbidden(format!(
-                    "the enrolment token was issued for partition {}, not {}",
-                    partition.as_deref().unwrap_or_default(),
-                    req.partition
-                )));
-            }
-            if let Some(mac) = mac {
-                if !req.inventory.nics.iter().any(|n| normalize_mac(&n.mac) == *mac) {
-                    return Err(Error::Forbidden(format!(
-                        "the enrolment token was issued to the machine that PXE booted with MAC {mac}, \
-                         but the inventory has no NIC with that MAC; PXE boot this machine for its own token"
-                    )));
-                }
-            }
+            let nics = req.inventory.nics.iter().map(|n| n.mac.as_str());
+            enrolment::check_binding(partition.as_deref(), mac.as_deref(), &req.partition, nics)
+                .map_err(|e| Error::Forbidden(e.to_string()))?;
         }
         _ => {
             return Err(Error::Forbidden(
@@ -752,32 +736,22 @@ async fn phone_home(State(app): AppState, p: Principal, Body(body): Body<PhoneHo
 // Boot (pixie)
 // ---------------------------------------------------------------------------------------------
 
+/// Reads only: the partition and pixie's token come from the boot cache (at most
+/// `--cache-ttl-ms` old), the machine is one query, and the enrolment token is signed, not stored.
 async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootRequest>) -> Result<Json<BootDecision>> {
     p.require_pixie()?;
-    let partition: Partition = app
-        .store
-        .get_object(Kind::Partition, &req.partition)
-        .await?
-        .ok_or_else(|| Error::not_found("partition", &req.partition))?;
-    let machine = match req.uuid {
-        Some(u) => Some(u),
-        None => app.store.machine_by_mac(&req.mac).await?,
-    };
-    if let Some(id) = machine {
-        if let Some(row) = app.store.machine(id).await? {
-            if row.allocation.is_some() && row.allocation_phoned_home {
-                return Ok(Json(BootDecision::LocalDisk));
-            }
-        }
+    let partition = app.store.boot_partition(&req.partition).await?.ok_or_else(|| Error::not_found("partition", &req.partition))?;
+    let machine = app.store.boot_machine(req.uuid, &req.mac).await?;
+    if let Some((_, true)) = machine {
+        return Ok(Json(BootDecision::LocalDisk));
     }
-    let now = now_ms();
-    let token = auth::generate("enr");
-    let mut row = auth::row(&token, "enrolment");
-    row.partition = Some(partition.id.clone());
-    row.mac = Some(normalize_mac(&req.mac)).filter(|m| !m.is_empty());
-    row.expires_ms = Some(now + app.config.enrolment_ttl_s as i64 * 1000);
-    row.description = format!("enrolment for {} ({})", req.mac, machine.map(|m| m.to_string()).unwrap_or_default());
-    app.store.issue_enrolment(&row, now).await?;
+    let claims = enrolment::Claims::new(
+        &partition.id,
+        Some(normalize_mac(&req.mac)).filter(|m| !m.is_empty()),
+        req.uuid.or(machine.map(|(id, _)| id)),
+        now_ms() + app.config.enrolment_ttl_s as i64 * 1000,
+    );
+    let token = enrolment::issue(&app.enrolment_key(), &claims);
     let params = HammerParams {
         api_url: partition.boot.api_url.trim_end_matches('/').to_string(),
         enrolment_token: token,
@@ -787,8 +761,8 @@ async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootReq
     let params = params.encode().map_err(|e| Error::Internal(format!("partition {}: {e}", partition.id)))?;
     let cmdline = format!("{} {params}", partition.boot.cmdline).trim().to_string();
     Ok(Json(BootDecision::Hammer {
-        kernel_url: partition.boot.kernel_url,
-        initrd_url: partition.boot.initrd_url,
+        kernel_url: partition.boot.kernel_url.clone(),
+        initrd_url: partition.boot.initrd_url.clone(),
         cmdline,
     }))
 }

@@ -3,13 +3,15 @@
 //! - [`store`]: the persistent store (sqlx `Any`: SQLite file or PostgreSQL), numbered migrations.
 //! - [`fsm`]: the provisioning event state machine (pure, table-driven).
 //! - [`policy`]: pure decisions: size matching, machine pick, layout and image version choice.
-//! - [`auth`]: tokens (stored hashed) and the caller's identity.
+//! - [`auth`]: tokens (stored hashed) and the caller's identity; [`enrolment`]: the stateless,
+//!   signed enrolment tokens of boot decisions.
 //! - [`http`]: the axum routes; [`error`]: the one place errors become HTTP responses.
 //! - [`metrics`]: Prometheus text at `/metrics`; [`openapi`]: the OpenAPI document.
 //!
 //! [`start`] binds a listener and serves; the binary and the tests both use it.
 
 pub mod auth;
+pub mod enrolment;
 pub mod error;
 pub mod fsm;
 pub mod http;
@@ -46,6 +48,9 @@ pub struct Config {
     /// SQLite only: `synchronous=NORMAL` (survives an API crash, not a host power loss; much
     /// faster) instead of `FULL` (every commit is fsynced).
     pub sqlite_sync_normal: bool,
+    /// How long cached reads of the boot decision (partitions, long-lived tokens) and the
+    /// enrolment key are used before they are read again; 0 turns the caches off.
+    pub cache_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -57,6 +62,7 @@ impl Default for Config {
             dead_after_s: 60,
             reclaim_timeout_s: 900,
             sqlite_sync_normal: false,
+            cache_ttl_ms: 5000,
         }
     }
 }
@@ -92,6 +98,9 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// Set when the server shuts down: parked waits return 204 at once.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The key of enrolment tokens, from the `secrets` table; re-read every cache TTL, so a
+    /// rotation (deleting the row) reaches every replica.
+    enrolment_key: std::sync::RwLock<Arc<enrolment::Key>>,
 }
 
 impl App {
@@ -103,6 +112,41 @@ impl App {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn enrolment_key(&self) -> Arc<enrolment::Key> {
+        self.enrolment_key.read().expect("key lock").clone()
+    }
+
+    /// Reads the enrolment key from the database again (creating one if the row was deleted).
+    pub async fn reload_enrolment_key(&self) -> Result<(), error::Error> {
+        let key = load_enrolment_key(&self.store).await?;
+        let mut k = self.enrolment_key.write().expect("key lock");
+        if **k != key {
+            tracing::info!("enrolment key changed (rotated); tokens signed with the old key are refused from now on");
+            *k = Arc::new(key);
+        }
+        Ok(())
+    }
+}
+
+async fn load_enrolment_key(store: &store::Store) -> Result<enrolment::Key, error::Error> {
+    let hex = store.secret(enrolment::KEY_NAME, || enrolment::Key::random().to_hex()).await?;
+    enrolment::Key::from_hex(&hex)
+        .ok_or_else(|| error::Error::Internal(format!("secret {} is not 64 hex digits", enrolment::KEY_NAME)))
+}
+
+/// Re-reads the enrolment key every cache TTL (at least every 100 ms) until the app stops.
+async fn refresh_enrolment_key(app: std::sync::Weak<App>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(app) = app.upgrade() else { return };
+        if app.is_stopping() {
+            return;
+        }
+        if let Err(e) = app.reload_enrolment_key().await {
+            tracing::warn!(error = %e, "cannot re-read the enrolment key; keeping the one in memory");
+        }
     }
 }
 
@@ -117,22 +161,30 @@ pub enum StartError {
 impl App {
     /// Opens the store, applies migrations and the bootstrap admin token.
     pub async fn open(config: Config) -> Result<Arc<App>, error::Error> {
-        let store = store::Store::open(&config.db, config.sqlite_sync_normal).await?;
+        let cache_ttl = Duration::from_millis(config.cache_ttl_ms);
+        let store = store::Store::open(&config.db, config.sqlite_sync_normal, cache_ttl).await?;
         if let Some(token) = &config.admin_token {
             let mut row = auth::row(token, "admin");
             row.description = "bootstrap admin token (--admin-token)".into();
             store.ensure_token(&row).await?;
         }
+        let dropped = store.drop_expired_stored_enrolments(now_ms()).await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped expired enrolment tokens stored by an earlier version");
+        }
+        let key = load_enrolment_key(&store).await?;
         let app = Arc::new(App {
             store,
             config,
             waker: Waker::default(),
             metrics: metrics::Metrics::default(),
             stopping: Default::default(),
+            enrolment_key: std::sync::RwLock::new(Arc::new(key)),
         });
         if app.store.backend() == store::Backend::Postgres {
             tokio::spawn(listen_for_allocations(Arc::downgrade(&app)));
         }
+        tokio::spawn(refresh_enrolment_key(Arc::downgrade(&app), cache_ttl.max(Duration::from_millis(100))));
         Ok(app)
     }
 }

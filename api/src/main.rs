@@ -40,6 +40,10 @@ struct Args {
     /// but may lose the last commits on a power loss of the host, and is several times faster.
     #[arg(long, env = "METAL_SQLITE_SYNC", value_enum, default_value = "full")]
     sqlite_sync: SqliteSync,
+    /// How long (ms) the API keeps what the boot decision reads: partitions, long-lived tokens
+    /// (a token deleted in the database stops working within this time) and the enrolment key.
+    #[arg(long, env = "METAL_CACHE_TTL_MS", default_value_t = 5000)]
+    cache_ttl_ms: u64,
     /// Log format.
     #[arg(long, env = "METAL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -71,6 +75,7 @@ async fn run() -> anyhow::Result<()> {
         dead_after_s: args.dead_after_s,
         reclaim_timeout_s: args.reclaim_timeout_s,
         sqlite_sync_normal: args.sqlite_sync == SqliteSync::Normal,
+        cache_ttl_ms: args.cache_ttl_ms,
     };
     let mut running = metal_api::start(config, &args.listen).await.context("starting the API")?;
     tracing::info!(addr = %running.addr, db = %redact(&args.db), "listening on {}", running.addr);

@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial schema", include_str!("../migrations/0001_initial.sql")),
     (2, "enrolment token mac", include_str!("../migrations/0002_enrolment_mac.sql")),
     (3, "free machine index", include_str!("../migrations/0003_free_machine_index.sql")),
+    (4, "secrets", include_str!("../migrations/0004_secrets.sql")),
 ];
 
 /// The PostgreSQL channel that carries "machine X was allocated" between replicas.
@@ -40,9 +41,14 @@ pub struct Store {
     backend: Backend,
     url: String,
     write_lock: Option<Arc<Mutex<()>>>,
-    /// SQLite only (one API process owns the file): read caches, cleared by every write.
+    /// SQLite only (one API process owns the file): read caches, cleared by every write of this
+    /// process, entries at most `cache_ttl` old.
     catalog_cache: Option<Cache>,
     token_cache: Option<Cache>,
+    /// Both backends: what the boot decision reads on every request, i.e. partitions (parsed) and
+    /// long-lived tokens (admin, tenant, pixie). Cleared by this process's writes; another
+    /// replica's writes (and rows changed by hand) are seen after at most `cache_ttl`.
+    boot_cache: Cache,
     /// SQLite: the queue of the group-commit allocation writer.
     group_writer: Option<tokio::sync::mpsc::UnboundedSender<AllocJob>>,
 }
@@ -54,22 +60,32 @@ enum Cached {
     /// (version, expires_ms, body) of images.
     Images(Vec<(String, Option<i64>, String)>),
     Token(Option<Box<TokenRow>>),
+    Partition(Arc<metal_types::Partition>),
 }
 
 /// A read-through cache that never keeps a value read before a write it missed: a writer bumps
 /// the generation (after its commit) and clears; a reader stores only if the generation did not
-/// move while it read the database.
-#[derive(Default)]
+/// move while it read the database. Entries older than `ttl` are not used, so writes this
+/// process did not make (another replica, an operator in `psql`) show after at most `ttl`.
 struct Cache {
-    inner: std::sync::Mutex<(u64, std::collections::HashMap<String, Cached>)>,
+    ttl: Duration,
+    /// (generation, key → (stored at, value)).
+    inner: std::sync::Mutex<(u64, CacheMap)>,
 }
+
+type CacheMap = std::collections::HashMap<String, (std::time::Instant, Cached)>;
 
 impl Cache {
     const MAX_ENTRIES: usize = 10_000;
 
+    fn new(ttl: Duration) -> Cache {
+        Cache { ttl, inner: Default::default() }
+    }
+
     fn get(&self, key: &str) -> (u64, Option<Cached>) {
         let g = self.inner.lock().expect("cache lock");
-        (g.0, g.1.get(key).cloned())
+        let hit = g.1.get(key).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone());
+        (g.0, hit)
     }
 
     fn put(&self, generation: u64, key: String, value: Cached) {
@@ -78,7 +94,7 @@ impl Cache {
             if g.1.len() >= Self::MAX_ENTRIES {
                 g.1.clear();
             }
-            g.1.insert(key, value);
+            g.1.insert(key, (std::time::Instant::now(), value));
         }
     }
 
@@ -258,7 +274,9 @@ impl Store {
     /// `sqlite_sync_normal`: SQLite `synchronous=NORMAL` instead of `FULL`. In WAL mode a
     /// commit then survives a crash of the API but not a power loss of the host; see
     /// `--sqlite-sync`.
-    pub async fn open(url: &str, sqlite_sync_normal: bool) -> Result<Store> {
+    ///
+    /// `cache_ttl`: the longest time a cached read is used (see [`Cache`]).
+    pub async fn open(url: &str, sqlite_sync_normal: bool, cache_ttl: Duration) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
             let url = if url.contains("mode=") {
@@ -306,8 +324,9 @@ impl Store {
             backend,
             url,
             write_lock,
-            catalog_cache: sqlite.then(Cache::default),
-            token_cache: sqlite.then(Cache::default),
+            catalog_cache: sqlite.then(|| Cache::new(cache_ttl)),
+            token_cache: sqlite.then(|| Cache::new(cache_ttl)),
+            boot_cache: Cache::new(cache_ttl),
             group_writer,
         };
         store.migrate().await?;
@@ -333,12 +352,14 @@ impl Store {
         if let Some(c) = &self.catalog_cache {
             c.invalidate();
         }
+        self.boot_cache.invalidate();
     }
 
     fn tokens_changed(&self) {
         if let Some(c) = &self.token_cache {
             c.invalidate();
         }
+        self.boot_cache.invalidate();
     }
 
     pub fn backend(&self) -> Backend {
@@ -476,6 +497,22 @@ impl Store {
             unreachable!("cache key kinds do not mix")
         };
         body.map(|b| parse_json(kind.noun(), &b)).transpose()
+    }
+
+    /// A partition for the boot decision: parsed once and kept for at most the cache TTL. A
+    /// missing partition is not cached (one created on another replica counts at once).
+    pub async fn boot_partition(&self, id: &str) -> Result<Option<Arc<metal_types::Partition>>> {
+        let key = format!("partitions/{id}");
+        let (generation, hit) = self.boot_cache.get(&key);
+        if let Some(Cached::Partition(p)) = hit {
+            return Ok(Some(p));
+        }
+        let Some(p) = self.get_object::<metal_types::Partition>(Kind::Partition, id).await? else {
+            return Ok(None);
+        };
+        let p = Arc::new(p);
+        self.boot_cache.put(generation, key, Cached::Partition(p.clone()));
+        Ok(Some(p))
     }
 
     pub async fn list_objects<T: DeserializeOwned>(&self, kind: Kind) -> Result<Vec<T>> {
@@ -647,7 +684,25 @@ impl Store {
         r
     }
 
+    /// The token with this hash. Long-lived tokens (admin, tenant, pixie) are kept for at most
+    /// the cache TTL on every backend, so a token deleted from the database on another replica or
+    /// by hand stops working within that time; tokens that writes replace (machine credentials,
+    /// phone-home and stored enrolment tokens) are read from the database each time on PostgreSQL.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
+        let (generation, hit) = self.boot_cache.get(hash);
+        if let Some(Cached::Token(Some(t))) = hit {
+            return Ok(Some(*t));
+        }
+        let t = self.token_by_hash_uncached(hash).await?;
+        if let Some(t) = &t {
+            if matches!(t.role.as_str(), "admin" | "tenant" | "pixie") {
+                self.boot_cache.put(generation, hash.to_string(), Cached::Token(Some(Box::new(t.clone()))));
+            }
+        }
+        Ok(t)
+    }
+
+    async fn token_by_hash_uncached(&self, hash: &str) -> Result<Option<TokenRow>> {
         let load = async {
             let row = sqlx::query("SELECT * FROM tokens WHERE hash = $1").bind(hash).fetch_optional(&self.pool).await?;
             Ok(Cached::Token(row.as_ref().map(token_row).transpose()?.map(Box::new)))
@@ -658,17 +713,43 @@ impl Store {
         Ok(t.map(|b| *b))
     }
 
-    /// Issues a short-lived enrolment token (and drops expired ones).
-    pub async fn issue_enrolment(&self, t: &TokenRow, now: i64) -> Result<()> {
+    /// Drops expired enrolment tokens stored by earlier versions (which wrote one per boot
+    /// decision); returns how many. Enrolment tokens are stateless now (`enrolment.rs`).
+    pub async fn drop_expired_stored_enrolments(&self, now: i64) -> Result<u64> {
         let mut tx = self.write().await?;
-        sqlx::query("DELETE FROM tokens WHERE role = 'enrolment' AND expires_ms < $1")
+        let n = sqlx::query("DELETE FROM tokens WHERE role = 'enrolment' AND expires_ms < $1")
             .bind(now)
             .execute(tx.c())
-            .await?;
-        Self::insert_token_in(tx.c(), t).await?;
+            .await?
+            .rows_affected();
         tx.commit().await?;
         self.tokens_changed();
-        Ok(())
+        Ok(n)
+    }
+
+    /// The secret `name`, created from `fresh()` by whichever API gets there first: every
+    /// replica ends up with the same value.
+    pub async fn secret(&self, name: &str, fresh: impl FnOnce() -> String) -> Result<String> {
+        if let Some(v) = self.read_secret(name).await? {
+            return Ok(v);
+        }
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO secrets (name, value, created_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(fresh())
+            .bind(now_ms())
+            .execute(tx.c())
+            .await?;
+        tx.commit().await?;
+        self.read_secret(name)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("secret {name} vanished right after it was created")))
+    }
+
+    /// The secret `name` as stored now, if there is one.
+    pub async fn read_secret(&self, name: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM secrets WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get("value")).transpose()?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -697,6 +778,22 @@ impl Store {
             }
         };
         rows.iter().map(machine_row).collect()
+    }
+
+    /// For the boot decision, in one query: the machine named by `uuid`, or else the one that
+    /// owns `mac`; its id and whether its current allocation has phoned home.
+    pub async fn boot_machine(&self, uuid: Option<MachineId>, mac: &str) -> Result<Option<(MachineId, bool)>> {
+        let row = sqlx::query(
+            "SELECT m.id, a.phoned_home_ms FROM machines m LEFT JOIN allocations a ON a.id = m.allocation \
+             WHERE m.id = COALESCE($1, (SELECT machine FROM machine_macs WHERE mac = $2))",
+        )
+        .bind(uuid.map(|u| u.to_string()))
+        .bind(mac.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let id = parse_machine_id(&r.try_get::<String, _>("id")?)?;
+        Ok(Some((id, r.try_get::<Option<i64>, _>("phoned_home_ms")?.is_some())))
     }
 
     pub async fn machine_by_mac(&self, mac: &str) -> Result<Option<MachineId>> {
@@ -1319,7 +1416,7 @@ mod tests {
 
     #[test]
     fn cache_drops_values_read_before_a_write() {
-        let c = Cache::default();
+        let c = Cache::new(Duration::from_secs(60));
         let (g, hit) = c.get("k");
         assert!(hit.is_none());
         // A writer commits and invalidates while the reader was reading the old value.
@@ -1331,5 +1428,19 @@ mod tests {
         assert!(matches!(c.get("k").1, Some(Cached::Body(Some(b))) if b == "new"));
         c.invalidate();
         assert!(c.get("k").1.is_none());
+    }
+
+    #[test]
+    fn cache_entries_expire() {
+        let c = Cache::new(Duration::from_millis(50));
+        let (g, _) = c.get("k");
+        c.put(g, "k".into(), Cached::Body(Some("v".into())));
+        assert!(c.get("k").1.is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.get("k").1.is_none(), "an entry older than the TTL must be read again");
+        let off = Cache::new(Duration::ZERO);
+        let (g, _) = off.get("k");
+        off.put(g, "k".into(), Cached::Body(Some("v".into())));
+        assert!(off.get("k").1.is_none(), "TTL 0 caches nothing");
     }
 }
