@@ -84,7 +84,8 @@ pub enum Layout {
     /// One name (`/hammer/<name>`), which must resolve inside the directory (symlinks included).
     Flat,
     /// A relative path (`/boot/<dir>/<name>`), percent-decoded, without `.`, `..` or empty
-    /// segments; symlinks are followed (Debian's iPXE files in a TFTP root are symlinks).
+    /// segments, that resolves inside the directory or one of [`LocalDir::allow`]'s (Debian's
+    /// iPXE files in a TFTP root are symlinks into `/boot`, as for TFTP's `symlink_targets`).
     Tree,
 }
 
@@ -93,6 +94,8 @@ pub enum Layout {
 pub struct LocalDir {
     root: PathBuf,
     layout: Layout,
+    /// Directories outside `root` that symlinks in it may lead into.
+    allowed: Vec<PathBuf>,
 }
 
 /// A regular file opened for one response.
@@ -123,7 +126,17 @@ fn percent_decode(s: &str) -> Option<String> {
 
 impl LocalDir {
     pub fn new(root: &Path, layout: Layout) -> LocalDir {
-        LocalDir { root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()), layout }
+        LocalDir { root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()), layout, allowed: vec![] }
+    }
+
+    /// Lets symlinks in the directory lead into `dirs` too.
+    pub fn allow(mut self, dirs: &[PathBuf]) -> LocalDir {
+        self.allowed = dirs.iter().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone())).collect();
+        self
+    }
+
+    fn inside(&self, path: &Path) -> bool {
+        path.starts_with(&self.root) || self.allowed.iter().any(|d| path.starts_with(d))
     }
 
     /// The file for `rel`, the request path after the prefix and its slash (query removed).
@@ -135,7 +148,7 @@ impl LocalDir {
                     return Err(StatusCode::NOT_FOUND);
                 }
                 let path = self.root.join(rel).canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
-                if !path.starts_with(&self.root) {
+                if !self.inside(&path) {
                     return Err(StatusCode::NOT_FOUND);
                 }
                 Ok(path)
@@ -148,6 +161,10 @@ impl LocalDir {
                         return Err(StatusCode::NOT_FOUND);
                     }
                     path.push(seg);
+                }
+                let path = path.canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
+                if !self.inside(&path) {
+                    return Err(StatusCode::NOT_FOUND);
                 }
                 Ok(path)
             }
@@ -420,7 +437,12 @@ mod tests {
         std::fs::create_dir(dir.path().join("efi")).unwrap();
         std::fs::write(dir.path().join("efi/snp only.efi"), b"efi").unwrap();
         std::fs::write(dir.path().join("undionly.kpxe"), b"bios").unwrap();
-        let d = LocalDir::new(dir.path(), Layout::Tree);
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("ipxe.efi"), b"ipxe").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("ipxe.efi"), dir.path().join("ipxe.efi")).unwrap();
+        assert_eq!(LocalDir::new(dir.path(), Layout::Tree).open("ipxe.efi").err(), Some(StatusCode::NOT_FOUND), "symlink out of the root");
+        let d = LocalDir::new(dir.path(), Layout::Tree).allow(&[outside.path().to_path_buf()]);
+        assert_eq!(d.open("ipxe.efi").unwrap().len, 4, "symlink into an allowed directory");
         assert_eq!(d.open("undionly.kpxe").unwrap().len, 4);
         assert_eq!(d.open("efi/snp%20only.efi").unwrap().len, 3);
         for bad in ["", "efi", "efi/", "../etc/passwd", "efi/../undionly.kpxe", "%2e%2e/x", "..%2fetc", "./undionly.kpxe", "a%00b", "%zz", "a%5cb"] {

@@ -111,17 +111,28 @@ async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, 
 /// `/hammer/<name>` for what the zero-copy path leaves to axum: upstream files from memory; a
 /// local file (a request that came with a body, say) streamed by tower-http.
 async fn hammer(State(st): State<Arc<HttpState>>, Path(name): Path<String>, req: Request) -> Response {
-    let headers = req.headers().clone();
     match (&st.hammer, &st.hammer_upstream) {
-        (Some(dir), _) => match dir.resolve(&name) {
-            Ok(path) => match ServeFile::new(path).oneshot(req).await {
-                Ok(r) => r.into_response(),
-                Err(e) => match e {},
-            },
-            Err(status) => (status, "not found\n").into_response(),
-        },
-        (None, Some(up)) => up.serve(&name, &headers).await,
+        (Some(dir), _) => stream_local(dir, &name, req).await,
+        (None, Some(up)) => up.serve(&name, req.headers()).await,
         (None, None) => (StatusCode::NOT_FOUND, "no hammer_dir or hammer_url configured\n").into_response(),
+    }
+}
+
+/// `/boot/<path>` for what the zero-copy path leaves to axum, streamed by tower-http.
+async fn boot(State(st): State<Arc<HttpState>>, req: Request) -> Response {
+    let rel = req.uri().path().strip_prefix("/boot/").unwrap_or("").to_string();
+    match &st.boot {
+        Some(dir) => stream_local(dir, &rel, req).await,
+        None => (StatusCode::NOT_FOUND, "no TFTP root configured\n").into_response(),
+    }
+}
+
+/// A local file through tower-http's `ServeFile` (Range and HEAD included), after the same
+/// path checks as the zero-copy path.
+async fn stream_local(dir: &LocalDir, rel: &str, req: Request) -> Response {
+    match dir.resolve(rel) {
+        Ok(path) => ServeFile::new(path).oneshot(req).await.unwrap_or_else(|e| match e {}).into_response(),
+        Err(status) => (status, "not found\n").into_response(),
     }
 }
 
@@ -144,12 +155,10 @@ async fn count(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Re
     resp
 }
 
-/// Directories the axum router serves from disk (`/boot` only for requests the zero-copy path
-/// leaves to it).
+/// Directories the axum router serves from disk with tower-http's `ServeDir`.
 #[derive(Debug, Clone, Default)]
 pub struct StaticDirs {
     pub images: Option<PathBuf>,
-    pub boot: Option<PathBuf>,
 }
 
 pub fn router(state: Arc<HttpState>, dirs: &StaticDirs) -> Router {
@@ -157,11 +166,10 @@ pub fn router(state: Arc<HttpState>, dirs: &StaticDirs) -> Router {
         .route("/ipxe", get(ipxe))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/hammer/{name}", get(hammer));
-    for (prefix, dir) in [("/images", &dirs.images), ("/boot", &dirs.boot)] {
-        if let Some(d) = dir {
-            r = r.nest_service(prefix, ServeDir::new(d));
-        }
+        .route("/hammer/{name}", get(hammer))
+        .route("/boot/{*path}", get(boot));
+    if let Some(d) = &dirs.images {
+        r = r.nest_service("/images", ServeDir::new(d));
     }
     r.layer(middleware::from_fn_with_state(state.clone(), count)).with_state(state)
 }

@@ -115,7 +115,7 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
     }
     let hammer = cfg.http.hammer_dir.as_deref().map(|d| LocalDir::new(d, Layout::Flat));
     let hammer_upstream = cfg.http.hammer_url.as_deref().map(|u| pixie::files::Upstream::new(u, cfg.http.hammer_cache));
-    let boot = cfg.tftp.as_ref().map(|t| LocalDir::new(&t.root, Layout::Tree));
+    let boot = cfg.tftp.as_ref().map(|t| LocalDir::new(&t.root, Layout::Tree).allow(&t.symlink_targets));
     let state = Arc::new(HttpState {
         decisions: DecisionCache::new(api, cfg.http.decision_cache),
         hammer,
@@ -125,10 +125,7 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
         public_url: cfg.http.public_url.clone(),
         metrics,
     });
-    let dirs = StaticDirs {
-        images: cfg.http.images_dir.clone(),
-        boot: cfg.tftp.as_ref().map(|t| t.root.clone()),
-    };
+    let dirs = StaticDirs { images: cfg.http.images_dir.clone() };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
         .with_context(|| format!("binding HTTP on {}", cfg.http.listen))?;

@@ -11,6 +11,7 @@ const HELP: &[(&str, &str)] = &[
     ("pixie_tftp_bytes_total", "TFTP payload bytes sent"),
     ("pixie_http_requests_total", "HTTP requests, by route and status"),
     ("pixie_boot_decisions_total", "iPXE script requests, by outcome"),
+    ("pixie_boot_decision_source_total", "Boot decisions by where they came from: the API, or another request's call (cache)"),
     ("pixie_pxe_events_total", "PXE Booting events sent to the API, by result"),
 ];
 

@@ -46,7 +46,7 @@ fn start() -> Server {
         public_url: "http://127.0.0.1:1".into(),
         metrics: metrics.clone(),
     });
-    let dirs = StaticDirs { images: None, boot: Some(boot.clone()) };
+    let dirs = StaticDirs { images: None };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
