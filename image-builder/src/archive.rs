@@ -47,6 +47,7 @@ pub fn write_tar(tree: &Tree, out: &mut dyn Write, mtime: u64) -> io::Result<()>
                         let mut reader = ExactReader { inner: file.take(*size), left: *size, path: host };
                         builder.append_data(&mut h, path, &mut reader)?;
                     }
+                    Data::Filler { seed } => builder.append_data(&mut h, path, crate::filler::FillerReader::new(*seed, *size))?,
                 }
             }
             Kind::Symlink(target) => {

@@ -89,6 +89,9 @@ fn write_entry<W: Write + ?Sized>(out: &mut W, ino: u32, path: &str, entry: &Ent
                         )));
                     }
                 }
+                Data::Filler { seed } => {
+                    io::copy(&mut crate::filler::FillerReader::new(*seed, *size), out)?;
+                }
             }
             pad4(out, *size as usize)
         }

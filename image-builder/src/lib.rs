@@ -5,6 +5,7 @@
 //! - [`testos`]: the small busybox test OS with the phone-home piece and a verifier.
 //! - [`os`]: Debian images by mmdebstrap, or images from a directory or tarball, as `tar.zst`
 //!   and `raw.zst` (GPT, ESP + ext4, systemd-boot).
+//! - [`filler`]: generated filler files that make big test images for memory and size benchmarks.
 //! - [`publish`]: registering a built image in the API's catalog.
 //! - [`serve`]: serving a directory of images over HTTP for the lab.
 //!
@@ -15,6 +16,7 @@
 pub mod archive;
 pub mod cpio;
 pub mod error;
+pub mod filler;
 pub mod hammer;
 pub mod http;
 pub mod kernel;

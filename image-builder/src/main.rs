@@ -56,6 +56,15 @@ enum Cmd {
         zstd_level: i32,
         #[arg(long, default_value = "/usr/bin/busybox")]
         busybox: PathBuf,
+        /// Add this many MiB of generated filler files under /opt/filler (memory and size
+        /// benchmarks); the image is then named by --filler-name.
+        #[arg(long, default_value_t = 0)]
+        filler_mib: u64,
+        #[arg(long, default_value = "test-os-filler")]
+        filler_name: String,
+        /// Seed of the filler content (same seed, same bytes).
+        #[arg(long, default_value_t = 1)]
+        filler_seed: u64,
     },
     /// Build an OS image (Debian by mmdebstrap, or from a directory or tarball).
     Os(image_builder::os::OsArgs),
@@ -96,9 +105,11 @@ fn run(cli: Cli) -> image_builder::Result<()> {
             println!("{}", o.vmlinuz.display());
             println!("{}", o.initrd.path.display());
         }
-        Cmd::TestOs { kernel_dir, phone_home_bin, out, version, zstd_level, busybox } => {
+        Cmd::TestOs { kernel_dir, phone_home_bin, out, version, zstd_level, busybox, filler_mib, filler_name, filler_seed } => {
             let version = version.unwrap_or_else(image_builder::today);
-            let (file, _) = testos::build(&testos::TestOsOptions { kernel_dir, phone_home_bin, out, version, zstd_level, busybox })?;
+            let filler = (filler_mib > 0).then_some(testos::Filler { name: filler_name, bytes: filler_mib << 20, seed: filler_seed });
+            let opts = testos::TestOsOptions { kernel_dir, phone_home_bin, out, version, zstd_level, busybox };
+            let (file, _) = testos::build_with(&opts, filler.as_ref())?;
             println!("{}", file.display());
         }
         Cmd::Os(args) => {

@@ -139,8 +139,24 @@ fn dpkg_version(package: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|v| !v.is_empty())
 }
 
+/// Extra payload for a big test OS (memory and size benchmarks): `bytes` of generated files
+/// under `/opt/filler` ([`crate::filler`]), published under its own image `name`.
+#[derive(Debug, Clone)]
+pub struct Filler {
+    pub name: String,
+    pub bytes: u64,
+    pub seed: u64,
+}
+
 /// Builds `<out>/test-os-<version>.tar.zst` with its manifest and checksum file.
 pub fn build(opts: &TestOsOptions) -> Result<(PathBuf, ImageManifest)> {
+    build_with(opts, None)
+}
+
+/// [`build`], with filler files added to the root filesystem when `filler` is given; the image
+/// is then `<out>/<filler.name>-<version>.tar.zst`.
+pub fn build_with(opts: &TestOsOptions, filler: Option<&Filler>) -> Result<(PathBuf, ImageManifest)> {
+    let name = filler.map_or(NAME, |f| f.name.as_str());
     let started = Instant::now();
     let kernel = KernelDir::open(&opts.kernel_dir)?;
     if !opts.phone_home_bin.is_file() {
@@ -159,16 +175,20 @@ pub fn build(opts: &TestOsOptions) -> Result<(PathBuf, ImageManifest)> {
     let initrd_zst = zstd_bytes(&cpio_bytes, opts.zstd_level)?;
 
     eprintln!("test-os: building the root filesystem…");
-    let tree = rootfs_tree(&kernel, &busybox, &opts.phone_home_bin, initrd_zst, &opts.version)?;
-    let file = opts.out.join(format!("{NAME}-{}.{}", opts.version, ImageFormat::TarZst.extension()));
+    let mut tree = rootfs_tree(&kernel, &busybox, &opts.phone_home_bin, initrd_zst, &opts.version)?;
+    if let Some(f) = filler {
+        let n = crate::filler::add(&mut tree, f.bytes, f.seed)?;
+        eprintln!("test-os: {n} filler files, {:.1} MiB, under /{}", f.bytes as f64 / 1048576.0, crate::filler::DIR);
+    }
+    let file = opts.out.join(format!("{name}-{}.{}", opts.version, ImageFormat::TarZst.extension()));
     let mtime = archive::source_date_epoch();
-    let written = archive::write_zst(&file, opts.zstd_level, "test-os", |w| archive::write_tar(&tree, w, mtime))?;
+    let written = archive::write_zst(&file, opts.zstd_level, name, |w| archive::write_tar(&tree, w, mtime))?;
     let mut packages = vec![kernel.package().unwrap_or_else(|| format!("linux-image-{}", kernel.version))];
     if let Some(v) = dpkg_version("busybox-static") {
         packages.push(format!("busybox-static {v}"));
     }
     let manifest = ImageManifest {
-        name: NAME.into(),
+        name: name.into(),
         version: opts.version.clone(),
         os: format!("metal test OS (busybox, Linux {})", kernel.version),
         format: ImageFormat::TarZst,

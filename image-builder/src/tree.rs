@@ -17,6 +17,8 @@ pub enum Data {
     Bytes(Vec<u8>),
     /// Read from this host path when the archive is written (follows symlinks).
     Host(PathBuf),
+    /// Generated when the archive is written ([`crate::filler::FillerReader`] with this seed).
+    Filler { seed: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -216,6 +216,48 @@ fn test_os_manifest_checksum_and_contents() {
 }
 
 #[test]
+fn test_os_with_filler_is_named_sized_and_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let filler = testos::Filler { name: "test-os-big".into(), bytes: 6 << 20, seed: 3 };
+    let build = |out: &Path| {
+        let opts = testos::TestOsOptions {
+            kernel_dir: common::kernel().root,
+            phone_home_bin: common::phone_home_bin(),
+            out: out.to_path_buf(),
+            version: "7".into(),
+            zstd_level: LEVEL,
+            busybox: "/usr/bin/busybox".into(),
+        };
+        testos::build_with(&opts, Some(&filler)).expect("test-os build with filler")
+    };
+    let (file, m) = build(&dir.path().join("a"));
+    assert_eq!(file.file_name().unwrap(), "test-os-big-7.tar.zst");
+    assert_eq!((m.name.as_str(), m.id()), ("test-os-big", "test-os-big-7".to_string()));
+    assert_eq!(m.sha256, archive::sha256_file(&file).unwrap());
+    assert_eq!(archive::read_manifest(&file.with_file_name("test-os-big-7.tar.zst.json")).unwrap(), m);
+    // The filler comes on top of the plain test OS, and the OS itself is all there.
+    assert!(m.uncompressed_size > built().test_os_manifest.uncompressed_size + (6 << 20));
+    let tar_bytes = common::zstd_decode(&file);
+    let mut filler_bytes = 0;
+    let mut paths = BTreeSet::new();
+    for e in tar::Archive::new(tar_bytes.as_slice()).entries().unwrap() {
+        let e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string();
+        if path.starts_with("opt/filler/") && e.header().entry_type().is_file() {
+            filler_bytes += e.header().size().unwrap();
+        }
+        paths.insert(path);
+    }
+    assert_eq!(filler_bytes, 6 << 20);
+    for p in ["sbin/init", "usr/local/sbin/metal-verify", "usr/local/sbin/metal-phone-home", "boot/vmlinuz", "opt/filler/big/000.bin"] {
+        assert!(paths.contains(p), "{p} missing");
+    }
+    let (again, m2) = build(&dir.path().join("b"));
+    assert_eq!(m2, m);
+    assert!(fs::read(&again).unwrap() == fs::read(&file).unwrap(), "two filler builds differ");
+}
+
+#[test]
 fn test_os_build_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let (file, manifest) = build_test_os(dir.path());
