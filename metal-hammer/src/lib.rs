@@ -7,7 +7,7 @@
 //! flags of those steps are unit-tested with [`sys::RecordingSys`].
 //!
 //! Runtime: [`pid1`], [`modules`], [`net`] ([`netlink`], [`dhcp`]), [`inventory`], [`lldp`],
-//! [`wipe`] ([`nvme`]), [`api`], [`flow`], [`console`]. Install (GPT, mkfs, image stream, OS
+//! [`wipe`] ([`nvme`]), [`api`], [`flow`], [`console`], [`memwatch`] (peak memory of an install). Install (GPT, mkfs, image stream, OS
 //! configuration): `install`.
 
 pub mod api;
@@ -17,6 +17,7 @@ pub mod flow;
 pub mod install;
 pub mod inventory;
 pub mod lldp;
+pub mod memwatch;
 pub mod modules;
 pub mod net;
 pub mod netlink;

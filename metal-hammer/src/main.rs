@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use metal_hammer::flow::{self, BoxError, Paths};
 use metal_hammer::sys::{LinuxSys, Sys};
 use metal_hammer::{console, destructive_allowed, inventory, lldp, net, wipe};
-use metal_hammer::install::{Progress, StageStatus};
+use metal_hammer::install::{Progress, Stage, StageStatus};
 use metal_types::{BootInfo, InstallInstructions};
 
 #[derive(Parser)]
@@ -52,9 +52,19 @@ enum Command {
 /// progress printed as console markers.
 async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBuf], mount_root: &Path) -> Result<BootInfo, BoxError> {
     let work = || {
+        let started = std::time::Instant::now();
+        let watch = metal_hammer::memwatch::Watch::start(Path::new("/proc"), Duration::from_millis(100));
         let mut last_log = std::time::Instant::now();
+        let mut stream_started = None;
+        let mut stream_ms = 0u128;
         let mut progress = |p: Progress| match p {
             Progress::Stage { stage, status, detail } => {
+                if stage == Stage::Stream {
+                    match status {
+                        StageStatus::Start => stream_started = Some(std::time::Instant::now()),
+                        _ => stream_ms = stream_started.map_or(0, |t| t.elapsed().as_millis()),
+                    }
+                }
                 let status = match status {
                     StageStatus::Start => console::Status::Start,
                     StageStatus::Ok => console::Status::Ok,
@@ -76,7 +86,18 @@ async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBu
                 }
             }
         };
-        metal_hammer::install::install(sys, instr, disks, mount_root, &mut progress)
+        let result = metal_hammer::install::install(sys, instr, disks, mount_root, &mut progress);
+        // One line with the whole install's time and memory, for the memory benchmark.
+        let memory = watch.finish();
+        let detail = format!(
+            "duration_ms={} stream_ms={stream_ms} image_bytes={} {}",
+            started.elapsed().as_millis(),
+            instr.image.manifest.uncompressed_size,
+            memory.marker_fields()
+        );
+        let status = if result.is_ok() { console::Status::Ok } else { console::Status::Error };
+        console::marker_detail("install", status, &detail);
+        result
     };
     let result = match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
