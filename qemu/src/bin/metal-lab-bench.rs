@@ -2,6 +2,10 @@
 //! for, next to the reference PXE chain (dnsmasq + nginx: iPXE → kernel + a tiny initramfs that
 //! prints a marker) measured in the same run on the same machine. Prints a Markdown table.
 //! Run through `scripts/bench` (as root).
+//!
+//! `--memory`: one machine with little RAM (default 1 GiB) installs a big image (default
+//! `test-os-2g`, built by `scripts/bench memory`); prints whether it phoned home, the install's
+//! duration and throughput, and metal-hammer's peak memory from its `stage=install` marker.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,10 +30,29 @@ struct Args {
     /// Also measure the reference chain (needs dnsmasq and nginx).
     #[arg(long, default_value_t = true)]
     reference: bool,
+    /// Run the memory benchmark instead: one small-RAM machine installs --memory-image.
+    #[arg(long)]
+    memory: bool,
+    #[arg(long, default_value = "test-os-2g")]
+    memory_image: String,
+    /// RAM of the memory benchmark's machine, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// Its (virtio) disk, MiB.
+    #[arg(long, default_value_t = 4096)]
+    disk_mib: u64,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.memory {
+        let rows = std::thread::scope(|s| s.spawn(|| run_in_lab(|| memory_run(&args))).join().unwrap())?;
+        println!("| what | value |\n|---|---|");
+        for r in rows {
+            println!("{r}");
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     if args.reference {
         for fw in [Firmware::Bios, Firmware::Uefi] {
@@ -123,6 +146,85 @@ async fn lifecycle_runs(image_name: &str, runs: usize) -> Result<Vec<String>> {
     ])
 }
 
+/// `key=value` of a marker line as a number.
+fn marker_u64(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The memory benchmark: one machine with `--memory-mib` of RAM installs `--memory-image`.
+async fn memory_run(args: &Args) -> Result<Vec<String>> {
+    let mut lab = Lab::start(None).await?;
+    let image = lab.image(&args.memory_image).with_context(|| format!("image {} not built (scripts/bench memory builds it)", args.memory_image))?.clone();
+    let disk = metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: args.disk_mib };
+    let i = lab.add_vm(VmSpec::new("memory", 60).memory_mib(args.memory_mib).disks(vec![disk]))?;
+    let id = lab.vms[i].machine_id();
+    lab.vms[i].power_on()?;
+    let d = Deadline::new("power-on to Waiting", Duration::from_secs(300));
+    lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
+    let hostname = "memory-bench";
+    let req = AllocationRequest {
+        project: PROJECT.into(),
+        partition: PARTITION.into(),
+        size: None,
+        machine: Some(id),
+        image: image.id.clone(),
+        hostname: hostname.into(),
+        layout: None,
+        ssh_keys: vec![],
+        user_data: serde_json::json!({ "expect": { "hostname": hostname, "userdata_marker": "memory-bench" } }).to_string(),
+        idempotency_key: None,
+    };
+    let alloc_at = unix_now();
+    let _: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+    // Under TCG on a shared machine a 2 GiB install takes minutes; the serial console fails the
+    // wait at once when the kernel runs out of memory.
+    let d = Deadline::new("allocation to install marker", Duration::from_secs(3600));
+    let fail_on = ["invoked oom-killer", "Out of memory", "Kernel panic", "stage=fatal"];
+    let install = LogCursor::new(&lab.vms[i].serial).wait_for(&d, "METAL-HAMMER stage=install status=", &fail_on).await?;
+    if !install.contains("status=ok") {
+        bail!("install failed: {install}");
+    }
+    let d = Deadline::new("install to verifier and Phoned Home", Duration::from_secs(600));
+    LogCursor::new(&lab.vms[i].serial).wait_for(&d, "TEST-OS VERIFY PASS", &["TEST-OS VERIFY FAIL"]).await?;
+    lab.admin.wait_event(&d, id, Ev::PhonedHome, 0).await?;
+    let ev = lab.admin.events(id).await?;
+    let installing = event_after(&ev, Ev::Installing, alloc_at)?;
+    let kexec = event_after(&ev, Ev::BootingNewKernel, alloc_at)?;
+    let home = event_after(&ev, Ev::PhonedHome, alloc_at)?;
+    lab.vms[i].power_off();
+    lab.pass();
+
+    let field = |k: &str| marker_u64(&install, k).with_context(|| format!("no {k} in {install:?}"));
+    let (duration_ms, stream_ms, bytes) = (field("duration_ms")?, field("stream_ms")?, field("image_bytes")?);
+    let (peak, total, avail_start, avail_min) =
+        (field("peak_rss_kib")?, field("mem_total_kib")?, field("mem_available_start_kib")?, field("mem_available_min_kib")?);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rate = |ms: u64| bytes as f64 / 1e6 / (ms.max(1) as f64 / 1e3);
+    let initrd = std::fs::metadata(lab.paths.hammer_dir.join("initrd.img")).map(|m| m.len()).unwrap_or(0);
+    Ok(vec![
+        format!("| machine | {} MiB RAM (`-m {}`), {} MiB virtio disk, TCG, 1 vCPU |", args.memory_mib, args.memory_mib, args.disk_mib),
+        format!(
+            "| image | {}: {:.1} MiB tar.zst, {:.1} MiB unpacked |",
+            image.id,
+            image.manifest.compressed_size as f64 / 1048576.0,
+            bytes as f64 / 1048576.0
+        ),
+        format!("| metal-hammer initramfs (in RAM) | {:.1} MiB initrd.img (zstd) |", initrd as f64 / 1048576.0),
+        "| result | Phoned Home, verifier PASS |".into(),
+        format!("| install (partition → bootloader) | {:.1} s, {:.1} MB/s unpacked |", duration_ms as f64 / 1e3, rate(duration_ms)),
+        format!(
+            "| stream (download + SHA-256 + zstd + tar) | {:.1} s, {:.1} MB/s unpacked, {:.1} MB/s compressed |",
+            stream_ms as f64 / 1e3,
+            rate(stream_ms),
+            image.manifest.compressed_size as f64 / 1e6 / (stream_ms.max(1) as f64 / 1e3)
+        ),
+        format!("| allocation → Installing / Booting New Kernel / Phoned Home | {:.1} s / {:.1} s / {:.1} s |", installing - alloc_at, kexec - alloc_at, home - alloc_at),
+        format!("| metal-hammer peak RSS (VmHWM) | {:.1} MiB |", mib(peak)),
+        format!("| guest MemTotal | {:.1} MiB |", mib(total)),
+        format!("| MemAvailable before install / lowest during install | {:.1} MiB / {:.1} MiB |", mib(avail_start), mib(avail_min)),
+    ])
+}
+
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
 }
@@ -200,4 +302,19 @@ fn tiny_initramfs(root: &Path, out: &Path) -> Result<()> {
         bail!("building the tiny initramfs failed (cpio, gzip)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marker_u64;
+
+    #[test]
+    fn marker_numbers_by_exact_key() {
+        let line = "METAL-HAMMER stage=install status=ok duration_ms=88034 stream_ms=85423 peak_rss_kib=30352 mem_available_min_kib=712624";
+        assert_eq!(marker_u64(line, "duration_ms"), Some(88034));
+        assert_eq!(marker_u64(line, "stream_ms"), Some(85423));
+        assert_eq!(marker_u64(line, "peak_rss_kib"), Some(30352));
+        assert_eq!(marker_u64(line, "ms"), None);
+        assert_eq!(marker_u64(line, "status"), None);
+    }
 }
