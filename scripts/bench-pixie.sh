@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks pixie against its peers on this machine, in network namespaces this script creates
 # (removed on exit): DHCP (perfdhcp: pixie vs Kea memfile vs dnsmasq), TFTP (atftp: pixie vs
-# tftpd-hpa vs dnsmasq, blksize 1468, and pixie with windowsize) and HTTP (wrk: pixie vs nginx).
+# tftpd-hpa vs dnsmasq, blksize 1468, and pixie with windowsize) and HTTP (wrk: pixie vs nginx for
+# the initrd; iPXE scripts from pixie with the real metal-api deciding, decision cache off and on).
 #
 #   sudo scripts/bench-pixie.sh [dhcp|tftp|http|all]     (default: all)
 #
@@ -49,6 +50,16 @@ start() { # name, command...: starts in the server namespace
     sleep 1
     kill -0 $! 2>/dev/null || { echo "$name did not start:" >&2; cat "$W/$name.log" >&2; exit 1; }
 }
+killns_pixie() { # only pixie (the API and nginx keep running)
+    local p i
+    for p in $(ip netns pids "$S" 2>/dev/null); do
+        if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = pixie ]; then kill "$p" 2>/dev/null || true; fi
+    done
+    for i in $(seq 1 50); do
+        p=$(for p in $(ip netns pids "$S" 2>/dev/null); do cat "/proc/$p/comm" 2>/dev/null; done | grep -cx pixie || true)
+        [ "$p" = 0 ] && return; sleep 0.1
+    done
+}
 stop() { # everything in the server namespace
     killns "$S"
     local i
@@ -58,7 +69,7 @@ stop() { # everything in the server namespace
 
 echo "# bench-pixie $(date -u +%FT%TZ) on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-pixie_conf() { # extra lines for [tftp]
+pixie_conf() { # extra lines for [tftp], extra lines for [http]
 cat > "$W/pixie.toml" <<EOF
 partition = "lab"
 [api]
@@ -83,6 +94,7 @@ $1
 listen = "10.99.0.1:8081"
 public_url = "http://10.99.0.1:8081"
 hammer_dir = "$W/files"
+${2:-}
 EOF
 }
 mkdir -p "$W/files"
@@ -171,7 +183,12 @@ wrk_mbs() { # url, connections → MB/s
     nc wrk -t"$(( $2 < 2 ? 1 : 2 ))" -c"$2" -d10s --timeout 30s "$1" 2>&1 | awk '/Transfer\/sec/ {v=$2; u=substr(v,length(v)-1); x=v+0;
         if (u=="GB") x*=1024; else if (u=="KB") x/=1024; printf "%.0f", x*1.048576}'
 }
-wrk_rps() { nc wrk -t2 -c"$2" -d10s "$1" 2>&1 | awk '/Requests\/sec/ {printf "%.0f", $2}'; }
+wrk_rps() { # url, connections[, lua script] → req/s; says so on stderr when wrk saw errors
+    local out
+    out=$(nc wrk -t2 -c"$2" -d10s ${3:+-s "$3"} "$1" 2>&1)
+    if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "wrk reported errors for $1:" >&2; echo "$out" >&2; fi
+    awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out"
+}
 start_nginx() {
 cat > "$W/nginx.conf" <<EOF
 worker_processes auto;
@@ -186,22 +203,58 @@ http {
 EOF
     start nginx nginx -c "$W/nginx.conf" -g "daemon off;"
 }
+pixie_counter() { # metric{labels} → its value in pixie's /metrics (0 when absent)
+    ns curl -sf http://10.99.0.1:8081/metrics | awk -v k="$1" 'index($0, k " ") == 1 {print $2; f=1} END {if (!f) print 0}'
+}
+ipxe_rate() { # label, lua script or "" → one table row; pixie and the API must be running
+    local url="http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" r0 a0 ok0 rps
+    r0=$(pixie_counter 'pixie_boot_decisions_total{outcome="retry"}')
+    a0=$(pixie_counter 'pixie_boot_decision_source_total{source="api"}')
+    ok0=$(pixie_counter 'pixie_boot_decisions_total{outcome="hammer"}')
+    rps=$(wrk_rps "$url" 64 "$2")
+    # Every answer should be a real decision: a retry script (API down or slow) is fast and wrong,
+    # so the row says how many answers were decisions, retries, and calls to the API.
+    local retries=$(( $(pixie_counter 'pixie_boot_decisions_total{outcome="retry"}') - r0 ))
+    local asked=$(( $(pixie_counter 'pixie_boot_decision_source_total{source="api"}') - a0 ))
+    local answered=$(( $(pixie_counter 'pixie_boot_decisions_total{outcome="hammer"}') - ok0 ))
+    [ "$retries" = 0 ] || echo "WARNING: $retries retry scripts during '$1': the API did not decide every request" >&2
+    echo "| iPXE script, 64 connections | pixie, $1 | $rps req/s ($answered metal-hammer scripts, $retries retry scripts, $asked API calls in 10 s) |"
+}
 http_suite() {
-    pixie_conf ""
-    if [ -x "$API" ]; then
-        start api "$API" --listen 10.99.0.1:8080 --admin-token admin-secret --db "sqlite://$W/metal.db"
-        ns curl -sf -X POST -H 'authorization: Bearer admin-secret' -H 'content-type: application/json' \
-            -d '{"id":"lab","boot":{"kernel_url":"http://10.99.0.1:8081/hammer/vmlinuz","initrd_url":"http://10.99.0.1:8081/hammer/initrd.img","cmdline":"console=ttyS0","api_url":"http://10.99.0.1:8080"}}' \
-            http://10.99.0.1:8080/v1/partitions > /dev/null
-    fi
+    [ -x "$API" ] || { echo "build first: cargo build --release -p metal-api (the iPXE figures need the real API)" >&2; exit 1; }
+    start api "$API" --listen 10.99.0.1:8080 --admin-token admin-secret --db "sqlite://$W/metal.db"
+    ns curl -sf -X POST -H 'authorization: Bearer admin-secret' -H 'content-type: application/json' \
+        -d '{"id":"lab","boot":{"kernel_url":"http://10.99.0.1:8081/hammer/vmlinuz","initrd_url":"http://10.99.0.1:8081/hammer/initrd.img","cmdline":"console=ttyS0","api_url":"http://10.99.0.1:8080"}}' \
+        http://10.99.0.1:8080/v1/partitions > /dev/null
+    pixie_conf "" ""
     RUST_LOG=warn start pixie "$PIXIE" --config "$W/pixie.toml" --no-dhcp
     start_nginx
     for c in 1 16 64 256; do
         echo "| HTTP 50 MiB initrd, $c clients | pixie | $(wrk_mbs http://10.99.0.1:8081/hammer/initrd.img "$c") MB/s |"
         echo "| HTTP 50 MiB initrd, $c clients | nginx | $(wrk_mbs http://10.99.0.1:8082/hammer/initrd.img "$c") MB/s |"
     done
-    ns curl -sf "http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" > "$W/files/script.ipxe" || true
-    echo "| iPXE script, 64 connections | pixie (API decision) | $(wrk_rps "http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" 64) req/s |"
+    ns curl -sf "http://10.99.0.1:8081/ipxe?mac=52:54:00:00:00:01&arch=bios_x86" > "$W/files/script.ipxe"
+    grep -q "^kernel " "$W/files/script.ipxe" \
+        || { echo "pixie's script is not a metal-hammer boot decision:" >&2; cat "$W/files/script.ipxe" >&2; exit 1; }
+    # 256 machines: the requests ask for 256 MACs in turn.
+    cat > "$W/macs.lua" <<'EOF'
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", string.format("/ipxe?mac=52:54:00:00:01:%02x&arch=bios_x86", n % 256))
+end
+EOF
+    for cache in 0 1000; do
+        killns_pixie
+        pixie_conf "" "decision_cache_ms = $cache"
+        RUST_LOG=warn start pixie "$PIXIE" --config "$W/pixie.toml" --no-dhcp
+        if [ "$cache" = 0 ]; then
+            ipxe_rate "decision cache off (every request asks the API)" ""
+        else
+            ipxe_rate "decision cache ${cache} ms, one machine" ""
+            ipxe_rate "decision cache ${cache} ms, 256 machines in turn" "$W/macs.lua"
+        fi
+    done
     echo "| iPXE script, 64 connections | nginx (static file of that size) | $(wrk_rps http://10.99.0.1:8082/script.ipxe 64) req/s |"
     stop
 }
