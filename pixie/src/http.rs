@@ -271,6 +271,19 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, dirs: &StaticDi
     }
 }
 
+/// How long a connection may stay silent (between requests, or in the middle of a request
+/// head) and how long a client may leave the socket full before pixie closes it, so idle
+/// keep-alive connections and stalled clients do not pile up.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until the socket takes more bytes, at most [`IDLE`].
+async fn writable(stream: &TcpStream) -> io::Result<()> {
+    match tokio::time::timeout(IDLE, stream.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client took no data for 60 s")),
+    }
+}
+
 /// One connection: requests in order until the client closes, asks to close, or errs.
 async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router) {
     let mut buf = BytesMut::with_capacity(4096);
@@ -283,9 +296,13 @@ async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router) {
                     Parsed::Other => return hand_to_hyper(stream, buf.freeze(), app).await,
                 }
             }
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            match tokio::time::timeout(IDLE, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::debug!(waited_s = IDLE.as_secs(), "HTTP connection idle or head incomplete: closed");
+                    return;
+                }
             }
         };
         if head.has_body() {
@@ -356,7 +373,7 @@ async fn send_file(
 async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool) -> io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     while !head.is_empty() {
-        stream.writable().await?;
+        writable(stream).await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
             // SAFETY: the pointer and length describe `head`, which outlives the call.
             let n = unsafe { libc::send(stream.as_raw_fd(), head.as_ptr().cast(), head.len(), flags) };
@@ -376,7 +393,7 @@ async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool) -> io::Resul
 async fn sendfile_all(stream: &TcpStream, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
     let end = offset + len;
     while offset < end {
-        stream.writable().await?;
+        writable(stream).await?;
         let chunk = (end - offset).min(1 << 30) as usize;
         let sent = stream.try_io(Interest::WRITABLE, || {
             let mut off = offset as libc::off64_t;
