@@ -673,11 +673,17 @@ impl Store {
     pub async fn ensure_token(&self, t: &TokenRow) -> Result<()> {
         let mut tx = self.write().await?;
         let exists = sqlx::query("SELECT id FROM tokens WHERE hash = $1").bind(&t.hash).fetch_optional(tx.c()).await?;
-        if exists.is_none() {
-            Self::insert_token_in(tx.c(), t).await?;
-        }
-        let r = match tx.commit().await {
-            Err(e) if e.is_unique_violation() => Ok(()), // another replica did it
+        // Replicas starting together race here: the loser's insert (PostgreSQL) or commit
+        // (SQLite) meets the unique hash, and the token is there either way.
+        let r = match exists {
+            Some(_) => tx.commit().await,
+            None => match Self::insert_token_in(tx.c(), t).await {
+                Ok(()) => tx.commit().await,
+                Err(e) => Err(e),
+            },
+        };
+        let r = match r {
+            Err(e) if e.is_unique_violation() => Ok(()),
             other => other,
         };
         self.tokens_changed();

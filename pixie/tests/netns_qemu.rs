@@ -177,9 +177,12 @@ fn boot(lab: &Lab, args: &[&str], timeout: Duration) {
         .args(args);
     let mut qemu = Proc::spawn("qemu", cmd, &lab.dir.path().join("qemu.log"));
     let read = || String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+    // The initrd prints the marker, then the command line: wait for that whole line too (with a
+    // 200-character enrolment token it can arrive a moment after the marker).
+    let done = |t: &str| t.contains(MARKER) && t.split_inclusive('\n').any(|l| l.starts_with("CMDLINE ") && l.ends_with('\n'));
     let start = std::time::Instant::now();
     while start.elapsed() < timeout {
-        if read().contains(MARKER) {
+        if done(&read()) {
             break;
         }
         if !qemu.alive() && !read().contains(MARKER) {
