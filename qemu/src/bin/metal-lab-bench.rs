@@ -109,18 +109,7 @@ async fn lifecycle_runs(image_name: &str, runs: usize) -> Result<Vec<String>> {
         lab.vms[i].power_on()?;
         let d = Deadline::new("power-on to Waiting", Duration::from_secs(300));
         lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
-        let req = AllocationRequest {
-            project: PROJECT.into(),
-            partition: PARTITION.into(),
-            size: None,
-            machine: Some(id),
-            image: image.id.clone(),
-            hostname: format!("bench{run}"),
-            layout: None,
-            ssh_keys: vec![],
-            user_data: String::new(),
-            idempotency_key: None,
-        };
+        let req = allocation_request(id, &image.id, &format!("bench{run}"));
         let alloc_at = unix_now();
         let _: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
         let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(600));
@@ -162,18 +151,8 @@ async fn memory_run(args: &Args) -> Result<Vec<String>> {
     let d = Deadline::new("power-on to Waiting", Duration::from_secs(300));
     lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
     let hostname = "memory-bench";
-    let req = AllocationRequest {
-        project: PROJECT.into(),
-        partition: PARTITION.into(),
-        size: None,
-        machine: Some(id),
-        image: image.id.clone(),
-        hostname: hostname.into(),
-        layout: None,
-        ssh_keys: vec![],
-        user_data: serde_json::json!({ "expect": { "hostname": hostname, "userdata_marker": "memory-bench" } }).to_string(),
-        idempotency_key: None,
-    };
+    let mut req = allocation_request(id, &image.id, hostname);
+    req.user_data = serde_json::json!({ "expect": { "hostname": hostname, "userdata_marker": "memory-bench" } }).to_string();
     let alloc_at = unix_now();
     let _: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
     // Under TCG on a shared machine a 2 GiB install takes minutes; the serial console fails the
@@ -225,6 +204,22 @@ async fn memory_run(args: &Args) -> Result<Vec<String>> {
     ])
 }
 
+/// A tenant's request for exactly this machine with `image`, defaults otherwise.
+fn allocation_request(machine: metal_types::MachineId, image: &str, hostname: &str) -> AllocationRequest {
+    AllocationRequest {
+        project: PROJECT.into(),
+        partition: PARTITION.into(),
+        size: None,
+        machine: Some(machine),
+        image: image.into(),
+        hostname: hostname.into(),
+        layout: None,
+        ssh_keys: vec![],
+        user_data: String::new(),
+        idempotency_key: None,
+    }
+}
+
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
 }
@@ -237,12 +232,9 @@ fn reference_chain(fw: Firmware) -> Result<f64> {
     let dir = tmp.path();
     netns::create_bridge()?;
     let _radvd = netns::start_radvd(dir)?;
-    let kernel = std::fs::read_dir(std::env::var("METAL_KERNEL_DIR").unwrap_or_else(|_| "/var/cache/metal/kernel".into()))
-        .context("kernel cache (scripts/build-lab)")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("vmlinuz"))
-        .find(|p| p.exists())
-        .context("no vmlinuz in the kernel cache")?;
+    // The same Debian kernel metal-hammer boots (scripts/build-lab copies it there).
+    let kernel = metal_lab::services::Paths::discover()?.hammer_dir.join("vmlinuz");
+    anyhow::ensure!(kernel.exists(), "{} is missing: run scripts/build-lab", kernel.display());
     let www = dir.join("www");
     std::fs::create_dir_all(www.join("root"))?;
     std::fs::copy(&kernel, www.join("vmlinuz"))?;
