@@ -109,9 +109,20 @@ WantedBy=multi-user.target
 /// (`10-metal.network` sorts first).
 pub const DEFAULT_NETWORK: &str = "[Match]\nType=ether\n\n[Network]\nDHCP=yes\n";
 
-/// sshd generates host keys at first boot instead of every machine sharing the build's.
-/// The list is reset so the keys exist before Debian's own `sshd -t` check runs.
-pub const SSH_HOSTKEYS_DROPIN: &str = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n";
+/// sshd generates host keys at first boot instead of every machine sharing the build's. Only
+/// Ed25519 and ECDSA: an RSA-3072 key takes seconds to generate on a slow first boot (about
+/// 9 s in the QEMU lab), and that wait sits between boot and Phoned Home (the phone-home unit
+/// waits for sshd). The list is reset so the keys exist before Debian's own `sshd -t` check runs.
+pub const SSH_HOSTKEYS_DROPIN: &str = "[Service]
+ExecStartPre=
+ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || exec /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
+ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ecdsa_key || exec /usr/bin/ssh-keygen -q -t ecdsa -N \"\" -f /etc/ssh/ssh_host_ecdsa_key'
+ExecStartPre=/usr/sbin/sshd -t
+";
+
+/// sshd offers exactly the host keys [`SSH_HOSTKEYS_DROPIN`] makes (without it, it would look
+/// for an RSA key too and log that it is missing).
+pub const SSHD_HOSTKEYS_CONFIG: &str = "HostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n";
 
 const ESP_MIB: u64 = 256;
 /// 1980-01-02: the earliest time a FAT directory entry holds (with a day of margin for time zones).
@@ -300,7 +311,8 @@ pub fn customize(tree: &mut Tree, phone_home: Option<&Path>, boot: Option<&Boot>
     let removed_keys = tree.remove_where(|p| p.starts_with("etc/ssh/ssh_host_"));
     if tree.get("etc/ssh/sshd_config").is_some() && systemd {
         tree.bytes("etc/systemd/system/ssh.service.d/metal-hostkeys.conf", 0o644, SSH_HOSTKEYS_DROPIN)?;
-        notes.push(format!("{removed_keys} SSH host key files removed; generated at first boot"));
+        tree.bytes("etc/ssh/sshd_config.d/metal-hostkeys.conf", 0o644, SSHD_HOSTKEYS_CONFIG)?;
+        notes.push(format!("{removed_keys} SSH host key files removed; Ed25519 and ECDSA keys generated at first boot"));
     }
     // mmdebstrap copies the build host's name and resolver; neither belongs in an image.
     if tree.get("etc/hostname").is_some() {
@@ -355,6 +367,16 @@ fn packages(rootfs: &Path) -> Vec<String> {
     }
 }
 
+/// Run in the new root after the packages are in: the kernel modules compressed with zstd
+/// (kmod loads `.ko.zst`; Debian's 6.1 kernel ships about 400 MB of uncompressed modules, well
+/// over half of the image, which every install would otherwise write), the module index and the
+/// initramfs made again, and the initramfs checked for the disk drivers it must carry.
+const COMPRESS_MODULES: &str = "find /lib/modules -name \"*.ko\" -print0 | xargs -0 -r -n 256 -P 2 zstd -q --rm -9; \
+    for d in /lib/modules/*/; do depmod -a \"$(basename \"$d\")\"; done; \
+    update-initramfs -u -k all; \
+    for i in /boot/initrd.img-*; do for m in virtio_blk nvme ahci ext4; do \
+    lsinitramfs \"$i\" | grep -q \"/$m.ko\" || { echo \"$i lacks $m\" >&2; exit 1; }; done; done";
+
 fn mmdebstrap(args: &OsArgs, rootfs: &Path) -> Result<()> {
     let mmdebstrap = tools::require("mmdebstrap", "mmdebstrap")?;
     let mirror = match &args.mirror {
@@ -368,6 +390,7 @@ fn mmdebstrap(args: &OsArgs, rootfs: &Path) -> Result<()> {
         .arg(format!("--include={}", packages.join(",")))
         // The distribution's initramfs: MODULES=most (the default) keeps virtio/nvme/ahci in it.
         .arg("--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && echo MODULES=most > \"$1/etc/initramfs-tools/conf.d/metal.conf\"")
+        .arg(format!("--customize-hook=chroot \"$1\" sh -ec '{COMPRESS_MODULES}'"))
         .arg(&args.suite)
         .arg(rootfs)
         .args(sources(&args.suite, &mirror, !args.no_updates))
@@ -817,6 +840,10 @@ mod tests {
         assert!(hook.contains("kernel=\"boot/vmlinuz-6.1.0-9-amd64\"") && !hook.contains('@'), "{hook}");
         assert!(t.get("etc/ssh/ssh_host_ed25519_key").is_none());
         assert!(t.get("etc/systemd/system/ssh.service.d/metal-hostkeys.conf").is_some());
+        let Kind::File { data: crate::tree::Data::Bytes(keys), .. } = &t.get("etc/ssh/sshd_config.d/metal-hostkeys.conf").unwrap().kind else { panic!() };
+        let keys = String::from_utf8(keys.clone()).unwrap();
+        assert!(keys.contains("ssh_host_ed25519_key") && !keys.contains("rsa"), "{keys}");
+        assert!(!SSH_HOSTKEYS_DROPIN.contains("-A") && SSH_HOSTKEYS_DROPIN.contains("-t ed25519"));
         assert!(matches!(&t.get("etc/machine-id").unwrap().kind, Kind::File { size: 0, .. }));
         assert!(t.get("var/log/dpkg.log").is_none());
         assert_eq!(

@@ -62,6 +62,11 @@ impl VmSpec {
         self.firmware = fw;
         self
     }
+    /// Virtual CPUs (`-smp`); QEMU runs one TCG thread per vCPU.
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
     pub fn memory_mib(mut self, m: u64) -> Self {
         self.memory_mib = m;
         self

@@ -186,10 +186,15 @@ fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
             .args(["-i"]).arg(&key)
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes"])
             .arg(format!("root@{ip}"))
-            .args(["cat /etc/hostname; systemctl is-system-running --wait || true"])
+            .args(["cat /etc/hostname; ls /etc/ssh/; systemctl is-system-running --wait || true"])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(out.status.success() && text.contains("deb1"), "ssh into the Debian machine failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        // Host keys made on this machine at first boot (the image carries none), no RSA one.
+        ensure!(
+            text.contains("ssh_host_ed25519_key.pub") && text.contains("ssh_host_ecdsa_key.pub") && !text.contains("ssh_host_rsa_key"),
+            "unexpected SSH host keys on the machine: {text}"
+        );
         lab.pass();
         Ok(())
     })

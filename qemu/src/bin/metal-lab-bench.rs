@@ -27,6 +27,9 @@ struct Args {
     /// Images to provision (names); each must be built in target/lab/images.
     #[arg(long, default_value = "test-os")]
     images: Vec<String>,
+    /// Virtual CPUs of the provisioned machines and of the reference chain's machine.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
     /// Also measure the reference chain (needs dnsmasq and nginx).
     #[arg(long, default_value_t = true)]
     reference: bool,
@@ -58,13 +61,13 @@ fn main() -> Result<()> {
         for fw in [Firmware::Bios, Firmware::Uefi] {
             let mut t = Vec::new();
             for _ in 0..args.runs {
-                t.push(std::thread::scope(|s| s.spawn(|| reference_chain(fw)).join().unwrap())?);
+                t.push(std::thread::scope(|s| s.spawn(|| reference_chain(fw, args.cpus)).join().unwrap())?);
             }
-            rows.push(format!("| reference chain dnsmasq + nginx ({fw:?}): QEMU start → marker | {:.1} s |", median(&mut t)));
+            rows.push(format!("| reference chain dnsmasq + nginx ({fw:?}, {} vCPU): QEMU start → marker | {:.1} s |", args.cpus, median(&mut t)));
         }
     }
     for image in &args.images {
-        let r = std::thread::scope(|s| s.spawn(|| run_in_lab(|| lifecycle_runs(image, args.runs))).join().unwrap())?;
+        let r = std::thread::scope(|s| s.spawn(|| run_in_lab(|| lifecycle_runs(image, args.runs, args.cpus))).join().unwrap())?;
         rows.extend(r);
     }
     println!("| what (median of {} runs) | time |\n|---|---|", args.runs);
@@ -98,12 +101,12 @@ fn event_after(events: &[MachineEvent], ev: Ev, after: f64) -> Result<f64> {
 }
 
 /// Boots one machine per run (fresh lab state per run is not needed: each run is its own VM).
-async fn lifecycle_runs(image_name: &str, runs: usize) -> Result<Vec<String>> {
+async fn lifecycle_runs(image_name: &str, runs: usize, cpus: u32) -> Result<Vec<String>> {
     let mut lab = Lab::start(None).await?;
     let image = lab.image(image_name).with_context(|| format!("image {image_name} not built"))?.clone();
     let (mut to_wait, mut to_install, mut to_kexec, mut to_home) = (vec![], vec![], vec![], vec![]);
     for run in 0..runs {
-        let i = lab.add_vm(VmSpec::new(&format!("bench{run}"), 40 + run as u8).memory_mib(2048).disks(vec![metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: 4096 }]))?;
+        let i = lab.add_vm(VmSpec::new(&format!("bench{run}"), 40 + run as u8).cpus(cpus).memory_mib(2048).disks(vec![metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: 4096 }]))?;
         let id = lab.vms[i].machine_id();
         let on = unix_now();
         lab.vms[i].power_on()?;
@@ -126,7 +129,7 @@ async fn lifecycle_runs(image_name: &str, runs: usize) -> Result<Vec<String>> {
         lab.vms[i].power_off();
     }
     lab.pass();
-    let size = format!("{}, {:.0} MB compressed / {:.0} MB", image.id, image.manifest.compressed_size as f64 / 1e6, image.manifest.uncompressed_size as f64 / 1e6);
+    let size = format!("{}, {:.0} MB compressed / {:.0} MB, {cpus} vCPU", image.id, image.manifest.compressed_size as f64 / 1e6, image.manifest.uncompressed_size as f64 / 1e6);
     Ok(vec![
         format!("| {size}: power-on → Waiting (BIOS) | {:.1} s |", median(&mut to_wait)),
         format!("| {size}: allocation → Installing | {:.1} s |", median(&mut to_install)),
@@ -226,7 +229,7 @@ fn unix_now() -> f64 {
 
 /// The reference: dnsmasq (DHCP + TFTP) and nginx (HTTP) serving iPXE a kernel and a tiny
 /// initramfs whose /init prints a marker and powers off. Seconds from QEMU start to the marker.
-fn reference_chain(fw: Firmware) -> Result<f64> {
+fn reference_chain(fw: Firmware, cpus: u32) -> Result<f64> {
     netns::enter_private_netns()?;
     let tmp = tempfile::Builder::new().prefix("metal-ref-").tempdir()?;
     let dir = tmp.path();
@@ -270,7 +273,7 @@ fn reference_chain(fw: Firmware) -> Result<f64> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let spec = VmSpec::new("ref", 90).firmware(fw).memory_mib(512).disks(vec![]);
+    let spec = VmSpec::new("ref", 90).firmware(fw).cpus(cpus).memory_mib(512).disks(vec![]);
     let mut vm = metal_lab::Vm::create(spec, dir)?;
     let start = Instant::now();
     vm.power_on()?;
