@@ -24,6 +24,9 @@ struct Args {
     /// Memory of the machine in MiB.
     #[arg(long, default_value_t = 2048)]
     memory_mib: u64,
+    /// Virtual CPUs of the machine (QEMU runs one emulation thread per vCPU).
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
     /// Stop after the machine phoned home instead of waiting for Ctrl-C.
     #[arg(long)]
     no_wait: bool,
@@ -57,7 +60,7 @@ async fn demo(args: Args) -> Result<()> {
         }
     };
 
-    let i = lab.add_vm(VmSpec::new("demo1", 1).memory_mib(args.memory_mib))?;
+    let i = lab.add_vm(VmSpec::new("demo1", 1).cpus(args.cpus).memory_mib(args.memory_mib))?;
     let id = lab.vms[i].machine_id();
     println!("==> powering on machine {id} (BIOS, PXE); serial console: {}", lab.vms[i].serial.display());
     lab.vms[i].power_on()?;
