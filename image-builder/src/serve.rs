@@ -102,7 +102,7 @@ pub fn parse_target(target: &str) -> Result<PathBuf, Reject> {
         return Err(Reject::BadRequest);
     }
     let target = target.split(['?', '#']).next().unwrap_or("");
-    let decoded = percent_decode(target).ok_or(Reject::BadRequest)?;
+    let decoded = metal_types::url::percent_decode(target).ok_or(Reject::BadRequest)?;
     if decoded.contains('\0') {
         return Err(Reject::BadRequest);
     }
@@ -120,22 +120,6 @@ pub fn parse_target(target: &str) -> Result<PathBuf, Reject> {
     Ok(path)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 /// The value of a `Range` header (or none) for a file of `len` bytes. One range only: a
 /// malformed value or several ranges are ignored (the whole file is sent, as RFC 9110 allows).

@@ -107,21 +107,7 @@ pub struct OpenFile {
 
 /// `%XX` decoded; `None` for a bad escape or a decoded NUL or backslash.
 fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    let s = String::from_utf8(out).ok()?;
-    (!s.contains(['\0', '\\'])).then_some(s)
+    metal_types::url::percent_decode(s).filter(|s| !s.contains(['\0', '\\']))
 }
 
 impl LocalDir {

@@ -10,6 +10,7 @@
 pub mod cmdline;
 pub mod event;
 pub mod ids;
+pub mod url;
 
 pub use event::{Liveliness, ProvisioningEvent};
 pub use ids::{AllocationId, ImageId, MachineId, ParseIdError};
