@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{at, Error, Result};
+use metal_types::url::{parse_range, ByteRange};
 
 /// The longest request line or header line accepted, and the most header lines.
 const MAX_LINE: u64 = 8192;
@@ -52,17 +53,6 @@ impl Reject {
             Reject::VersionNotSupported => (505, "HTTP Version Not Supported"),
         }
     }
-}
-
-/// What a `Range` header asks of a file of `len` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeReq {
-    /// No (usable) range: the whole file, 200.
-    Full,
-    /// Bytes `start..=end`, 206.
-    Partial { start: u64, end: u64 },
-    /// 416 with `Content-Range: bytes */len`.
-    Unsatisfiable,
 }
 
 /// `GET /path HTTP/1.1` → method and relative path.
@@ -118,46 +108,6 @@ pub fn parse_target(target: &str) -> Result<PathBuf, Reject> {
         return Err(Reject::NotFound);
     }
     Ok(path)
-}
-
-
-/// The value of a `Range` header (or none) for a file of `len` bytes. One range only: a
-/// malformed value or several ranges are ignored (the whole file is sent, as RFC 9110 allows).
-pub fn parse_range(value: Option<&str>, len: u64) -> RangeReq {
-    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
-        return RangeReq::Full;
-    };
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeReq::Full;
-    };
-    let num = |s: &str| if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
-    match (a.is_empty(), b.is_empty()) {
-        // bytes=-n: the last n bytes.
-        (true, false) => match num(b) {
-            Some(0) => RangeReq::Unsatisfiable,
-            Some(_) if len == 0 => RangeReq::Unsatisfiable,
-            Some(n) => RangeReq::Partial { start: len.saturating_sub(n), end: len - 1 },
-            None => RangeReq::Full,
-        },
-        // bytes=a-
-        (false, true) => match num(a) {
-            Some(start) if start >= len => RangeReq::Unsatisfiable,
-            Some(start) => RangeReq::Partial { start, end: len - 1 },
-            None => RangeReq::Full,
-        },
-        // bytes=a-b
-        (false, false) => match (num(a), num(b)) {
-            (Some(start), Some(end)) if start <= end => {
-                if start >= len {
-                    RangeReq::Unsatisfiable
-                } else {
-                    RangeReq::Partial { start, end: end.min(len - 1) }
-                }
-            }
-            _ => RangeReq::Full,
-        },
-        (true, true) => RangeReq::Full,
-    }
 }
 
 /// Binds `listen`, prints `serving DIR on http://ADDR` on stderr and serves `dir` until killed.
@@ -240,15 +190,15 @@ fn handle(stream: TcpStream, root: &Path) -> io::Result<()> {
     let len = f.metadata()?.len();
     let ctype = if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/octet-stream" };
     let (start, count) = match parse_range(range.as_deref(), len) {
-        RangeReq::Full => {
+        ByteRange::Full => {
             write!(out, "HTTP/1.1 200 OK\r\n")?;
             (0, len)
         }
-        RangeReq::Partial { start, end } => {
+        ByteRange::Part { start, end } => {
             write!(out, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{end}/{len}\r\n")?;
             (start, end - start + 1)
         }
-        RangeReq::Unsatisfiable => {
+        ByteRange::Unsatisfiable => {
             let body = "range not satisfiable\n";
             write!(
                 out,
@@ -325,24 +275,4 @@ mod tests {
         assert!(get("/a/b").unwrap().path.is_relative());
     }
 
-    #[test]
-    fn ranges() {
-        use RangeReq::*;
-        assert_eq!(parse_range(None, 100), Full);
-        assert_eq!(parse_range(Some("bytes=0-9"), 100), Partial { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=10-"), 100), Partial { start: 10, end: 99 });
-        assert_eq!(parse_range(Some("bytes=90-200"), 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=99-99"), 100), Partial { start: 99, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-10"), 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-1000"), 100), Partial { start: 0, end: 99 });
-        assert_eq!(parse_range(Some("bytes=100-"), 100), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=100-200"), 100), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=-0"), 100), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=-5"), 0), Unsatisfiable);
-        // Malformed or multiple ranges: ignored.
-        for v in ["bytes=5-4", "bytes=a-b", "bytes=-", "bytes=1-2,4-5", "items=0-1", "bytes=+1-2", "bytes 0-1"] {
-            assert_eq!(parse_range(Some(v), 100), Full, "{v:?}");
-        }
-    }
 }

@@ -22,54 +22,10 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use metal_types::url::{parse_range, ByteRange};
 
 /// Upstream files larger than this are not kept in memory (they would be images).
 pub const MAX_CACHED: u64 = 1 << 30;
-
-/// A parsed `Range` header against a file of `len` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeReq {
-    Full,
-    Part { start: u64, end: u64 },
-    Unsatisfiable,
-}
-
-/// Parses one `bytes=` range (RFC 9110 14.1); anything else means the whole file.
-pub fn parse_range(value: Option<&str>, len: u64) -> RangeReq {
-    let Some(v) = value else { return RangeReq::Full };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else { return RangeReq::Full };
-    if spec.contains(',') {
-        return RangeReq::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else { return RangeReq::Full };
-    let (a, b) = (a.trim(), b.trim());
-    let (start, end) = match (a.is_empty(), b.is_empty()) {
-        (true, true) => return RangeReq::Full,
-        (true, false) => {
-            let Ok(n) = b.parse::<u64>() else { return RangeReq::Full };
-            if n == 0 || len == 0 {
-                return RangeReq::Unsatisfiable;
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (false, _) => {
-            let Ok(s) = a.parse::<u64>() else { return RangeReq::Full };
-            let e = if b.is_empty() {
-                len.saturating_sub(1)
-            } else {
-                match b.parse::<u64>() {
-                    Ok(e) if e >= s => e.min(len.saturating_sub(1)),
-                    _ => return RangeReq::Full,
-                }
-            };
-            if s >= len {
-                return RangeReq::Unsatisfiable;
-            }
-            (s, e)
-        }
-    };
-    RangeReq::Part { start, end }
-}
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -201,9 +157,9 @@ pub struct Plan {
 /// HEAD (same headers, no body); `keep_alive` false adds `connection: close`.
 pub fn plan(range: Option<&str>, len: u64, head_only: bool, keep_alive: bool) -> Plan {
     let (status, reason, offset, count) = match parse_range(range, len) {
-        RangeReq::Full => (200, "OK", 0, len),
-        RangeReq::Part { start, end } => (206, "Partial Content", start, end - start + 1),
-        RangeReq::Unsatisfiable => (416, "Range Not Satisfiable", 0, 0),
+        ByteRange::Full => (200, "OK", 0, len),
+        ByteRange::Part { start, end } => (206, "Partial Content", start, end - start + 1),
+        ByteRange::Unsatisfiable => (416, "Range Not Satisfiable", 0, 0),
     };
     let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
     let _ = write!(head, "content-length: {count}\r\naccept-ranges: bytes\r\n");
@@ -245,12 +201,12 @@ pub fn respond(data: Bytes, headers: &HeaderMap) -> Response {
     let len = data.len() as u64;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let mut resp = match parse_range(range, len) {
-        RangeReq::Full => {
+        ByteRange::Full => {
             let mut r = Response::new(Body::from(data));
             r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             r
         }
-        RangeReq::Part { start, end } => {
+        ByteRange::Part { start, end } => {
             let mut r = Response::new(Body::from(data.slice(start as usize..=end as usize)));
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             let h = r.headers_mut();
@@ -260,7 +216,7 @@ pub fn respond(data: Bytes, headers: &HeaderMap) -> Response {
             }
             r
         }
-        RangeReq::Unsatisfiable => {
+        ByteRange::Unsatisfiable => {
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
@@ -345,24 +301,6 @@ impl Upstream {
 mod tests {
     use super::*;
     use std::sync::Arc;
-
-    #[test]
-    fn ranges() {
-        use RangeReq::*;
-        assert_eq!(parse_range(None, 100), Full);
-        assert_eq!(parse_range(Some("bytes=0-9"), 100), Part { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=90-"), 100), Part { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-10"), 100), Part { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-1000"), 100), Part { start: 0, end: 99 });
-        assert_eq!(parse_range(Some("bytes=50-5000"), 100), Part { start: 50, end: 99 });
-        assert_eq!(parse_range(Some("bytes=100-"), 100), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=-0"), 100), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Full);
-        assert_eq!(parse_range(Some("bytes=9-1"), 100), Full);
-        assert_eq!(parse_range(Some("items=0-1"), 100), Full);
-        assert_eq!(parse_range(Some("bytes=x-1"), 100), Full);
-        assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
-    }
 
     #[tokio::test]
     async fn upstream_is_fetched_once_and_served_with_ranges() {
