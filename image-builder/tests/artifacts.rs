@@ -30,16 +30,19 @@ fn build_hammer(out: &Path) {
     hammer::build(&opts).expect("hammer build");
 }
 
-fn build_test_os(out: &Path) -> (PathBuf, metal_types::ImageManifest) {
-    let opts = testos::TestOsOptions {
+fn test_os_options(out: &Path) -> testos::TestOsOptions {
+    testos::TestOsOptions {
         kernel_dir: common::kernel().root,
         phone_home_bin: common::phone_home_bin(),
         out: out.to_path_buf(),
         version: "7".into(),
         zstd_level: LEVEL,
         busybox: "/usr/bin/busybox".into(),
-    };
-    testos::build(&opts).expect("test-os build")
+    }
+}
+
+fn build_test_os(out: &Path) -> (PathBuf, metal_types::ImageManifest) {
+    testos::build(&test_os_options(out)).expect("test-os build")
 }
 
 fn built() -> &'static Built {
@@ -219,17 +222,7 @@ fn test_os_manifest_checksum_and_contents() {
 fn test_os_with_filler_is_named_sized_and_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let filler = testos::Filler { name: "test-os-big".into(), bytes: 6 << 20, seed: 3 };
-    let build = |out: &Path| {
-        let opts = testos::TestOsOptions {
-            kernel_dir: common::kernel().root,
-            phone_home_bin: common::phone_home_bin(),
-            out: out.to_path_buf(),
-            version: "7".into(),
-            zstd_level: LEVEL,
-            busybox: "/usr/bin/busybox".into(),
-        };
-        testos::build_with(&opts, Some(&filler)).expect("test-os build with filler")
-    };
+    let build = |out: &Path| testos::build_with(&test_os_options(out), Some(&filler)).expect("test-os build with filler");
     let (file, m) = build(&dir.path().join("a"));
     assert_eq!(file.file_name().unwrap(), "test-os-big-7.tar.zst");
     assert_eq!((m.name.as_str(), m.id()), ("test-os-big", "test-os-big-7".to_string()));
