@@ -695,11 +695,15 @@ impl Store {
     /// by hand stops working within that time; tokens that writes replace (machine credentials,
     /// phone-home and stored enrolment tokens) are read from the database each time on PostgreSQL.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
+        if self.token_cache.is_some() {
+            // SQLite: the token cache already keeps every token for at most the TTL.
+            return self.token_by_hash_read(hash).await;
+        }
         let (generation, hit) = self.boot_cache.get(hash);
         if let Some(Cached::Token(Some(t))) = hit {
             return Ok(Some(*t));
         }
-        let t = self.token_by_hash_uncached(hash).await?;
+        let t = self.token_by_hash_read(hash).await?;
         if let Some(t) = &t {
             if matches!(t.role.as_str(), "admin" | "tenant" | "pixie") {
                 self.boot_cache.put(generation, hash.to_string(), Cached::Token(Some(Box::new(t.clone()))));
@@ -708,7 +712,8 @@ impl Store {
         Ok(t)
     }
 
-    async fn token_by_hash_uncached(&self, hash: &str) -> Result<Option<TokenRow>> {
+    /// Through the SQLite token cache when there is one, else from the database.
+    async fn token_by_hash_read(&self, hash: &str) -> Result<Option<TokenRow>> {
         let load = async {
             let row = sqlx::query("SELECT * FROM tokens WHERE hash = $1").bind(hash).fetch_optional(&self.pool).await?;
             Ok(Cached::Token(row.as_ref().map(token_row).transpose()?.map(Box::new)))
