@@ -9,7 +9,8 @@
 //! Backpressure comes from a bounded channel: the network is read only as fast as the image is
 //! written.
 
-use std::io::{self, Read};
+use std::collections::VecDeque;
+use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -80,7 +81,8 @@ pub struct FetchCounters {
 }
 
 enum Msg {
-    Data(Bytes),
+    /// Network reads as they came (no copy), together at least [`COALESCE`] bytes.
+    Data(Vec<Bytes>),
     Done([u8; 32]),
     Failed(FetchError),
 }
@@ -89,7 +91,8 @@ enum Msg {
 /// file arrived; [`Download::finish`] then returns the SHA-256 of those bytes.
 pub struct Download {
     rx: Receiver<Msg>,
-    chunk: Bytes,
+    /// Received, not yet read; the front chunk is never empty.
+    chunks: VecDeque<Bytes>,
     digest: Option<[u8; 32]>,
     failed: bool,
     error: Option<FetchError>,
@@ -121,7 +124,7 @@ impl Download {
                 let _ = tx.send(msg);
             })
             .map_err(|e| FetchError::Setup(e.to_string()))?;
-        Ok(Download { rx, chunk: Bytes::new(), digest: None, failed: false, error: None, thread: Some(thread), counters })
+        Ok(Download { rx, chunks: VecDeque::new(), digest: None, failed: false, error: None, thread: Some(thread), counters })
     }
 
     /// After the stream ended: the SHA-256 of every byte received.
@@ -151,15 +154,26 @@ impl Read for Download {
         if buf.is_empty() {
             return Ok(0);
         }
-        while self.chunk.is_empty() {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// The received bytes themselves, without a copy: zstd reads its input straight from them.
+impl BufRead for Download {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.chunks.is_empty() {
             if self.digest.is_some() {
-                return Ok(0);
+                return Ok(&[]);
             }
             if self.failed {
                 return Err(io::Error::other("download failed"));
             }
             match self.rx.recv() {
-                Ok(Msg::Data(b)) => self.chunk = b,
+                Ok(Msg::Data(batch)) => self.chunks.extend(batch.into_iter().filter(|b| !b.is_empty())),
                 Ok(Msg::Done(d)) => self.digest = Some(d),
                 Ok(Msg::Failed(e)) => {
                     self.failed = true;
@@ -173,10 +187,16 @@ impl Read for Download {
                 }
             }
         }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        let _ = self.chunk.split_to(n);
-        Ok(n)
+        Ok(&self.chunks[0])
+    }
+
+    fn consume(&mut self, n: usize) {
+        if let Some(front) = self.chunks.front_mut() {
+            let _ = front.split_to(n.min(front.len()));
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
     }
 }
 
@@ -270,9 +290,10 @@ async fn attempt(
         s if s >= 500 || s == 408 || s == 429 => return Err(Attempt::Retry(format!("HTTP status {s}").into())),
         s => return Err(Attempt::Fatal(FetchError::Status { url: url.into(), status: s })),
     }
-    // Small network reads are gathered into blocks of at least COALESCE bytes, so the zstd
-    // thread wakes once per block, not once per TCP read.
-    let mut pending = bytes::BytesMut::new();
+    // Network reads are handed on in batches of at least COALESCE bytes, so the zstd thread
+    // wakes once per batch, not once per TCP read; the bytes themselves are not copied.
+    let mut pending: Vec<Bytes> = Vec::new();
+    let mut pending_len = 0;
     let result = loop {
         let chunk = match tokio::time::timeout(opts.idle_timeout, resp.chunk()).await {
             Ok(Ok(Some(c))) => c,
@@ -295,13 +316,17 @@ async fn attempt(
         hasher.update(&chunk);
         *offset += chunk.len() as u64;
         counters.received.store(*offset, Ordering::Relaxed);
-        pending.extend_from_slice(&chunk);
-        if pending.len() >= COALESCE && tx.send(Msg::Data(pending.split().freeze())).is_err() {
-            return Err(Attempt::Cancelled);
+        pending_len += chunk.len();
+        pending.push(chunk);
+        if pending_len >= COALESCE {
+            pending_len = 0;
+            if tx.send(Msg::Data(std::mem::take(&mut pending))).is_err() {
+                return Err(Attempt::Cancelled);
+            }
         }
     };
     // Everything hashed is passed on, also when the connection broke: the resume starts there.
-    if !pending.is_empty() && tx.send(Msg::Data(pending.freeze())).is_err() {
+    if !pending.is_empty() && tx.send(Msg::Data(pending)).is_err() {
         return Err(Attempt::Cancelled);
     }
     result?;
@@ -327,14 +352,23 @@ const BLOCK: usize = 1 << 20;
 /// Least bytes the download thread hands on at once (less only at the end of a connection).
 const COALESCE: usize = 256 << 10;
 
+/// Decompressed blocks [`Decoded::start`] keeps ready for the reader.
+pub const DEFAULT_DEPTH: usize = 8;
+
 impl Decoded {
-    /// Starts zstd on `dl`.
+    /// Starts zstd on `dl`, keeping up to [`DEFAULT_DEPTH`] blocks of 1 MiB ready.
     pub fn start(dl: Download) -> io::Result<Decoded> {
-        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(8);
+        Decoded::start_with_depth(dl, DEFAULT_DEPTH)
+    }
+
+    /// Starts zstd on `dl`, keeping up to `depth` blocks of 1 MiB ready for the reader: more
+    /// lets the download and decompression run further ahead of a reader that starts late.
+    pub fn start_with_depth(dl: Download, depth: usize) -> io::Result<Decoded> {
+        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(depth.max(1));
         let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new().name("image-zstd".into()).spawn(move || {
             let mut dl = dl;
-            let mut decoder = match zstd::stream::read::Decoder::new(&mut dl) {
+            let mut decoder = match zstd::stream::read::Decoder::with_buffer(&mut dl) {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -342,7 +376,9 @@ impl Decoded {
                 }
             };
             loop {
-                let mut buf = recycled.try_recv().unwrap_or_default();
+                // A new block comes zeroed from the allocator (no memset); a recycled one was
+                // full before, except the last.
+                let mut buf = recycled.try_recv().unwrap_or_else(|_| vec![0u8; BLOCK]);
                 buf.resize(BLOCK, 0);
                 let mut filled = 0;
                 let mut failed = None;
@@ -408,9 +444,9 @@ impl Read for Decoded {
 
 impl Drop for Decoded {
     fn drop(&mut self) {
+        // Not joined: the zstd thread ends at its next block (the receiver is gone) and drops
+        // the download, which cancels it; a stalled server cannot hold up the caller.
         drop(self.rx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.thread.take());
     }
 }

@@ -261,6 +261,10 @@ pub fn install_with(
     let result = (|| {
         match manifest.format {
             ImageFormat::TarZst => {
+                // The download and decompression start now and run ahead while the disks are
+                // partitioned and formatted (a core would idle meanwhile), up to PREFETCH_MIB.
+                let dl = Download::start(&instr.image.url, manifest.compressed_size, opts.fetch.clone()).map_err(InstallError::Download)?;
+                let prefetch = Prefetch { counters: dl.counters.clone(), started: Instant::now(), decoded: Decoded::start_with_depth(dl, PREFETCH_MIB).map_err(InstallError::Stream)? };
                 run.stage(Stage::Partition, || {
                     for d in &plan.disks {
                         partition_disk(sys, d)?;
@@ -280,7 +284,7 @@ pub fn install_with(
                     Ok(format!("filesystems={}", plan.filesystems.len()))
                 })?;
                 run.mount_all(&plan, mount_root)?;
-                run.stream_tar(instr, &plan, mount_root, opts, &expected_sha)?;
+                run.stream_tar(instr, &plan, mount_root, prefetch, &expected_sha)?;
             }
             ImageFormat::RawZst => {
                 run.stream_raw(instr, &mut plan, disks, opts, &expected_sha)?;
@@ -403,6 +407,17 @@ fn boot_info(instr: &InstallInstructions, plan: &LayoutPlan, mount_root: &Path) 
     Ok(BootInfo { root_uuid, kernel, initrd, cmdline })
 }
 
+/// Blocks of 1 MiB that the decompressed image may run ahead of the unpacking while the disks
+/// are partitioned and formatted (and, as the channel depth, during the stream).
+const PREFETCH_MIB: usize = 32;
+
+/// A tar image download started before the disks were ready.
+struct Prefetch {
+    decoded: Decoded,
+    counters: Arc<FetchCounters>,
+    started: Instant,
+}
+
 /// Throttled stream progress.
 struct Reporter<'a> {
     progress: &'a mut dyn FnMut(Progress),
@@ -522,7 +537,14 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn stream_tar(&mut self, instr: &InstallInstructions, plan: &LayoutPlan, mount_root: &Path, opts: &InstallOptions, expected: &str) -> Result<(), InstallError> {
+    fn stream_tar(
+        &mut self,
+        instr: &InstallInstructions,
+        plan: &LayoutPlan,
+        mount_root: &Path,
+        prefetch: Prefetch,
+        expected: &str,
+    ) -> Result<(), InstallError> {
         let m = &instr.image.manifest;
         let lenient = plan
             .filesystems
@@ -534,15 +556,12 @@ impl Run<'_> {
         let eopts = extract::ExtractOptions { lenient, same_owner: nix::unistd::geteuid().is_root() };
         let url = instr.image.url.clone();
         let total = m.compressed_size;
-        let fetch = opts.fetch.clone();
         let progress = &mut *self.progress;
         let mut detail = String::new();
         progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Start, detail: format!("url={url}") });
         let r = (|| {
-            let dl = Download::start(&url, total, fetch).map_err(InstallError::Download)?;
-            let now = Instant::now();
-            let mut rep = Reporter { progress: &mut *progress, counters: dl.counters.clone(), total, written: 0, started: now, last: now };
-            let mut decoded = Decoded::start(dl).map_err(InstallError::Stream)?;
+            let Prefetch { mut decoded, counters, started } = prefetch;
+            let mut rep = Reporter { progress: &mut *progress, counters, total, written: 0, started, last: Instant::now() };
             let unpacked = extract::unpack(&mut decoded, mount_root, &eopts, &mut |n| rep.add(n)).map_err(InstallError::Extract);
             let dl = decoded.into_download();
             let stats = match unpacked {
