@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use image_builder::{hammer, kernel, publish, serve, testos};
+use image_builder::{archive, hammer, kernel, publish, serve, testos};
 
 #[derive(Parser)]
 #[command(name = "image-builder", version, about = "Builds what bare-metal machines boot: kernel cache, metal-hammer initramfs, test OS, OS images")]
@@ -83,6 +83,15 @@ enum Cmd {
         #[arg(long, env = "METAL_TOKEN")]
         token: String,
     },
+    /// Compress a file (`-` for stdin) the way OS images are compressed: independent zstd frames
+    /// of 8 MiB each, with content size and checksum (for images made by other tools, and the
+    /// install benchmark). Prints the SHA-256 and sizes.
+    Compress {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, default_value_t = 9)]
+        zstd_level: i32,
+    },
     /// Serve the files of a directory over HTTP (GET, HEAD, Range) for the lab, until killed.
     Serve {
         /// The directory to serve (e.g. target/lab/images); nothing outside it is reachable.
@@ -119,6 +128,16 @@ fn run(cli: Cli) -> image_builder::Result<()> {
         }
         Cmd::Publish { manifest, url_base, api, token } => {
             println!("{}", publish::publish(&manifest, &url_base, &api, &token)?);
+        }
+        Cmd::Compress { input, output, zstd_level } => {
+            let w = archive::write_image_zst(&output, zstd_level, "compress", |w| {
+                if input.as_os_str() == "-" {
+                    std::io::copy(&mut std::io::stdin().lock(), w).map(|_| ())
+                } else {
+                    std::io::copy(&mut std::fs::File::open(&input)?, w).map(|_| ())
+                }
+            })?;
+            println!("{}  {} ({} bytes from {})", w.sha256, output.display(), w.compressed_size, w.uncompressed_size);
         }
         Cmd::Serve { dir, listen } => serve::serve(&dir, &listen)?,
     }

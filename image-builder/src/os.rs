@@ -449,7 +449,7 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
 
         let tar_path = if want_tar { args.out.join(format!("{id}.tar.zst")) } else { work.join(format!("{id}.tar.zst")) };
         eprintln!("os: writing {} ({} entries, {} MiB of files, zstd -{})…", tar_path.display(), tree.len(), tree.file_bytes() >> 20, args.zstd_level);
-        let written = archive::write_zst(&tar_path, args.zstd_level, "tar", |w| archive::write_tar(&tree, w, mtime))?;
+        let written = archive::write_image_zst(&tar_path, args.zstd_level, "tar", |w| archive::write_tar(&tree, w, mtime))?;
         let manifest = |format: ImageFormat, w: &archive::Written| ImageManifest {
             name: args.name.clone(),
             version: version.clone(),
@@ -697,7 +697,7 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     let _ = fs::remove_file(&root_img);
 
     eprintln!("raw: compressing {} MiB disk…", disk_bytes >> 20);
-    let written = archive::write_zst(out, spec.level, "raw", |w| {
+    let written = archive::write_image_zst(out, spec.level, "raw", |w| {
         let mut f = File::open(&disk)?;
         io::copy(&mut f, w).map(|_| ())
     })?;

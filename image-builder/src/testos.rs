@@ -182,7 +182,7 @@ pub fn build_with(opts: &TestOsOptions, filler: Option<&Filler>) -> Result<(Path
     }
     let file = opts.out.join(format!("{name}-{}.{}", opts.version, ImageFormat::TarZst.extension()));
     let mtime = archive::source_date_epoch();
-    let written = archive::write_zst(&file, opts.zstd_level, name, |w| archive::write_tar(&tree, w, mtime))?;
+    let written = archive::write_image_zst(&file, opts.zstd_level, name, |w| archive::write_tar(&tree, w, mtime))?;
     let mut packages = vec![kernel.package().unwrap_or_else(|| format!("linux-image-{}", kernel.version))];
     if let Some(v) = dpkg_version("busybox-static") {
         packages.push(format!("busybox-static {v}"));

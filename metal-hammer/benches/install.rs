@@ -29,12 +29,12 @@ fn main() {
 
 /// Only download + SHA-256 + zstd, into nothing.
 fn fetch(url: &str, size: u64) {
-    use metal_hammer::install::fetch::{Decoded, Download, FetchOptions};
+    use metal_hammer::install::{decode::Decoded, fetch::{Download, FetchOptions}};
     let start = Instant::now();
     let dl = Download::start(url, size, FetchOptions::default()).expect("start");
     let mut decoded = Decoded::start(dl).expect("zstd");
     let n = std::io::copy(&mut decoded, &mut std::io::sink()).expect("stream");
-    let digest = decoded.into_download().finish().expect("finish");
+    let digest = decoded.into_inner().finish().expect("finish");
     println!("seconds={:.3} bytes={n} sha256={}", start.elapsed().as_secs_f64(), hex::encode(digest));
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use metal_hammer::install::testing::{compress, sample_big_file, sample_rootfs_tar, ImageServer};
+use metal_hammer::install::testing::{compress, compress_frames, sample_big_file, sample_rootfs_tar, ImageServer};
 use metal_hammer::install::{install_with, InstallError, InstallOptions};
 use metal_hammer::sys::LinuxSys;
 use metal_types::{
@@ -146,15 +146,31 @@ fn opts() -> InstallOptions {
 
 /// Installs the sample tar image onto a fresh loop device and checks the result.
 fn install_tar(dir: &Path, cut: Option<(u64, u64)>) -> (Loop, BootInfo, PathBuf) {
+    install_tar_with(dir, cut, None)
+}
+
+/// [`install_tar`], the image compressed in frames of `frames.0` bytes and decompressed by
+/// `frames.1` threads.
+fn install_tar_with(dir: &Path, cut: Option<(u64, u64)>, frames: Option<(usize, usize)>) -> (Loop, BootInfo, PathBuf) {
     let disk = Loop::new(dir, "disk.img", 512 << 20);
-    let (z, sha) = compress(&sample_rootfs_tar());
+    let tar = sample_rootfs_tar();
+    let (z, sha) = match frames {
+        Some((size, _)) => {
+            let (z, sha) = compress_frames(&tar, size);
+            assert!(z.len() as u64 > 150_000, "the cut lands inside the image");
+            (z, sha)
+        }
+        None => compress(&tar),
+    };
+    let mut opts = opts();
+    opts.decode_workers = frames.map(|(_, workers)| workers);
     let server = ImageServer::start(z.clone()).unwrap();
     if let Some((after, times)) = cut {
         server.cut(after, times);
     }
     let instr = instructions(server.url("test-os-1.tar.zst"), sha, z.len() as u64, ImageFormat::TarZst);
     let root = dir.join("target");
-    let boot = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).expect("install");
+    let boot = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts, &mut |_| {}).expect("install");
     if let Some((_, times)) = cut {
         assert_eq!(server.ranges.lock().unwrap().len() as u64, times + 1, "one request plus one per cut");
     }
@@ -244,6 +260,17 @@ fn tar_image_resumes_after_dropped_connections() {
     let dir = tempfile::tempdir().unwrap();
     let _unmount = Unmount(dir.path().to_path_buf());
     let (_disk, _, _) = install_tar(dir.path(), Some((150_000, 3)));
+}
+
+#[test]
+fn tar_image_in_frames_decompressed_in_parallel_resumes_after_dropped_connections() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    // Frames of 256 KiB, two decompression threads, the connection cut three times.
+    let (_disk, _, _) = install_tar_with(dir.path(), Some((150_000, 3)), Some((256 << 10, 2)));
 }
 
 #[test]

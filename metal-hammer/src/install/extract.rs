@@ -440,21 +440,24 @@ impl Unpacker<'_> {
 
         match kind {
             EntryType::Directory => {
+                // Whether we made it just now (as root: then it is root's already).
+                let mut fresh = false;
                 if rel.as_os_str().is_empty() {
                     // The root itself ("./"): only its metadata.
                 } else {
                     match with_parents(&dst, || fs::create_dir(&dst)) {
-                        Ok(()) => {}
+                        Ok(()) => fresh = true,
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                             if !fs::symlink_metadata(&dst).map_err(wrap)?.is_dir() {
                                 fs::remove_file(&dst).map_err(wrap)?;
                                 fs::create_dir(&dst).map_err(wrap)?;
+                                fresh = true;
                             }
                         }
                         Err(e) => return Err(wrap(e)),
                     }
                 }
-                if ctx.opts.same_owner {
+                if ctx.opts.same_owner && !(fresh && uid == 0 && gid == 0 && ctx.root_creds) {
                     ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
                 for (name, value) in &meta.xattrs {
@@ -501,7 +504,8 @@ impl Unpacker<'_> {
                 let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
                 remove_non_dir(&dst).map_err(wrap)?;
                 with_parents(&dst, || std::os::unix::fs::symlink(&target, &dst)).map_err(wrap)?;
-                if ctx.opts.same_owner {
+                // A new symlink made as root is root's already.
+                if ctx.opts.same_owner && !(uid == 0 && gid == 0 && ctx.root_creds) {
                     ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
                 ctx.meta_result(&rel, set_symlink_mtime(&dst, mtime)).map_err(wrap)?;

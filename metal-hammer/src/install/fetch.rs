@@ -217,6 +217,9 @@ enum Attempt {
     Cancelled,
 }
 
+/// Least bytes the download thread hands on at once (less only at the end of a connection).
+const COALESCE: usize = 256 << 10;
+
 async fn fetch(url: &str, expected: u64, opts: &FetchOptions, tx: &SyncSender<Msg>, counters: &FetchCounters) -> Result<[u8; 32], FetchError> {
     let client = reqwest::Client::builder()
         .connect_timeout(opts.connect_timeout)
@@ -334,119 +337,4 @@ async fn attempt(
         return Err(Attempt::Retry(format!("connection ended at byte {} of {expected}", *offset).into()));
     }
     Ok(())
-}
-
-/// The download decompressed on a thread of its own, so decompression overlaps with writing:
-/// one thread receives and hashes, one runs zstd, the caller writes. Blocks of up to
-/// `BLOCK` bytes travel through a bounded channel.
-pub struct Decoded {
-    rx: Option<Receiver<io::Result<Vec<u8>>>>,
-    /// Spent blocks go back to the zstd thread: no allocation (and page faults) per block.
-    recycle: std::sync::mpsc::Sender<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-    thread: Option<JoinHandle<Download>>,
-}
-
-const BLOCK: usize = 1 << 20;
-/// Least bytes the download thread hands on at once (less only at the end of a connection).
-const COALESCE: usize = 256 << 10;
-
-/// Decompressed blocks [`Decoded::start`] keeps ready for the reader.
-pub const DEFAULT_DEPTH: usize = 8;
-
-impl Decoded {
-    /// Starts zstd on `dl`, keeping up to [`DEFAULT_DEPTH`] blocks of 1 MiB ready.
-    pub fn start(dl: Download) -> io::Result<Decoded> {
-        Decoded::start_with_depth(dl, DEFAULT_DEPTH)
-    }
-
-    /// Starts zstd on `dl`, keeping up to `depth` blocks of 1 MiB ready for the reader: more
-    /// lets the download and decompression run further ahead of a reader that starts late.
-    pub fn start_with_depth(dl: Download, depth: usize) -> io::Result<Decoded> {
-        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(depth.max(1));
-        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
-        let thread = std::thread::Builder::new().name("image-zstd".into()).spawn(move || {
-            let mut dl = dl;
-            let mut decoder = match zstd::stream::read::Decoder::with_buffer(&mut dl) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return dl;
-                }
-            };
-            loop {
-                // A new block comes zeroed from the allocator (no memset); a recycled one was
-                // full before, except the last.
-                let mut buf = recycled.try_recv().unwrap_or_else(|_| vec![0u8; BLOCK]);
-                buf.resize(BLOCK, 0);
-                let mut filled = 0;
-                let mut failed = None;
-                while filled < buf.len() {
-                    match decoder.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                buf.truncate(filled);
-                let end = filled == 0 || failed.is_some();
-                if filled > 0 && tx.send(Ok(buf)).is_err() {
-                    break;
-                }
-                if let Some(e) = failed {
-                    let _ = tx.send(Err(e));
-                    break;
-                }
-                if end {
-                    break;
-                }
-            }
-            drop(decoder);
-            dl
-        })?;
-        Ok(Decoded { rx: Some(rx), recycle, cur: Vec::new(), pos: 0, thread: Some(thread) })
-    }
-
-    /// Stops decompressing and hands back the download (to drain and hash what is left).
-    pub fn into_download(mut self) -> Download {
-        drop(self.rx.take());
-        self.thread.take().expect("joined once").join().expect("zstd thread panicked")
-    }
-}
-
-impl Read for Decoded {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            let Some(rx) = &self.rx else { return Ok(0) };
-            match rx.recv() {
-                Ok(Ok(b)) => {
-                    let spent = std::mem::replace(&mut self.cur, b);
-                    if spent.capacity() > 0 {
-                        let _ = self.recycle.send(spent);
-                    }
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Drop for Decoded {
-    fn drop(&mut self) {
-        // Not joined: the zstd thread ends at its next block (the receiver is gone) and drops
-        // the download, which cancels it; a stalled server cannot hold up the caller.
-        drop(self.rx.take());
-        drop(self.thread.take());
-    }
 }

@@ -39,6 +39,7 @@
 //! GPT is moved to the end of the disk; partitions are not grown.
 
 pub mod configure;
+pub mod decode;
 pub mod extract;
 pub mod fetch;
 pub mod gpt;
@@ -58,7 +59,8 @@ use std::time::Instant;
 use metal_types::{BootInfo, FsKind, ImageFormat, InstallInstructions};
 
 use crate::sys::{PartitionSpan, Sys};
-use fetch::{Decoded, Download, FetchCounters, FetchError, FetchOptions};
+use decode::Decoded;
+use fetch::{Download, FetchCounters, FetchError, FetchOptions};
 use layout::LayoutPlan;
 
 /// The steps of an install, as reported in [`Progress::Stage`]. [`Stage::as_str`] gives the
@@ -220,6 +222,9 @@ pub enum InstallError {
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
     pub fetch: FetchOptions,
+    /// zstd decompression threads for multi-frame tar images; `None`:
+    /// [`decode::default_workers`].
+    pub decode_workers: Option<usize>,
 }
 
 /// Hook paths inside the image, in the order they are looked for.
@@ -264,7 +269,7 @@ pub fn install_with(
                 // The download and decompression start now and run ahead while the disks are
                 // partitioned and formatted (a core would idle meanwhile), up to PREFETCH_MIB.
                 let dl = Download::start(&instr.image.url, manifest.compressed_size, opts.fetch.clone()).map_err(InstallError::Download)?;
-                let prefetch = Prefetch { counters: dl.counters.clone(), started: Instant::now(), decoded: Decoded::start_with_depth(dl, PREFETCH_MIB).map_err(InstallError::Stream)? };
+                let prefetch = Prefetch { counters: dl.counters.clone(), started: Instant::now(), decoded: Decoded::start_with(dl, PREFETCH_MIB, opts.decode_workers.unwrap_or_else(decode::default_workers)).map_err(InstallError::Stream)? };
                 run.stage(Stage::Partition, || {
                     for d in &plan.disks {
                         partition_disk(sys, d)?;
@@ -407,13 +412,13 @@ fn boot_info(instr: &InstallInstructions, plan: &LayoutPlan, mount_root: &Path) 
     Ok(BootInfo { root_uuid, kernel, initrd, cmdline })
 }
 
-/// Blocks of 1 MiB that the decompressed image may run ahead of the unpacking while the disks
-/// are partitioned and formatted (and, as the channel depth, during the stream).
+/// MiB that the decompressed image may run ahead of the unpacking while the disks are
+/// partitioned and formatted (and during the stream).
 const PREFETCH_MIB: usize = 32;
 
 /// A tar image download started before the disks were ready.
 struct Prefetch {
-    decoded: Decoded,
+    decoded: Decoded<Download>,
     counters: Arc<FetchCounters>,
     started: Instant,
 }
@@ -563,7 +568,7 @@ impl Run<'_> {
             let Prefetch { mut decoded, counters, started } = prefetch;
             let mut rep = Reporter { progress: &mut *progress, counters, total, written: 0, started, last: Instant::now() };
             let unpacked = extract::unpack(&mut decoded, mount_root, &eopts, &mut |n| rep.add(n)).map_err(InstallError::Extract);
-            let dl = decoded.into_download();
+            let dl = decoded.into_inner();
             let stats = match unpacked {
                 Ok(s) => s,
                 Err(e) => return Err(diagnose(e, dl, expected)),
@@ -700,7 +705,7 @@ pub fn stream_raw_into<S: raw::Sink>(
     let mut rep = Reporter { progress, counters: dl.counters.clone(), total: compressed_size, written: 0, started: now, last: now };
     let mut decoded = Decoded::start(dl).map_err(InstallError::Stream)?;
     let written = raw::write_raw(&mut decoded, sink, limit, &mut |n| rep.add(n)).map_err(werr);
-    let dl = decoded.into_download();
+    let dl = decoded.into_inner();
     let result = match written {
         Ok(n) => dl.finish().map_err(InstallError::Download).and_then(|d| check_digest(&d, expected)).map(|()| n),
         Err(e) => Err(diagnose(e, dl, expected)),

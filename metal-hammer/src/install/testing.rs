@@ -160,6 +160,20 @@ pub fn sample_big_file() -> Vec<u8> {
         .collect()
 }
 
+/// zstd at level 3 as independent frames of `frame` bytes each, with content size and
+/// checksum (as image-builder writes OS images), and the SHA-256 of the compressed bytes.
+pub fn compress_frames(data: &[u8], frame: usize) -> (Vec<u8>, String) {
+    use sha2::Digest;
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).unwrap();
+    let mut z = Vec::new();
+    for chunk in data.chunks(frame.max(1)) {
+        z.extend(c.compress(chunk).unwrap());
+    }
+    let sha = hex::encode(sha2::Sha256::digest(&z));
+    (z, sha)
+}
+
 /// zstd at level 3, and the lower-case hex SHA-256 of the compressed bytes.
 pub fn compress(data: &[u8]) -> (Vec<u8>, String) {
     use sha2::Digest;

@@ -27,6 +27,7 @@ fn fixture() -> Fixture {
 fn fast() -> InstallOptions {
     InstallOptions {
         fetch: FetchOptions { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50), ..Default::default() },
+        ..Default::default()
     }
 }
 
