@@ -118,7 +118,9 @@ fn nothing_is_mounted_when_mkfs_fails() {
     let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, InstallError::Mkfs { kind: "vfat", .. }), "{err:?}");
     assert!(!sys.calls().iter().any(|c| matches!(c, Call::Mount { .. })));
-    assert!(server.ranges.lock().unwrap().is_empty(), "no download before the filesystems exist");
+    // The download starts before the disks are formatted (it runs ahead meanwhile); a failed
+    // mkfs abandons it: one request at most, never a retry.
+    assert!(server.ranges.lock().unwrap().len() <= 1, "the download was retried after the install failed");
 }
 
 #[test]
