@@ -37,6 +37,8 @@ use std::time::{Duration, SystemTime};
 
 use tar::EntryType;
 
+use super::raw::{fill, AlignedBuf};
+
 /// Why an archive could not be unpacked.
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
@@ -98,7 +100,7 @@ const WRITEBACK_FROM: u64 = 128 << 10;
 /// Big files are written in blocks of this size, with `O_DIRECT` where the filesystem allows
 /// it, from a buffer aligned to `DIRECT_ALIGN` (a multiple of every logical block size).
 const DIRECT_BLOCK: usize = 1 << 20;
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = super::raw::ALIGN;
 
 /// What writing a file needs, shared by the unpacking thread and the writer threads.
 struct FileCtx<'a> {
@@ -274,7 +276,8 @@ struct Unpacker<'a> {
     /// and a read-only mode would not stop root anyway).
     dirs: Vec<(PathBuf, u32, u64)>,
     stats: ExtractStats,
-    buf: Vec<u8>,
+    /// Big files pass through it, page-aligned for `O_DIRECT`.
+    buf: AlignedBuf,
     progress: &'a mut dyn FnMut(u64),
     reported: u64,
 }
@@ -555,19 +558,10 @@ impl Unpacker<'_> {
     fn copy<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, f: &mut File, rel: &Path) -> Result<u64, ExtractError> {
         let werr = |source: io::Error| ExtractError::Write { path: rel.to_path_buf(), source };
         let mut direct = set_direct(f, true).is_ok();
-        let start = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
         let mut total = 0u64;
         loop {
-            let buf = &mut self.buf[start..start + DIRECT_BLOCK];
-            let mut filled = 0;
-            while filled < buf.len() {
-                match entry.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(ExtractError::Read(e)),
-                }
-            }
+            let buf = self.buf.bytes();
+            let filled = fill(entry, buf).map_err(ExtractError::Read)?;
             if filled == 0 {
                 break;
             }
@@ -637,7 +631,7 @@ pub fn unpack<R: Read>(reader: R, root: &Path, opts: &ExtractOptions, progress: 
             seen: HashSet::new(),
             dirs: Vec::new(),
             stats: ExtractStats::default(),
-            buf: vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN],
+            buf: AlignedBuf::new(DIRECT_BLOCK / DIRECT_ALIGN),
             progress,
             reported: 0,
         };

@@ -93,31 +93,49 @@ impl Sink for DeviceSink {
 }
 
 /// Alignment of the write buffer: a page, enough for `O_DIRECT` on any logical sector size.
-const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(4096))]
 struct Page([u8; ALIGN]);
 
+/// A zeroed buffer of `pages` pages whose start is page-aligned (for `O_DIRECT`).
+pub(crate) struct AlignedBuf(Vec<Page>);
+
+impl AlignedBuf {
+    pub(crate) fn new(pages: usize) -> AlignedBuf {
+        AlignedBuf(vec![Page([0; ALIGN]); pages])
+    }
+
+    pub(crate) fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `Page` is a plain byte array with no padding; the slice covers exactly the
+        // vector's initialised elements and lives no longer than the borrow of it.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), self.0.len() * ALIGN) }
+    }
+}
+
+/// Reads from `src` until `buf` is full or `src` ends (so writes stay large); the bytes read.
+pub(crate) fn fill<R: Read + ?Sized>(src: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Copies `src` to `sink` until `src` ends, then makes it durable. `progress` gets the bytes
 /// written since its last call. Returns the number of bytes written.
 pub fn write_raw<R: Read, S: Sink>(mut src: R, sink: &mut S, limit: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
-    let mut pages = vec![Page([0; ALIGN]); (4 << 20) / ALIGN];
-    // SAFETY: `Page` is a plain byte array with no padding; the slice covers exactly the
-    // vector's initialised elements and lives no longer than it.
-    let buf: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), pages.len() * ALIGN) };
+    let mut pages = AlignedBuf::new((4 << 20) / ALIGN);
+    let buf = pages.bytes();
     let mut total = 0u64;
     loop {
-        // Fill the buffer as far as the source allows, so writes stay large.
-        let mut filled = 0;
-        while filled < buf.len() {
-            match src.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = fill(&mut src, buf)?;
         if filled == 0 {
             break;
         }
