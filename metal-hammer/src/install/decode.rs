@@ -183,6 +183,7 @@ fn decode_frame<R: BufRead>(dec: &mut RawDecoder<'_>, input: &mut R, tx: &SyncSe
             filled = 0;
         }
         if done {
+            pool.put(out);
             return Ok(true);
         }
         if input_ended && st.bytes_written == 0 {
