@@ -128,6 +128,8 @@ pub struct Framed<W: Write> {
     buf: Vec<u8>,
     out: Vec<u8>,
     frame: usize,
+    /// Frames written so far.
+    frames: u64,
 }
 
 impl<W: Write> Framed<W> {
@@ -135,30 +137,25 @@ impl<W: Write> Framed<W> {
         let mut compressor = zstd::bulk::Compressor::new(level)?;
         compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
         compressor.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))?;
-        Ok(Framed { inner, compressor, buf: Vec::with_capacity(frame), out: Vec::new(), frame: frame.max(1) })
+        Ok(Framed { inner, compressor, buf: Vec::with_capacity(frame), out: Vec::new(), frame: frame.max(1), frames: 0 })
     }
 
     fn emit(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
         self.out.clear();
         self.out.reserve(zstd::zstd_safe::compress_bound(self.buf.len()));
         self.compressor.compress_to_buffer(&self.buf, &mut self.out)?;
         self.inner.write_all(&self.out)?;
         self.buf.clear();
+        self.frames += 1;
         Ok(())
     }
 
     /// Writes the last frame (an empty input still makes one empty frame) and returns the
     /// inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        if self.buf.is_empty() && self.out.is_empty() {
-            self.out.reserve(64);
-            self.compressor.compress_to_buffer(&[], &mut self.out)?;
-            self.inner.write_all(&self.out)?;
+        if !self.buf.is_empty() || self.frames == 0 {
+            self.emit()?;
         }
-        self.emit()?;
         Ok(self.inner)
     }
 }
@@ -208,7 +205,7 @@ pub struct Written {
 
 /// Uncompressed bytes per frame of an OS image: metal-hammer decompresses whole frames on
 /// several cores at once (its `install::decode`); 8 MiB frames cost about 1 % of compression.
-pub const IMAGE_FRAME: usize = 8 << 20;
+pub use metal_types::IMAGE_FRAME;
 
 /// Writes `path` as zstd at `level` (single frame, content checksum, single-threaded) from what
 /// `fill` writes; atomically (a temporary file renamed into place). For what the kernel

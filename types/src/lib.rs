@@ -93,6 +93,10 @@ pub enum ConstraintKind {
     Storage,
 }
 
+/// Uncompressed bytes per zstd frame of an OS image as image-builder writes it (the last frame
+/// may be shorter): independent frames that metal-hammer can decompress on several cores.
+pub const IMAGE_FRAME: usize = 8 << 20;
+
 /// Format of an OS image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -2,7 +2,7 @@
 //! image allows it.
 //!
 //! A zstd frame can only be decompressed from its start, by one thread. image-builder writes
-//! images as a series of independent frames of [`FRAME_TARGET`] bytes each, every one with its
+//! images as a series of independent frames of [`IMAGE_FRAME`] bytes each, every one with its
 //! content size in the header (`docs/images.md`); such frames are collected whole (their end
 //! is found by walking the block headers, without decompressing) and handed to a pool of
 //! worker threads ([`default_workers`]), while the reader takes their output in
@@ -21,12 +21,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use metal_types::IMAGE_FRAME;
 use zstd::stream::raw::{Decoder as RawDecoder, Operation};
 
 /// Size of the blocks of decompressed bytes handed to the reader.
 pub const BLOCK: usize = 1 << 20;
-/// How much uncompressed data image-builder puts into one frame.
-pub const FRAME_TARGET: usize = 8 << 20;
 /// Frames declaring more content than this are decompressed as a stream, not collected.
 pub const MAX_PARALLEL_FRAME: u64 = 32 << 20;
 /// Decompression threads at most (on top of the dispatching one).
@@ -113,16 +112,8 @@ fn block_len(h: [u8; 3]) -> io::Result<(usize, bool)> {
 
 /// Appends exactly `n` bytes from `r` to `out`.
 fn take<R: BufRead>(r: &mut R, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut left = n;
-    while left > 0 {
-        let avail = r.fill_buf()?;
-        if avail.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a zstd frame"));
-        }
-        let k = left.min(avail.len());
-        out.extend_from_slice(&avail[..k]);
-        r.consume(k);
-        left -= k;
+    if r.take(n as u64).read_to_end(out)? < n {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a zstd frame"));
     }
     Ok(())
 }
@@ -257,15 +248,11 @@ fn dispatch<R: BufRead>(r: &mut R, order: &SyncSender<Blocks>, inline_blocks: us
             };
             match header {
                 FrameHeader::Skippable { total } => {
-                    let mut left = total - head.len() as u64;
-                    while left > 0 {
-                        let n = match r.fill_buf() {
-                            Ok([]) => return fail(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a skippable frame")),
-                            Ok(b) => b.len().min(left as usize),
-                            Err(e) => return fail(e),
-                        };
-                        r.consume(n);
-                        left -= n as u64;
+                    let left = total - head.len() as u64;
+                    match io::copy(&mut (&mut *r).take(left), &mut io::sink()) {
+                        Ok(n) if n == left => {}
+                        Ok(_) => return fail(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a skippable frame")),
+                        Err(e) => return fail(e),
                     }
                 }
                 FrameHeader::Zstd { header_len, content_size: Some(size), checksum } if size <= MAX_PARALLEL_FRAME && workers > 0 => {
@@ -353,7 +340,7 @@ impl<R: BufRead + Send + 'static> Decoded<R> {
     /// As [`Decoded::start_with_ahead`], with `workers` decompression threads (0: the
     /// dispatching thread decompresses every frame itself, as a stream).
     pub fn start_with(src: R, ahead_mib: usize, workers: usize) -> io::Result<Decoded<R>> {
-        let frames = (ahead_mib / (FRAME_TARGET >> 20)).max(1);
+        let frames = (ahead_mib / (IMAGE_FRAME >> 20)).max(1);
         let inline_blocks = (ahead_mib * (1 << 20) / BLOCK).max(1);
         let (order_tx, order_rx) = sync_channel::<Blocks>(frames);
         let pool = Pool::default();
@@ -495,7 +482,7 @@ mod tests {
     /// Frames of every kind: sized ones (collected and decompressed by the workers), an empty
     /// one, a skippable one, one without its size and one too big to collect (both streamed).
     fn mixed() -> (Vec<u8>, Vec<u8>) {
-        let parts = [data(3 << 20, 1), data(0, 2), data(FRAME_TARGET, 3), data(1000, 4), data(5 << 20, 5), data(MAX_PARALLEL_FRAME as usize + 4096, 6), data(70_000, 7)];
+        let parts = [data(3 << 20, 1), data(0, 2), data(IMAGE_FRAME, 3), data(1000, 4), data(5 << 20, 5), data(MAX_PARALLEL_FRAME as usize + 4096, 6), data(70_000, 7)];
         let mut stream = Vec::new();
         let mut plain = Vec::new();
         for (i, p) in parts.iter().enumerate() {
