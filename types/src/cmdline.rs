@@ -69,11 +69,12 @@ impl HammerParams {
             Some(v) => v.parse().map_err(|_| CmdlineError::Invalid { key: "metal.lldp", value: v.clone() })?,
         };
         let api_url = get("metal.api")?;
-        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+        let trimmed = api_url.trim_end_matches('/');
+        if !(trimmed.starts_with("http://") || trimmed.starts_with("https://")) {
             return Err(CmdlineError::Invalid { key: "metal.api", value: api_url });
         }
         Ok(HammerParams {
-            api_url: api_url.trim_end_matches('/').to_string(),
+            api_url: trimmed.to_string(),
             enrolment_token: get("metal.token")?,
             partition: get("metal.partition")?,
             lldp_seconds,
@@ -125,6 +126,13 @@ mod tests {
         assert_eq!(words, vec![("a".into(), "1".into()), ("b".into(), "x y".into()), ("c".into(), "".into())]);
         assert_eq!(HammerParams::parse("metal.api=http://x metal.partition=p"), Err(CmdlineError::Missing("metal.token")));
         assert!(matches!(HammerParams::parse("metal.api=ftp://x metal.token=t metal.partition=p"), Err(CmdlineError::Invalid { .. })));
+        // Found by metal-hammer's `cmdline` fuzz target: the URL is checked after the trailing
+        // `/` are trimmed, so a URL with no host is refused rather than parsed as `http:`.
+        for url in ["http://", "http:///", "https:////"] {
+            let line = format!("metal.api={url} metal.token=t metal.partition=p");
+            assert_eq!(HammerParams::parse(&line), Err(CmdlineError::Invalid { key: "metal.api", value: url.into() }), "{url}");
+        }
+        assert_eq!(HammerParams::parse("metal.api=http://x/ metal.token=t metal.partition=p").unwrap().api_url, "http://x");
         let bad = HammerParams { api_url: "http://x".into(), enrolment_token: "a b".into(), partition: "p".into(), lldp_seconds: 0 };
         assert_eq!(bad.encode(), Err(CmdlineError::Unencodable("metal.token")));
     }

@@ -4,6 +4,12 @@
 //! `dhcproto` trusts some option lengths (`debug_assert`s and `len - n` on fixed-size options, and
 //! `chaddr()` slices by `hlen`), so [`decode`] walks the option area itself first and refuses a
 //! packet whose structure lies, before `dhcproto` ever sees it.
+//!
+//! `dhcproto` also stops reading options at the first one it cannot decode, silently dropping the
+//! rest, and cannot write every option it reads back in a form it reads again (option 81 with the
+//! E flag clear: read as DNS wire form, written as text). So only the options pixie reads
+//! ([`READ_OPTIONS`]) reach it; the others are handed over as PAD, and a packet in which one of
+//! the read options does not decode is refused rather than decided on with facts missing.
 
 use std::net::Ipv4Addr;
 
@@ -39,22 +45,28 @@ pub enum WireError {
     NotEthernet { htype: u8, hlen: u8 },
 }
 
+/// The options [`Request::from_message`] reads: message type, requested address, server id,
+/// vendor class, architecture, user class, machine id, relay agent information, host name.
+pub const READ_OPTIONS: [u8; 9] = [53, 50, 54, 60, 93, 77, 97, 82, 12];
+
 /// Walks the TLV option area: every option fits in the packet and the options `dhcproto` decodes
-/// with a fixed size have that size. Stops at END; PAD is skipped.
-fn check_options(mut opts: &[u8]) -> Result<(), WireError> {
+/// with a fixed size have that size. Stops at END; PAD is skipped. Returns the [`READ_OPTIONS`]
+/// codes present, and turns every other option into PAD.
+fn check_options(mut opts: &mut [u8]) -> Result<Vec<u8>, WireError> {
     let mut prev = 0u8;
-    while let Some((&code, rest)) = opts.split_first() {
+    let mut read = Vec::new();
+    while let Some((&code, _)) = opts.split_first() {
         match code {
             0 => {
                 prev = 0;
-                opts = rest;
+                opts = &mut opts[1..];
                 continue;
             }
-            255 => return Ok(()),
+            255 => return Ok(read),
             _ => {}
         }
-        let (&len, rest) = rest.split_first().ok_or(WireError::Truncated { code })?;
-        if rest.len() < usize::from(len) {
+        let len = *opts.get(1).ok_or(WireError::Truncated { code })?;
+        if opts.len() - 2 < usize::from(len) {
             return Err(WireError::Truncated { code });
         }
         let ok = match code {
@@ -75,9 +87,17 @@ fn check_options(mut opts: &[u8]) -> Result<(), WireError> {
             return Err(WireError::BadLength { code, len });
         }
         prev = code;
-        opts = &rest[usize::from(len)..];
+        let (this, rest) = std::mem::take(&mut opts).split_at_mut(2 + usize::from(len));
+        if READ_OPTIONS.contains(&code) {
+            if !read.contains(&code) {
+                read.push(code);
+            }
+        } else {
+            this.fill(0);
+        }
+        opts = rest;
     }
-    Ok(())
+    Ok(read)
 }
 
 /// Checks the structure, then decodes with `dhcproto`.
@@ -94,8 +114,13 @@ pub fn decode(buf: &[u8]) -> Result<Message, WireError> {
     if buf[236..240] != MAGIC {
         return Err(WireError::NoMagic);
     }
-    check_options(&buf[240..])?;
-    Message::decode(&mut Decoder::new(buf)).map_err(|e| WireError::Decode(e.to_string()))
+    let mut pkt = buf.to_vec();
+    let read = check_options(&mut pkt[240..])?;
+    let msg = Message::decode(&mut Decoder::new(&pkt)).map_err(|e| WireError::Decode(e.to_string()))?;
+    if let Some(code) = read.into_iter().find(|&c| msg.opts().get(OptionCode::from(c)).is_none()) {
+        return Err(WireError::Decode(format!("option {code} does not decode")));
+    }
+    Ok(msg)
 }
 
 /// Encodes a reply, padded to the 300-byte BOOTP minimum some old clients insist on.
@@ -360,9 +385,40 @@ pub(crate) mod tests {
         let mut bad = good[..240].to_vec();
         bad.extend_from_slice(&[53, 1, 1, 93, 1, 0, 255]);
         assert!(decode(&bad).is_err());
+        let mut bad = good[..240].to_vec();
+        bad.extend_from_slice(&[12, 2, 0xc3, 0x28, 53, 1, 1, 255]); // host name not UTF-8: dhcproto stops there
+        assert_eq!(decode(&bad), Err(WireError::Decode("option 12 does not decode".into())));
         let mut bad = good.clone();
         bad[236] = 0;
         assert_eq!(decode(&bad), Err(WireError::NoMagic));
+    }
+
+    /// Found by the `dhcp_roundtrip` fuzz target: option 81 with the E flag clear and a name in
+    /// DNS wire form, followed by bytes after its root label. dhcproto read the name as wire
+    /// form, wrote it back as text, and the re-encoded packet lost its message type.
+    #[test]
+    fn fqdn_without_e_flag_round_trips() {
+        let mut pkt = bytes(&client_msg(v4::MessageType::Request, [2, 0, 0, 0, 0, 2]))[..240].to_vec();
+        pkt.extend_from_slice(b"\x51\x1a\x99\xff\xff\x09machine-1\x03la\x00\x00\x00\x027\x03\x01\x03le");
+        pkt.extend_from_slice(b"\x00\x0c\x09machine-1\x35\x01\x03\x3d\x07\x01\x02\x00\x00\x00\x00\x02\x37\x03\x01\x03\x06\x50\x00\xff");
+        let r = Request::from_message(&decode(&pkt).unwrap()).unwrap();
+        assert_eq!((r.msg_type, r.hostname.as_deref()), (MsgType::Request, Some("machine-1")));
+        check_roundtrip(&pkt);
+    }
+
+    /// RFC 4702 allows the name in option 81 as plain text (E flag clear). dhcproto failed on it
+    /// and dropped every option after it, so this client lost its message type and vendor class.
+    #[test]
+    fn ascii_fqdn_does_not_refuse_the_packet() {
+        let mut pkt = bytes(&client_msg(v4::MessageType::Discover, [2, 0, 0, 0, 0, 3]))[..240].to_vec();
+        pkt.extend_from_slice(&[81, 11, 0, 0, 0]);
+        pkt.extend_from_slice(b"host.lab");
+        pkt.extend_from_slice(&[53, 1, 1, 60, 9]);
+        pkt.extend_from_slice(b"PXEClient");
+        pkt.push(255);
+        let r = Request::from_message(&decode(&pkt).unwrap()).unwrap();
+        assert_eq!((r.msg_type, r.vendor_class), (MsgType::Discover, VendorClass::PxeClient));
+        check_roundtrip(&pkt);
     }
 
     #[test]
