@@ -15,7 +15,7 @@ API=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release/metal-api}
 command -v wrk >/dev/null || { echo "needs wrk" >&2; exit 1; }
 PORT=${PORT:-18480}
 BASE=http://127.0.0.1:$PORT
-ADMIN=bench-admin-secret
+ADMIN=adm_bench_$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")
 KNOWN_UUID=6b1c2a4e-0000-4000-8000-00000000be02
 W=$(mktemp -d /tmp/bench-decide.XXXXXX)
 API_PID=

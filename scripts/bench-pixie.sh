@@ -74,7 +74,7 @@ cat > "$W/pixie.toml" <<EOF
 partition = "lab"
 [api]
 url = "http://10.99.0.1:8080"
-token = "admin-secret"
+token = "adm_bench_7d41c9e02fa35b8e6c19d4a7f0b3e528"
 [dhcp]
 mode = "server"
 interface = "vs"
@@ -228,8 +228,8 @@ ipxe_rate() { # label, lua script or "" → one table row; pixie and the API mus
 }
 http_suite() {
     [ -x "$API" ] || { echo "build first: cargo build --release -p metal-api (the iPXE figures need the real API)" >&2; exit 1; }
-    start api "$API" --listen 10.99.0.1:8080 --admin-token admin-secret --db "sqlite://$W/metal.db"
-    ns curl -sf -X POST -H 'authorization: Bearer admin-secret' -H 'content-type: application/json' \
+    start api "$API" --listen 10.99.0.1:8080 --admin-token adm_bench_7d41c9e02fa35b8e6c19d4a7f0b3e528 --db "sqlite://$W/metal.db"
+    ns curl -sf -X POST -H 'authorization: Bearer adm_bench_7d41c9e02fa35b8e6c19d4a7f0b3e528' -H 'content-type: application/json' \
         -d '{"id":"lab","boot":{"kernel_url":"http://10.99.0.1:8081/hammer/vmlinuz","initrd_url":"http://10.99.0.1:8081/hammer/initrd.img","cmdline":"console=ttyS0","api_url":"http://10.99.0.1:8080"}}' \
         http://10.99.0.1:8080/v1/partitions > /dev/null
     pixie_conf "" ""

@@ -56,7 +56,9 @@ async fn bench(label: &str, db: &Db, replicas: usize, machines: usize, clients: 
         let cred = metal_api::auth::generate("mch");
         let mut row = metal_api::auth::row(&cred, "machine");
         row.machine = Some(id.to_string());
-        app.store.register(id, "lab", "small", &inventory(id, &mac), &row).await.unwrap();
+        let inv = inventory(id, &mac);
+        let reg = metal_api::store::Registration { id, partition: "lab", size: "small", inventory: &inv, credential: &row, token_mac: None };
+        app.store.register(&reg).await.unwrap();
         app.store.record_events(id, &[(ProvisioningEvent::Waiting, metal_api::now_ms(), String::new())]).await.unwrap();
     }
     eprintln!("{label}: registered {machines} machines in {:.1} s", t.elapsed().as_secs_f64());

@@ -23,8 +23,10 @@ pub enum Principal {
     Admin,
     Tenant { project: String },
     Pixie,
-    /// A short-lived token from the kernel command line, for `POST /v1/agent/register`.
-    Enrolment { partition: Option<String>, mac: Option<String> },
+    /// A short-lived token from the kernel command line, for `POST /v1/agent/register`: the
+    /// partition and MAC it was issued for, and the machine the boot request named or the MAC
+    /// belonged to.
+    Enrolment { partition: Option<String>, mac: Option<String>, machine: Option<MachineId> },
     /// A machine's credential, bound to its UUID.
     Machine { machine: MachineId },
     /// An installed OS phoning home for one allocation.
@@ -107,6 +109,35 @@ pub fn generate(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(bytes))
 }
 
+/// The phone-home token of an allocation: `phh_` and the hex HMAC-SHA256 of the allocation id
+/// under the API's key. Deterministic, so every `wait` answer for one allocation carries the same
+/// token without the API keeping the token itself (it stores only the hash, as for every token).
+pub fn phone_home_token(key: &crate::enrolment::Key, allocation: AllocationId) -> String {
+    format!("phh_{}", hex::encode(key.sign(format!("phone-home\0{allocation}").as_bytes())))
+}
+
+/// A rough, conservative estimate of a token's strength in bits: its length times log2 of the
+/// alphabet its character classes span (lower, upper, digits, other), and zero when it has
+/// fewer than 10 distinct characters (`aaaa…`). Random hex of 32 digits is 165 bits by this
+/// count, a passphrase of words is overrated — it is a guard against `changeme`, not a proof.
+pub fn estimated_bits(token: &str) -> f64 {
+    let distinct: std::collections::HashSet<char> = token.chars().collect();
+    if distinct.len() < 10 {
+        return 0.0;
+    }
+    let classes = [
+        (token.chars().any(|c| c.is_ascii_lowercase()), 26.0),
+        (token.chars().any(|c| c.is_ascii_uppercase()), 26.0),
+        (token.chars().any(|c| c.is_ascii_digit()), 10.0),
+        (token.chars().any(|c| !c.is_ascii_alphanumeric()), 33.0),
+    ];
+    let alphabet: f64 = classes.iter().filter(|(present, _)| *present).map(|(_, n)| n).sum();
+    token.chars().count() as f64 * alphabet.log2()
+}
+
+/// Bits the bootstrap admin token must have at least (by [`estimated_bits`]).
+pub const MIN_BOOTSTRAP_BITS: f64 = 128.0;
+
 pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -151,7 +182,7 @@ fn bearer(parts: &Parts) -> Result<&str> {
 pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
     if token.starts_with(crate::enrolment::PREFIX) {
         return match crate::enrolment::verify(&app.enrolment_key(), token, crate::now_ms()) {
-            Ok(c) => Ok(Principal::Enrolment { partition: Some(c.partition), mac: c.mac }),
+            Ok(c) => Ok(Principal::Enrolment { partition: Some(c.partition), mac: c.mac, machine: c.machine }),
             Err(crate::enrolment::TokenError::Expired { expires_ms }) => Err(Error::Unauthorized(format!(
                 "the enrolment token expired at {} (it lives for --enrolment-ttl-s): PXE boot the machine again for a fresh one",
                 crate::rfc3339(expires_ms)
@@ -167,10 +198,13 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
     if !bool::from(t.hash.as_bytes().ct_eq(h.as_bytes())) {
         return Err(unknown());
     }
-    if t.expires_ms.is_some_and(|e| e <= crate::now_ms()) {
-        return Err(Error::Unauthorized(
-            "the token expired; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one".into(),
-        ));
+    if let Some(e) = t.expires_ms.filter(|e| *e <= crate::now_ms()) {
+        let what = match t.role.as_str() {
+            "enrolment" => "; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one",
+            "phone_home" => "; a phone-home token lives for --phone-home-ttl-s after its allocation was made",
+            _ => "; ask an operator for a new one",
+        };
+        return Err(Error::Unauthorized(format!("the token expired at {}{what}", crate::rfc3339(e))));
     }
     let machine = || -> Result<MachineId> {
         t.machine
@@ -185,7 +219,7 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
             project: t.project.clone().ok_or_else(|| Error::Internal(format!("tenant token {} has no project", t.id)))?,
         },
         "pixie" => Principal::Pixie,
-        "enrolment" => Principal::Enrolment { partition: t.partition.clone(), mac: t.mac.clone() },
+        "enrolment" => Principal::Enrolment { partition: t.partition.clone(), mac: t.mac.clone(), machine: None },
         "machine" => Principal::Machine { machine: machine()? },
         "phone_home" => Principal::PhoneHome {
             machine: machine()?,
@@ -212,6 +246,25 @@ impl FromRequestParts<Arc<App>> for Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_strength_estimate() {
+        assert!(estimated_bits(&generate("adm")) >= MIN_BOOTSTRAP_BITS);
+        assert!(estimated_bits(&hex::encode([0x5au8, 0x13, 0x99, 0xe0, 0x42, 0x7c, 0xd1, 0x08, 0x6b, 0xf3, 0x21, 0x84, 0x3e, 0xa7, 0x55, 0xc9])) >= MIN_BOOTSTRAP_BITS, "openssl rand -hex 16");
+        for weak in ["changeme", "test-admin-token", "0123456789abcdef", &"a".repeat(100), "correct horse"] {
+            assert!(estimated_bits(weak) < MIN_BOOTSTRAP_BITS, "{weak:?}");
+        }
+    }
+
+    #[test]
+    fn phone_home_tokens_are_per_allocation() {
+        let key = crate::enrolment::Key::random();
+        let a = AllocationId::new_random();
+        assert_eq!(phone_home_token(&key, a), phone_home_token(&key, a));
+        assert_ne!(phone_home_token(&key, a), phone_home_token(&key, AllocationId::new_random()));
+        assert_ne!(phone_home_token(&key, a), phone_home_token(&crate::enrolment::Key::random(), a));
+        assert!(phone_home_token(&key, a).starts_with("phh_") && phone_home_token(&key, a).len() == 4 + 64);
+    }
 
     #[test]
     fn tokens_are_random_and_hashes_stable() {

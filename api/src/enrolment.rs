@@ -58,6 +58,11 @@ impl Key {
         Some(Key(v.try_into().ok()?))
     }
 
+    /// HMAC-SHA256 of `data` under this key (phone-home tokens; keep `data` domain-separated).
+    pub fn sign(&self, data: &[u8]) -> [u8; 32] {
+        self.mac(data)
+    }
+
     fn mac(&self, signed: &[u8]) -> [u8; 32] {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         m.update(signed);
@@ -75,9 +80,9 @@ pub struct Claims {
     /// The MAC that PXE booted (lower case, colon separated), when pixie sent one.
     #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
-    /// The machine, when the boot request named it or its MAC was known. Informational: the
-    /// UUID firmware reports at PXE time is not always byte-for-byte the SMBIOS UUID metal-hammer
-    /// registers with, so registration does not compare it; the MAC binding is what counts.
+    /// The machine the token was issued for: the one that owns the MAC, or else the UUID the
+    /// boot request named. Registration must be for this machine, in either SMBIOS byte order
+    /// (firmware and the OS do not always agree on it): see [`check_machine`].
     #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineId>,
     /// Milliseconds since the epoch after which the token is refused.
@@ -150,6 +155,11 @@ pub enum BindingError {
          with that MAC; PXE boot this machine for its own token"
     )]
     Mac { mac: String },
+    #[error(
+        "the enrolment token was issued to machine UUID {token}, but this registration is for {registering}; PXE boot \
+         this machine for its own token (if a NIC moved between machines, an operator must decommission the old one first)"
+    )]
+    Machine { token: MachineId, registering: MachineId },
 }
 
 /// Whether a registration for `partition` with an inventory holding `nic_macs` may use a token
@@ -171,6 +181,15 @@ pub fn check_binding<'a>(
         }
     }
     Ok(())
+}
+
+/// Whether a registration of `registering` may use a token issued for `claimed` (`None`: the
+/// boot request named no machine and the MAC was unknown, so any new machine may enrol).
+pub fn check_machine(claimed: Option<MachineId>, registering: MachineId) -> Result<(), BindingError> {
+    match claimed {
+        Some(c) if !c.same_machine(registering) => Err(BindingError::Machine { token: c, registering }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +320,18 @@ mod tests {
             hex::encode(m.finalize().into_bytes()),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn binding_machine_in_either_byte_order() {
+        let m: MachineId = "00112233-4455-6677-8899-aabbccddeeff".parse().unwrap();
+        assert_eq!(check_machine(Some(m), m), Ok(()));
+        assert_eq!(check_machine(Some(m.byte_swapped()), m), Ok(()));
+        assert_eq!(check_machine(None, m), Ok(()));
+        let other = MachineId::new_random();
+        let e = check_machine(Some(other), m).unwrap_err();
+        assert_eq!(e, BindingError::Machine { token: other, registering: m });
+        assert!(e.to_string().contains(&other.to_string()), "{e}");
     }
 
     #[test]

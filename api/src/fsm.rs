@@ -7,14 +7,20 @@
 //! - Every event except `Alive` becomes the machine's state, allowed or not. An event that the
 //!   table does not allow after the current state is stored flagged `unexpected`, never dropped.
 //! - `Alive` is a heartbeat: it updates liveliness only and is not stored.
+//! - Events have an [`Origin`]. The machine's own reports (metal-hammer with its credential, the
+//!   installed OS with its phone-home token) are its word. A `PXE Booting` from pixie is only a
+//!   sighting: anyone on the provisioning network can send a DHCP request with any MAC. A sighting
+//!   is stored but [`Record::Ignored`] (the state stays) while an install is under way or while
+//!   metal-hammer on that machine is alive in `Preparing`, `Registering` or `Waiting`; it never
+//!   counts as a crash and is never a sign of life.
 //! - A `PXE Booting` right after a `PXE Booting` is the same boot (DHCP discover, iPXE's second
 //!   DHCP, …) and is not stored again.
-//! - Crash loop: a `PXE Booting` while `Installing` or `Booting New Kernel` counts as a crash;
-//!   [`CRASH_LOOP_THRESHOLD`] of them before the OS phones home (or the machine is reclaimed) set
-//!   `crash_loop`.
+//! - Crash loop: metal-hammer starting again (`Preparing` or `Registering`) while the machine is
+//!   `Installing` or `Booting New Kernel` counts as a crash; [`CRASH_LOOP_THRESHOLD`] of them
+//!   before the OS phones home (or the machine is reclaimed) set `crash_loop`.
 //! - Failed reclaim: after `Machine Reclaim` the machine must come back to `Waiting`. A `Phoned
-//!   Home` on the way (the old OS booted instead of metal-hammer) sets `failed_reclaim` at once;
-//!   so does not reaching `Waiting` within the reclaim timeout ([`failed_reclaim`]).
+//!   Home` on the way sets `failed_reclaim` at once; so does not reaching `Waiting` within the
+//!   reclaim timeout ([`failed_reclaim`]).
 
 use metal_types::{Liveliness, ProvisioningEvent as Ev};
 
@@ -36,11 +42,20 @@ pub const TRANSITIONS: &[(Option<Ev>, &[Ev])] = &[
     ),
     (
         Some(Ev::Installing),
-        &[Ev::Installing, Ev::BootingNewKernel, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
+        &[
+            Ev::Installing,
+            Ev::BootingNewKernel,
+            Ev::PxeBooting,
+            Ev::Preparing,
+            Ev::Registering,
+            Ev::PlannedReboot,
+            Ev::MachineReclaim,
+            Ev::Crashed,
+        ],
     ),
     (
         Some(Ev::BootingNewKernel),
-        &[Ev::PhonedHome, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
+        &[Ev::PhonedHome, Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
     ),
     (
         Some(Ev::PhonedHome),
@@ -84,14 +99,28 @@ pub struct FsmState {
     pub failed_reclaim: bool,
 }
 
+/// Where an event came from, as far as the state machine is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The machine itself: metal-hammer with its credential, the installed OS with its
+    /// phone-home token, or the API acting on it (free, install report).
+    Machine,
+    /// pixie saw a PXE request. `agent_alive`: metal-hammer on that machine was heard from
+    /// within the dead-after window.
+    Pixie { agent_alive: bool },
+}
+
 /// How an event is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
     /// Append to the machine's timeline.
     Store { unexpected: bool },
+    /// Append to the timeline marked `ignored`; the state does not change (a sighting by pixie
+    /// that the machine's own reports contradict).
+    Ignored,
     /// Only the heartbeat (last seen) is updated: `Alive`.
     Heartbeat,
-    /// A repeat of the same boot's `PXE Booting`: only the heartbeat is updated.
+    /// A repeat of the same boot's `PXE Booting`: nothing changes.
     Collapse,
 }
 
@@ -101,19 +130,34 @@ pub struct Step {
     pub record: Record,
 }
 
+impl Step {
+    /// Whether the event is a sign of life of the machine (updates its last-seen time).
+    pub fn alive(&self, origin: Origin) -> bool {
+        origin == Origin::Machine && self.record != Record::Collapse
+    }
+}
+
 /// Applies one event to a machine's state.
-pub fn apply(prev: &FsmState, ev: Ev, now_ms: i64) -> Step {
+pub fn apply(prev: &FsmState, ev: Ev, origin: Origin, now_ms: i64) -> Step {
+    let keep = |record| Step { next: prev.clone(), record };
     if ev == Ev::Alive {
-        return Step { next: prev.clone(), record: Record::Heartbeat };
+        return keep(Record::Heartbeat);
     }
     if ev == Ev::PxeBooting && prev.state == Some(Ev::PxeBooting) {
-        return Step { next: prev.clone(), record: Record::Collapse };
+        return keep(Record::Collapse);
+    }
+    if let (Ev::PxeBooting, Origin::Pixie { agent_alive }) = (ev, origin) {
+        let installing = matches!(prev.state, Some(Ev::Installing) | Some(Ev::BootingNewKernel));
+        let hammer_up = matches!(prev.state, Some(Ev::Preparing) | Some(Ev::Registering) | Some(Ev::Waiting));
+        if installing || (hammer_up && agent_alive) {
+            return keep(Record::Ignored);
+        }
     }
     let unexpected = !allowed(prev.state, ev);
     let mut next = prev.clone();
     next.state = Some(ev);
     match ev {
-        Ev::PxeBooting if matches!(prev.state, Some(Ev::Installing) | Some(Ev::BootingNewKernel)) => {
+        Ev::Preparing | Ev::Registering if matches!(prev.state, Some(Ev::Installing) | Some(Ev::BootingNewKernel)) => {
             next.crash_count += 1;
             if next.crash_count >= CRASH_LOOP_THRESHOLD {
                 next.crash_loop = true;
@@ -208,11 +252,17 @@ mod tests {
         }
     }
 
+    /// Runs the events as the machine's own reports, except `PXE Booting`, which comes from
+    /// pixie while metal-hammer is not alive (the machine really rebooted).
     fn run(events: &[Ev]) -> (FsmState, Vec<Record>) {
-        let mut s = FsmState::default();
+        run_from(FsmState::default(), events, false)
+    }
+
+    fn run_from(mut s: FsmState, events: &[Ev], agent_alive: bool) -> (FsmState, Vec<Record>) {
         let mut records = Vec::new();
         for (i, e) in events.iter().enumerate() {
-            let step = apply(&s, *e, i as i64 * 1000);
+            let origin = if *e == Ev::PxeBooting { Origin::Pixie { agent_alive } } else { Origin::Machine };
+            let step = apply(&s, *e, origin, i as i64 * 1000);
             s = step.next;
             records.push(step.record);
         }
@@ -246,23 +296,59 @@ mod tests {
     }
 
     #[test]
-    fn crash_loop_after_threshold_pxe_boots_mid_install() {
+    fn crash_loop_after_threshold_restarts_mid_install() {
         use Ev::*;
-        let attempt = [Registering, Waiting, Installing, PxeBooting];
-        let mut evs = Vec::new();
+        // The machine dies mid-install, PXE boots (a sighting, ignored while installing) and
+        // metal-hammer starts again: that restart is the crash.
+        let attempt = [Installing, PxeBooting, Preparing, Registering, Waiting];
+        let mut evs = vec![Preparing, Registering, Waiting];
         for _ in 0..CRASH_LOOP_THRESHOLD - 1 {
             evs.extend_from_slice(&attempt);
         }
-        let (s, _) = run(&evs);
+        let (s, records) = run(&evs);
         assert_eq!(s.crash_count, CRASH_LOOP_THRESHOLD - 1);
         assert!(!s.crash_loop);
+        assert_eq!(records[4], Record::Ignored, "PXE Booting while Installing is a sighting");
+        assert_eq!(records[5], Record::Store { unexpected: false }, "Installing → Preparing is a crash, not an error");
         evs.extend_from_slice(&attempt);
         let (s, _) = run(&evs);
         assert!(s.crash_loop);
+        // Dying after the kexec counts too.
+        let (s, _) = run(&[Registering, Waiting, Installing, BootingNewKernel, Preparing]);
+        assert_eq!(s.crash_count, 1);
         // A successful phone home clears it.
-        evs.extend_from_slice(&[Registering, Waiting, Installing, BootingNewKernel, PhonedHome]);
+        evs.extend_from_slice(&[Installing, BootingNewKernel, PhonedHome]);
         let (s, _) = run(&evs);
         assert!(!s.crash_loop);
+        assert_eq!(s.crash_count, 0);
+    }
+
+    #[test]
+    fn pixie_sightings_do_not_move_a_live_machine() {
+        use Ev::*;
+        let (waiting, _) = run(&[Preparing, Registering, Waiting]);
+        // metal-hammer alive and waiting: a spoofed DISCOVER does not take it out of the pool.
+        let (s, records) = run_from(waiting.clone(), &[PxeBooting, PxeBooting, PxeBooting], true);
+        assert_eq!(s, waiting);
+        assert_eq!(records, vec![Record::Ignored; 3]);
+        // Silent for longer than the dead-after window: the machine really rebooted.
+        let (s, records) = run_from(waiting.clone(), &[PxeBooting], false);
+        assert_eq!(s.state, Some(PxeBooting));
+        assert_eq!(records, vec![Record::Store { unexpected: false }]);
+        // Mid-install, sightings never end the install or count as crashes, alive or not.
+        let (installing, _) = run_from(waiting, &[Installing], true);
+        for alive in [true, false] {
+            let (s, _) = run_from(installing.clone(), &[PxeBooting, PxeBooting, PxeBooting], alive);
+            assert_eq!(s, installing, "alive {alive}");
+        }
+        // A sighting is never a sign of life; the machine's own events are.
+        let step = apply(&installing, PxeBooting, Origin::Pixie { agent_alive: false }, 0);
+        assert!(!step.alive(Origin::Pixie { agent_alive: false }));
+        assert!(apply(&installing, Alive, Origin::Machine, 0).alive(Origin::Machine));
+        // After Phoned Home a PXE boot is the installed OS rebooting: it is the state, no crash.
+        let (ph, _) = run(&[Registering, Waiting, Installing, BootingNewKernel, PhonedHome]);
+        let (s, _) = run_from(ph, &[PxeBooting, PhonedHome], true);
+        assert_eq!(s.state, Some(PhonedHome));
         assert_eq!(s.crash_count, 0);
     }
 

@@ -18,7 +18,7 @@ use metal_types::cmdline::HammerParams;
 use metal_types::{
     Allocation, AllocationRequest, BootDecision, BootRequest, EventBatch, FilesystemLayout, Image, InstallInstructions,
     InstallReport, Machine, MachineEvent, MachineId, Partition, PhoneHome, PhoneHomeConfig, Project, PxeEvent,
-    RegisterRequest, RegisterResponse, Size, TokenRequest, TokenResponse, TokenRole, WipeReport,
+    RegisterRequest, RegisterResponse, Size, TokenInfo, TokenRequest, TokenResponse, TokenRole, WipeReport,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/projects/{id}", get(get_item::<Project>).delete(delete_item::<Project>))
         .route("/v1/images", post(create_image).get(list_images))
         .route("/v1/images/{id}", get(get_image).delete(delete_image))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/machines", get(list_machines))
         .route("/v1/machines/{id}", get(get_machine))
         .route("/v1/machines/{id}/events", get(machine_events))
@@ -85,7 +86,8 @@ async fn observe(State(app): AppState, matched: Option<MatchedPath>, req: Reques
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status();
-    app.metrics.observe(&method, &route, status.as_u16(), start.elapsed().as_secs_f64());
+    let matched = (route != "unmatched").then_some(route.as_str());
+    app.metrics.observe(&method, matched, status.as_u16(), start.elapsed().as_secs_f64());
     if status.is_client_error() {
         let (code, message) = resp
             .extensions()
@@ -129,8 +131,10 @@ async fn healthz(State(app): AppState) -> Result<Json<serde_json::Value>> {
 async fn metrics(State(app): AppState) -> Result<Response> {
     let states = app.store.machines_by_state().await?;
     let (total, active) = app.store.allocation_counts().await?;
-    let text = app.metrics.render(&states, total, active);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    let snapshot = crate::metrics::Snapshot { machines_by_state: &states, allocations_total: total, allocations_active: active };
+    let (text, content_type) =
+        app.metrics.render(&snapshot).map_err(|e| Error::Internal(format!("rendering the metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,13 +272,12 @@ async fn delete_item<T: CatalogItem>(
 ) -> Result<StatusCode> {
     p.require_admin()?;
     let id = path(id)?;
-    if T::KIND == Kind::Project {
-        let n = app.store.active_allocations_using("project", &id).await?;
-        if n > 0 {
-            return Err(Error::Conflict(format!("project {id} has {n} active allocations; free them first")));
-        }
-    }
-    if app.store.delete_object(T::KIND, &id).await? {
+    let deleted = if T::KIND == Kind::Project {
+        app.store.delete_project(&id).await?
+    } else {
+        app.store.delete_object(T::KIND, &id).await?
+    };
+    if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Error::not_found(T::KIND.noun(), &id))
@@ -362,12 +365,62 @@ async fn create_token(State(app): AppState, p: Principal, Body(req): Body<TokenR
         (_, Some(_)) => return Err(Error::bad_request("only tenant tokens belong to a project; leave project out")),
         (_, None) => {}
     }
+    let expires_ms = match req.expires_in_s {
+        Some(0) => return Err(Error::bad_request("expires_in_s must be at least 1 (leave it out for a token that lives until revoked)")),
+        Some(s) if s > 100 * 365 * 86_400 => return Err(Error::bad_request("expires_in_s must be at most 100 years")),
+        Some(s) => Some(now_ms() + s as i64 * 1000),
+        None => None,
+    };
+    if req.description.len() > 200 {
+        return Err(Error::bad_request("description must be at most 200 characters"));
+    }
     let token = auth::generate(prefix);
     let mut row = auth::row(&token, role);
     row.project = req.project.clone();
     row.description = req.description.clone();
+    row.expires_ms = expires_ms;
     app.store.insert_token(&row).await?;
-    Ok((StatusCode::CREATED, Json(TokenResponse { id: row.id, token, role: req.role, project: req.project })))
+    tracing::info!(token = %row.id, role, project = ?req.project, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenResponse { id: row.id, token, role: req.role, project: req.project, expires_at: expires_ms.map(rfc3339) }),
+    ))
+}
+
+async fn list_tokens(State(app): AppState, p: Principal) -> Result<Json<Vec<TokenInfo>>> {
+    p.require_admin()?;
+    let rows = app.store.list_tokens().await?;
+    let infos = rows
+        .into_iter()
+        .map(|(t, created)| {
+            let role = match t.role.as_str() {
+                "admin" => TokenRole::Admin,
+                "tenant" => TokenRole::Tenant,
+                "pixie" => TokenRole::Pixie,
+                other => return Err(Error::Internal(format!("token {} has role {other:?}", t.id))),
+            };
+            Ok(TokenInfo {
+                id: t.id,
+                role,
+                project: t.project,
+                description: t.description,
+                created_at: rfc3339(created),
+                expires_at: t.expires_ms.map(rfc3339),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Json(infos))
+}
+
+async fn revoke_token(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<StatusCode> {
+    p.require_admin()?;
+    let id = path(id)?;
+    if app.store.revoke_token(&id, now_ms()).await? {
+        tracing::info!(token = %id, "token revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::NotFound(format!("token {id} not found (only admin, tenant and pixie tokens are listed and revoked); list them with GET /v1/tokens")))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,7 +481,12 @@ async fn machine_events(
 ) -> Result<Json<Vec<MachineEvent>>> {
     let scope = p.scope()?;
     let row = visible_machine(&app, &scope, &path(id)?).await?;
-    Ok(Json(app.store.events(row.id).await?))
+    // A tenant sees the timeline of its own allocation only, not what came before it.
+    let since = match (&scope, &row.allocation) {
+        (Scope::Project(_), Some(a)) => app.store.allocation_created_ms(a.id).await?,
+        _ => None,
+    };
+    Ok(Json(app.store.events(row.id, since).await?))
 }
 
 async fn free_machine(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<Json<Machine>> {
@@ -492,10 +550,10 @@ async fn allocate(State(app): AppState, p: Principal, Body(req): Body<Allocation
     }
     let size = match (&req.machine, &req.size) {
         (Some(m), _) => {
-            let row = app.store.machine(*m).await?.ok_or_else(|| Error::not_found("machine", m))?;
-            if row.partition.as_deref() != Some(req.partition.as_str()) {
+            let row = app.store.machine(*m).await?.filter(|r| r.partition.as_deref() == Some(req.partition.as_str()));
+            let Some(row) = row else {
                 return Err(Error::NotFound(format!("machine {m} not found in partition {}", req.partition)));
-            }
+            };
             row.size
         }
         (None, Some(size)) => {
@@ -543,7 +601,23 @@ async fn allocate(State(app): AppState, p: Principal, Body(req): Body<Allocation
         user_data: req.user_data.clone(),
         idempotency_key: req.idempotency_key.clone(),
     };
-    match app.store.allocate(&plan, app.config.dead_after_s as i64 * 1000).await? {
+    let outcome = match app.store.allocate(&plan, app.config.dead_after_s as i64 * 1000).await {
+        // A tenant learns nothing about a machine it cannot see: why it cannot have it (allocated
+        // to another project, crash-looping, …) is for operators. Its own machines it may ask about.
+        Err(e @ (Error::NoMachineAvailable(_) | Error::NotFound(_))) if matches!(scope, Scope::Project(_)) && req.machine.is_some() => {
+            let m = req.machine.unwrap_or_default();
+            let own = app.store.machine(m).await?.and_then(|r| r.allocation).is_some_and(|a| scope.sees(&a.project));
+            if own {
+                return Err(e);
+            }
+            return Err(Error::NotFound(format!(
+                "machine {m} not found in partition {} among the machines you may allocate",
+                req.partition
+            )));
+        }
+        other => other?,
+    };
+    match outcome {
         AllocOutcome::Created(a) => {
             app.waker.wake(a.machine);
             tracing::info!(allocation = %a.id, machine = %a.machine, project = %a.project, "allocated");
@@ -563,20 +637,22 @@ async fn list_allocations(State(app): AppState, p: Principal) -> Result<Json<Vec
 // ---------------------------------------------------------------------------------------------
 
 async fn register(State(app): AppState, p: Principal, Body(req): Body<RegisterRequest>) -> Result<Json<RegisterResponse>> {
-    match &p {
-        Principal::Admin => {}
-        Principal::Enrolment { partition, mac } => {
+    let id = req.inventory.uuid;
+    let token_mac = match &p {
+        Principal::Admin => None,
+        Principal::Enrolment { partition, mac, machine } => {
             let nics = req.inventory.nics.iter().map(|n| n.mac.as_str());
             enrolment::check_binding(partition.as_deref(), mac.as_deref(), &req.partition, nics)
+                .and_then(|()| enrolment::check_machine(*machine, id))
                 .map_err(|e| Error::Forbidden(e.to_string()))?;
+            mac.clone()
         }
         _ => {
             return Err(Error::Forbidden(
                 "registering needs the enrolment token from the kernel command line (metal.token=…)".into(),
             ))
         }
-    }
-    let id = req.inventory.uuid;
+    };
     if id.0.is_nil() {
         return Err(Error::bad_request("inventory.uuid is the nil UUID; the machine needs its SMBIOS system UUID"));
     }
@@ -590,7 +666,15 @@ async fn register(State(app): AppState, p: Principal, Body(req): Body<RegisterRe
     row.machine = Some(id.to_string());
     row.partition = Some(req.partition.clone());
     row.description = "machine credential".into();
-    app.store.register(id, &req.partition, &size, &req.inventory, &row).await?;
+    let reg = crate::store::Registration {
+        id,
+        partition: &req.partition,
+        size: &size,
+        inventory: &req.inventory,
+        credential: &row,
+        token_mac: token_mac.as_deref(),
+    };
+    app.store.register(&reg).await?;
     if size == UNKNOWN_SIZE {
         tracing::warn!(machine = %id, cores = req.inventory.cores(), memory = req.inventory.memory_bytes, "machine matches no single size");
     }
@@ -621,11 +705,17 @@ pub struct WaitQuery {
     pub timeout_s: Option<u64>,
 }
 
+/// The install instructions of the machine's current allocation, or `None` when it has none or
+/// its OS has phoned home already: from then on the allocation's secrets (user data, keys, the
+/// phone-home token) are handed to no credential, whenever it was made.
 async fn install_instructions(app: &App, machine: MachineId) -> Result<Option<InstallInstructions>> {
     let Some(row) = app.store.machine(machine).await? else {
         return Err(Error::not_found("machine", machine));
     };
     let Some(alloc) = row.allocation else { return Ok(None) };
+    if row.allocation_phoned_home {
+        return Ok(None);
+    }
     let image = app
         .store
         .get_image(&alloc.image)
@@ -641,11 +731,13 @@ async fn install_instructions(app: &App, machine: MachineId) -> Result<Option<In
         .get_object(Kind::Partition, &alloc.partition)
         .await?
         .ok_or_else(|| Error::Conflict(format!("partition {} of allocation {} was deleted", alloc.partition, alloc.id)))?;
-    let token = auth::generate("phh");
+    let token = auth::phone_home_token(&app.enrolment_key(), alloc.id);
+    let created_ms = crate::parse_rfc3339(&alloc.created_at).unwrap_or_else(now_ms);
     let mut row = auth::row(&token, "phone_home");
     row.machine = Some(machine.to_string());
     row.allocation = Some(alloc.id.to_string());
     row.description = "phone-home token".into();
+    row.expires_ms = Some(created_ms + app.config.phone_home_ttl_s as i64 * 1000);
     app.store.issue_phone_home(&row).await?;
     Ok(Some(InstallInstructions {
         allocation: alloc.id,
@@ -719,10 +811,8 @@ async fn phone_home(State(app): AppState, p: Principal, Body(body): Body<PhoneHo
         )));
     }
     if !app.store.allocation_active(allocation, machine).await? {
-        // The old OS came back although the machine was freed: a failed reclaim. Keep the event.
-        app.store
-            .record_events(machine, &[(metal_types::ProvisioningEvent::PhonedHome, body.time_ms, body.message)])
-            .await?;
+        // A freed allocation's token is deleted with it, so this is a token read before the free
+        // committed: refuse and record nothing (the machine may be back in the pool already).
         return Err(Error::Conflict(format!(
             "allocation {allocation} was freed; machine {machine} should be reclaimed (reboot it into metal-hammer)"
         )));
@@ -748,7 +838,7 @@ async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootReq
     let claims = enrolment::Claims::new(
         &partition.id,
         Some(normalize_mac(&req.mac)).filter(|m| !m.is_empty()),
-        req.uuid.or(machine.map(|(id, _)| id)),
+        machine.map(|(id, _)| id).or(req.uuid),
         now_ms() + app.config.enrolment_ttl_s as i64 * 1000,
     );
     let token = enrolment::issue(&app.enrolment_key(), &claims);
@@ -767,20 +857,27 @@ async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootReq
     }))
 }
 
+/// A sighting: pixie saw a PXE request. Recorded for the registered machine that owns the MAC
+/// (never creates one), and it moves no machine whose metal-hammer is alive (`fsm` module doc).
 async fn pxe_event(State(app): AppState, p: Principal, Body(ev): Body<PxeEvent>) -> Result<StatusCode> {
     p.require_pixie()?;
-    if app.store.get_object::<Partition>(Kind::Partition, &ev.partition).await?.is_none() {
+    if app.store.boot_partition(&ev.partition).await?.is_none() {
         return Err(Error::not_found("partition", &ev.partition));
     }
-    let machine = match ev.uuid {
-        Some(u) => Some(u),
-        None => app.store.machine_by_mac(&ev.mac).await?,
-    };
-    let Some(machine) = machine else {
-        tracing::debug!(mac = %ev.mac, "PXE event without UUID from an unknown MAC; not recorded");
-        return Ok(StatusCode::NO_CONTENT);
-    };
-    let msg = if ev.message.is_empty() { format!("{:?} from {}", ev.arch, ev.mac) } else { ev.message.clone() };
-    app.store.pxe_event(machine, &ev.partition, &ev.mac, &msg).await?;
+    let msg = if ev.message.is_empty() { format!("{} from {}", arch_label(ev.arch), ev.mac) } else { ev.message.clone() };
+    if app.store.pxe_event(&ev.mac, ev.uuid, &msg).await?.is_none() {
+        tracing::debug!(mac = %ev.mac, "PXE event for a MAC no registered machine owns; not recorded");
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How an architecture reads in an event message.
+fn arch_label(a: metal_types::Arch) -> &'static str {
+    match a {
+        metal_types::Arch::BiosX86 => "x86 BIOS",
+        metal_types::Arch::UefiX64 => "x86-64 UEFI",
+        metal_types::Arch::UefiX64Http => "x86-64 UEFI HTTP",
+        metal_types::Arch::UefiArm64 => "ARM64 UEFI",
+        metal_types::Arch::Unknown => "unknown architecture",
+    }
 }

@@ -7,6 +7,7 @@
 //!   signed enrolment tokens of boot decisions.
 //! - [`http`]: the axum routes; [`error`]: the one place errors become HTTP responses.
 //! - [`metrics`]: Prometheus text at `/metrics`; [`openapi`]: the OpenAPI document.
+//! - [`serve`]: the HTTP(S) server: TLS, slow-client timeouts, the connection limit.
 //!
 //! [`start`] binds a listener and serves; the binary and the tests both use it.
 
@@ -18,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;
+pub mod serve;
 pub mod store;
 
 use metal_types::MachineId;
@@ -51,6 +53,13 @@ pub struct Config {
     /// How long cached reads of the boot decision (partitions, long-lived tokens) and the
     /// enrolment key are used before they are read again; 0 turns the caches off.
     pub cache_ttl_ms: u64,
+    /// Lifetime of an allocation's phone-home token, from the allocation on (it is deleted
+    /// earlier when the allocation is freed).
+    pub phone_home_ttl_s: u64,
+    /// HTTPS with this certificate chain and key; plain HTTP when `None`.
+    pub tls: Option<serve::TlsFiles>,
+    /// Timeouts and the connection limit of the HTTP server.
+    pub limits: serve::Limits,
 }
 
 impl Default for Config {
@@ -63,6 +72,9 @@ impl Default for Config {
             reclaim_timeout_s: 900,
             sqlite_sync_normal: false,
             cache_ttl_ms: 5000,
+            phone_home_ttl_s: 7 * 86_400,
+            tls: None,
+            limits: serve::Limits::default(),
         }
     }
 }
@@ -152,17 +164,29 @@ async fn refresh_enrolment_key(app: std::sync::Weak<App>, every: Duration) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the database")]
+    #[error("cannot open the API (its database, bootstrap token and keys)")]
     Db(#[source] error::Error),
     #[error("cannot listen on {addr}")]
     Bind { addr: String, source: std::io::Error },
+    #[error("cannot set up HTTPS")]
+    Tls(#[source] serve::TlsError),
 }
 
 impl App {
     /// Opens the store, applies migrations and the bootstrap admin token.
     pub async fn open(config: Config) -> Result<Arc<App>, error::Error> {
         let cache_ttl = Duration::from_millis(config.cache_ttl_ms);
-        let store = store::Store::open(&config.db, config.sqlite_sync_normal, cache_ttl).await?;
+        if let Some(token) = &config.admin_token {
+            let bits = auth::estimated_bits(token);
+            if bits < auth::MIN_BOOTSTRAP_BITS {
+                return Err(error::Error::BadRequest(format!(
+                    "the bootstrap admin token is too weak (about {bits:.0} bits by a conservative estimate; it needs at least \
+                     128 bits): use e.g. `openssl rand -hex 32`"
+                )));
+            }
+        }
+        let mut store = store::Store::open(&config.db, config.sqlite_sync_normal, cache_ttl).await?;
+        store.set_dead_after_ms(config.dead_after_s as i64 * 1000);
         if let Some(token) = &config.admin_token {
             let mut row = auth::row(token, "admin");
             row.description = "bootstrap admin token (--admin-token)".into();
@@ -242,6 +266,7 @@ async fn listen_for_allocations(app: std::sync::Weak<App>) {
 pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
+    https: bool,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -257,14 +282,28 @@ impl Running {
         self.app.store.close().await;
     }
 
+    /// Whether it serves HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// `http(s)://<addr>`.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", if self.is_https() { "https" } else { "http" }, self.addr)
+    }
+
     /// Waits until the server fails (it does not stop on its own).
     pub async fn join(&mut self) -> std::io::Result<()> {
         (&mut self.handle).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 }
 
-/// Opens the store, binds `listen` and serves in a background task.
+/// Reads the TLS files (when configured), opens the store, binds `listen` and serves in a
+/// background task ([`serve`]).
 pub async fn start(config: Config, listen: &str) -> Result<Running, StartError> {
+    metal_client::tls::install_provider();
+    let tls = config.tls.as_ref().map(serve::load_tls).transpose().map_err(StartError::Tls)?;
+    let limits = config.limits.clone();
     let app = App::open(config).await.map_err(StartError::Db)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -272,14 +311,11 @@ pub async fn start(config: Config, listen: &str) -> Result<Running, StartError> 
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
     let router = http::router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
-    Ok(Running { addr, app, shutdown: Some(tx), handle })
+    let https = tls.is_some();
+    let handle = tokio::spawn(serve::serve(listener, router, tls, limits, async move {
+        let _ = rx.await;
+    }));
+    Ok(Running { addr, app, https, shutdown: Some(tx), handle })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,5 +1,8 @@
 //! `metal-api`: the allocation API server.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
@@ -24,9 +27,38 @@ struct Args {
     /// Database URL: `sqlite://metal.db` (created if missing) or `postgres://user:pass@host/db`.
     #[arg(long, env = "METAL_DB", default_value = "sqlite://metal.db")]
     db: String,
-    /// Bootstrap: make sure an admin token with this value exists.
-    #[arg(long, env = "METAL_ADMIN_TOKEN", hide_env_values = true)]
+    /// Bootstrap: make sure an admin token with this value exists. Prefer the environment or
+    /// `--admin-token-file`: a command line is visible to every user of the host.
+    #[arg(long, env = "METAL_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
     admin_token: Option<String>,
+    /// Bootstrap: like `--admin-token`, the value read from this file (surrounding whitespace
+    /// trimmed; keep it 0600).
+    #[arg(long, env = "METAL_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// HTTPS: the server's certificate chain (PEM, its own certificate first). Needs `--tls-key`.
+    /// Without both the API serves plain HTTP.
+    #[arg(long, env = "METAL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "METAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Seconds a client has for a whole request head, from its connection (or its first byte
+    /// after an idle keep-alive period).
+    #[arg(long, env = "METAL_HTTP_HEADER_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_timeout_s: u64,
+    /// Seconds a kept-alive connection may sit idle between requests, and a response may make
+    /// no progress because the client does not read it.
+    #[arg(long, env = "METAL_HTTP_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    http_idle_timeout_s: u64,
+    /// Seconds a client has for a whole request body, from the end of its head.
+    #[arg(long, env = "METAL_HTTP_BODY_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    http_body_timeout_s: u64,
+    /// Seconds a client has for the TLS handshake, from its connection.
+    #[arg(long, env = "METAL_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    tls_handshake_timeout_s: u64,
+    /// Most connections open at once; further ones wait in the listen backlog until one closes.
+    #[arg(long, env = "METAL_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Lifetime of enrolment tokens handed to booting machines, in seconds.
     #[arg(long, env = "METAL_ENROLMENT_TTL_S", default_value_t = 3600)]
     enrolment_ttl_s: u64,
@@ -44,6 +76,10 @@ struct Args {
     /// (a token deleted in the database stops working within this time) and the enrolment key.
     #[arg(long, env = "METAL_CACHE_TTL_MS", default_value_t = 5000)]
     cache_ttl_ms: u64,
+    /// Lifetime of an allocation's phone-home token in seconds, counted from the allocation (it
+    /// is deleted when the allocation is freed). The installed OS phones home at every boot.
+    #[arg(long, env = "METAL_PHONE_HOME_TTL_S", default_value_t = 7 * 86_400)]
+    phone_home_ttl_s: u64,
     /// Log format.
     #[arg(long, env = "METAL_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -68,17 +104,40 @@ async fn run() -> anyhow::Result<()> {
             .init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
+    let admin_token = match &args.admin_token_file {
+        Some(path) => Some(read_token_file(path)?),
+        None => args.admin_token.clone(),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(metal_api::serve::TlsFiles { cert: cert.clone(), key: key.clone() }),
+        _ => None,
+    };
+    if tls.is_none() {
+        tracing::warn!(
+            "serving plain HTTP: bearer tokens, enrolment credentials and install instructions travel in clear; give --tls-cert and --tls-key"
+        );
+    }
+    let limits = metal_api::serve::Limits {
+        header_read_timeout: Duration::from_secs(args.http_header_timeout_s),
+        idle_timeout: Duration::from_secs(args.http_idle_timeout_s),
+        body_read_timeout: Duration::from_secs(args.http_body_timeout_s),
+        tls_handshake_timeout: Duration::from_secs(args.tls_handshake_timeout_s),
+        max_connections: args.max_connections as usize,
+    };
     let config = metal_api::Config {
         db: args.db.clone(),
-        admin_token: args.admin_token.clone(),
+        admin_token,
         enrolment_ttl_s: args.enrolment_ttl_s,
         dead_after_s: args.dead_after_s,
         reclaim_timeout_s: args.reclaim_timeout_s,
         sqlite_sync_normal: args.sqlite_sync == SqliteSync::Normal,
         cache_ttl_ms: args.cache_ttl_ms,
+        phone_home_ttl_s: args.phone_home_ttl_s,
+        tls,
+        limits,
     };
     let mut running = metal_api::start(config, &args.listen).await.context("starting the API")?;
-    tracing::info!(addr = %running.addr, db = %redact(&args.db), "listening on {}", running.addr);
+    tracing::info!(addr = %running.addr, url = %running.base_url(), db = %redact(&args.db), "listening on {}", running.addr);
     tokio::select! {
         r = running.join() => return r.context("serving"),
         _ = shutdown_signal() => {}
@@ -86,6 +145,22 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("shutting down: finishing requests in flight");
     running.stop().await;
     Ok(())
+}
+
+/// The bootstrap admin token from `--admin-token-file`.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the admin token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("the admin token file {} is empty", path.display());
+    }
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the admin token file is readable by others; chmod 600 it");
+        }
+    }
+    Ok(token.to_string())
 }
 
 /// The database URL without a password.

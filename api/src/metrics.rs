@@ -1,80 +1,80 @@
-//! Prometheus metrics in the text exposition format, without a metrics library: machines by
-//! state and allocation counts come from the database at scrape time (so every replica reports
-//! the same), request latency is a histogram per route kept by this instance.
+//! Prometheus metrics at `/metrics`, through `prometheus-client` (`metal-metrics`).
+//!
+//! - Request counts and latency per route are kept by this instance. Every label is bounded:
+//!   the method through [`metal_metrics::method_label`] (`OTHER` for anything unknown), the
+//!   route as the router's matched pattern (`/v1/machines/{id}`) or `unmatched`, never the raw
+//!   path; the status is a three-digit code.
+//! - Machines by state and allocation counts come from the database at scrape time, so every
+//!   replica reports the same figures.
+//! - `process_*` and `metal_build_info{component="metal-api"}` as every service has them.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use metal_metrics::prometheus_client::metrics::counter::{ConstCounter, Counter};
+use metal_metrics::prometheus_client::metrics::family::Family;
+use metal_metrics::prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use metal_metrics::prometheus_client::metrics::histogram::Histogram;
+use metal_metrics::prometheus_client::registry::Registry;
+use metal_types::ProvisioningEvent;
 
 const BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0];
 
-#[derive(Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// `(method, route)`; the route is a `&'static str` of the route table or `unmatched`.
+type RouteLabels = [(&'static str, String); 2];
+/// `(method, route, status)`.
+type ResponseLabels = [(&'static str, String); 3];
+
+pub struct Metrics {
+    latency: Family<RouteLabels, Histogram>,
+    responses: Family<ResponseLabels, Counter>,
 }
 
-#[derive(Default)]
-pub struct Metrics {
-    latency: Mutex<BTreeMap<(String, String), Histogram>>,
-    responses: Mutex<BTreeMap<(String, String, u16), u64>>,
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            responses: Family::default(),
+        }
+    }
+}
+
+/// What the database says at scrape time.
+pub struct Snapshot<'a> {
+    /// (state or `none`, machines); the state is one of [`ProvisioningEvent`]'s names.
+    pub machines_by_state: &'a [(String, i64)],
+    pub allocations_total: i64,
+    pub allocations_active: i64,
+}
+
+/// A state as a label value: one of the event names, anything else `other`.
+fn state_label(s: &str) -> &'static str {
+    ProvisioningEvent::ALL.iter().map(|e| e.as_str()).find(|n| *n == s).unwrap_or(if s == "none" { "none" } else { "other" })
 }
 
 impl Metrics {
-    pub fn observe(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        {
-            let mut map = self.latency.lock().expect("metrics lock");
-            let h = map.entry((method.to_string(), route.to_string())).or_default();
-            for (i, b) in BUCKETS.iter().enumerate() {
-                if seconds <= *b {
-                    h.buckets[i] += 1;
-                }
-            }
-            h.count += 1;
-            h.sum += seconds;
-        }
-        *self
-            .responses
-            .lock()
-            .expect("metrics lock")
-            .entry((method.to_string(), route.to_string(), status))
-            .or_default() += 1;
+    /// Counts one answered request. `route` is the matched route pattern (bounded by the route
+    /// table) or `None`; `method` anything a client sent.
+    pub fn observe(&self, method: &str, route: Option<&str>, status: u16, seconds: f64) {
+        let method = metal_metrics::method_label(method).to_string();
+        let route = route.unwrap_or("unmatched").to_string();
+        let status = if (100..=999).contains(&status) { status.to_string() } else { "other".to_string() };
+        self.latency.get_or_create(&[("method", method.clone()), ("route", route.clone())]).observe(seconds);
+        self.responses.get_or_create(&[("method", method), ("route", route), ("status", status)]).inc();
     }
 
-    pub fn render(&self, machines_by_state: &[(String, i64)], allocations_total: i64, allocations_active: i64) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "# HELP metal_machines Machines by provisioning state (last event).");
-        let _ = writeln!(s, "# TYPE metal_machines gauge");
-        for (state, n) in machines_by_state {
-            let _ = writeln!(s, "metal_machines{{state=\"{state}\"}} {n}");
+    /// The text of `/metrics` and its content type.
+    pub fn render(&self, db: &Snapshot<'_>) -> Result<(String, &'static str), std::fmt::Error> {
+        let mut r = Registry::default();
+        metal_metrics::build_info(&mut r, "metal-api");
+        r.register_collector(Box::new(metal_metrics::ProcessCollector));
+        let machines = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        for (state, n) in db.machines_by_state {
+            machines.get_or_create(&[("state", state_label(state))]).inc_by(*n);
         }
-        let _ = writeln!(s, "# HELP metal_allocations_total Allocations ever made.");
-        let _ = writeln!(s, "# TYPE metal_allocations_total counter");
-        let _ = writeln!(s, "metal_allocations_total {allocations_total}");
-        let _ = writeln!(s, "# HELP metal_allocations_active Allocations not freed.");
-        let _ = writeln!(s, "# TYPE metal_allocations_active gauge");
-        let _ = writeln!(s, "metal_allocations_active {allocations_active}");
-        let _ = writeln!(s, "# HELP metal_http_requests_total HTTP responses by route and status.");
-        let _ = writeln!(s, "# TYPE metal_http_requests_total counter");
-        for ((m, r, st), n) in self.responses.lock().expect("metrics lock").iter() {
-            let _ = writeln!(s, "metal_http_requests_total{{method=\"{m}\",route=\"{r}\",status=\"{st}\"}} {n}");
-        }
-        let _ = writeln!(s, "# HELP metal_http_request_duration_seconds HTTP request latency by route.");
-        let _ = writeln!(s, "# TYPE metal_http_request_duration_seconds histogram");
-        for ((m, r), h) in self.latency.lock().expect("metrics lock").iter() {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "metal_http_request_duration_seconds_bucket{{method=\"{m}\",route=\"{r}\",le=\"{b}\"}} {}",
-                    h.buckets[i]
-                );
-            }
-            let _ = writeln!(s, "metal_http_request_duration_seconds_bucket{{method=\"{m}\",route=\"{r}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(s, "metal_http_request_duration_seconds_sum{{method=\"{m}\",route=\"{r}\"}} {}", h.sum);
-            let _ = writeln!(s, "metal_http_request_duration_seconds_count{{method=\"{m}\",route=\"{r}\"}} {}", h.count);
-        }
-        s
+        r.register("metal_machines", "Machines by provisioning state (last event)", machines);
+        r.register("metal_allocations", "Allocations ever made", ConstCounter::new(db.allocations_total.max(0) as u64));
+        r.register("metal_allocations_active", "Allocations not freed", ConstGauge::new(db.allocations_active));
+        r.register("metal_http_requests", "HTTP responses by route and status", self.responses.clone());
+        r.register("metal_http_request_duration_seconds", "HTTP request latency by route", self.latency.clone());
+        metal_metrics::render(&r)
     }
 }
 
@@ -82,16 +82,28 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn render(m: &Metrics) -> String {
+        let states = [("Waiting".to_string(), 3), ("Bogus".to_string(), 1), ("none".to_string(), 2)];
+        m.render(&Snapshot { machines_by_state: &states, allocations_total: 5, allocations_active: 2 }).unwrap().0
+    }
+
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_are_cumulative_and_labels_bounded() {
         let m = Metrics::default();
-        m.observe("GET", "/healthz", 200, 0.003);
-        m.observe("GET", "/healthz", 200, 2.0);
-        let text = m.render(&[("Waiting".into(), 3)], 5, 2);
-        assert!(text.contains("metal_machines{state=\"Waiting\"} 3"));
-        assert!(text.contains("le=\"0.005\"} 1"));
-        assert!(text.contains("le=\"5\"} 2"));
-        assert!(text.contains("le=\"+Inf\"} 2"));
-        assert!(text.contains("metal_allocations_total 5"));
+        m.observe("GET", Some("/healthz"), 200, 0.003);
+        m.observe("GET", Some("/healthz"), 200, 2.0);
+        m.observe("BREW", None, 405, 0.001);
+        let text = render(&m);
+        assert!(text.contains("metal_machines{state=\"Waiting\"} 3"), "{text}");
+        assert!(text.contains("metal_machines{state=\"other\"} 1"), "{text}");
+        assert!(text.contains("metal_machines{state=\"none\"} 2"), "{text}");
+        let h = "metal_http_request_duration_seconds_bucket{method=\"GET\",route=\"/healthz\",le=";
+        assert!(text.contains(&format!("{h}\"0.005\"}} 1")), "{text}");
+        assert!(text.contains(&format!("{h}\"5\"}} 2")), "{text}");
+        assert!(text.contains(&format!("{h}\"+Inf\"}} 2")), "{text}");
+        assert!(text.contains("metal_allocations_total 5"), "{text}");
+        assert!(text.contains("metal_allocations_active 2"), "{text}");
+        assert!(text.contains("metal_http_requests_total{method=\"OTHER\",route=\"unmatched\",status=\"405\"} 1"), "{text}");
+        assert!(!text.contains("BREW"));
     }
 }

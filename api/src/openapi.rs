@@ -19,10 +19,10 @@ use utoipa::OpenApi;
     components(schemas(
         Partition, PartitionBoot, Size, SizeConstraint, ConstraintKind, ImageFormat, ImageClassification,
         ImageManifest, Image, GptType, GptPartition, LayoutDisk, FsKind, Filesystem, FilesystemLayout, Project,
-        TokenRole, TokenRequest, TokenResponse, Inventory, Cpu, Disk, Nic, Dmi, LldpNeighbor, RegisterRequest,
+        TokenRole, TokenRequest, TokenResponse, TokenInfo, Inventory, Cpu, Disk, Nic, Dmi, LldpNeighbor, RegisterRequest,
         RegisterResponse, EventReport, EventBatch, WipeReport, DiskWipe, InstallInstructions, PhoneHomeConfig,
         InstallReport, BootInfo, PhoneHome, Arch, BootRequest, BootDecision, PxeEvent, AllocationRequest,
-        Allocation, Machine, MachineEvent, ApiError, ProvisioningEvent, Liveliness, MachineId, AllocationId
+        Allocation, Machine, MachineEvent, EventSource, ApiError, ProvisioningEvent, Liveliness, MachineId, AllocationId
     ))
 )]
 struct Schemas;
@@ -86,10 +86,12 @@ fn routes() -> Vec<Route> {
         r(Get, "/v1/images", "List images", READ, None, "200", Out::Many("Image")),
         r(Get, "/v1/images/{id}", "An image by id, or by name: the newest version that has not expired", READ, None, "200", Out::One("Image")),
         r(Delete, "/v1/images/{id}", "Delete an image", ADMIN, None, "204", Out::Empty),
-        r(Post, "/v1/tokens", "Create a token (shown once)", ADMIN, Some("TokenRequest"), "201", Out::One("TokenResponse")),
+        r(Post, "/v1/tokens", "Create a token (shown once), optionally expiring", ADMIN, Some("TokenRequest"), "201", Out::One("TokenResponse")),
+        r(Get, "/v1/tokens", "Admin, tenant and pixie tokens (never the tokens themselves)", ADMIN, None, "200", Out::Many("TokenInfo")),
+        r(Delete, "/v1/tokens/{id}", "Revoke a token (409 for the last admin token)", ADMIN, None, "204", Out::Empty),
         r(Get, "/v1/machines", "Machines (tenants: those allocated to their project)", READ, None, "200", Out::Many("Machine")),
         r(Get, "/v1/machines/{id}", "One machine", READ, None, "200", Out::One("Machine")),
-        r(Get, "/v1/machines/{id}/events", "A machine's provisioning events", READ, None, "200", Out::Many("MachineEvent")),
+        r(Get, "/v1/machines/{id}/events", "A machine's provisioning events (tenants: from their allocation on)", READ, None, "200", Out::Many("MachineEvent")),
         r(Delete, "/v1/machines/{id}/allocation", "Free a machine: records Machine Reclaim", READ, None, "200", Out::One("Machine")),
         r(Post, "/v1/allocations", "Allocate a machine (201; 200 for a repeated idempotency key; 409 no_machine_available)", READ, Some("AllocationRequest"), "201", Out::One("Allocation")),
         r(Get, "/v1/allocations", "Active allocations", READ, None, "200", Out::Many("Allocation")),
@@ -100,7 +102,7 @@ fn routes() -> Vec<Route> {
         r(Post, "/v1/agent/install-report", "Report the result of an install", MACHINE, Some("InstallReport"), "204", Out::Empty),
         r(Post, "/v1/agent/phone-home", "The installed OS reports it booted", Some("phone-home token"), Some("PhoneHome"), "204", Out::Empty),
         r(Post, "/v1/boot/decide", "What a machine boots", Some("pixie or admin"), Some("BootRequest"), "200", Out::One("BootDecision")),
-        r(Post, "/v1/boot/pxe-event", "pixie saw a PXE request: records PXE Booting", Some("pixie or admin"), Some("PxeEvent"), "204", Out::Empty),
+        r(Post, "/v1/boot/pxe-event", "pixie saw a PXE request: records PXE Booting for the registered machine that owns the MAC", Some("pixie or admin"), Some("PxeEvent"), "204", Out::Empty),
     ]);
     v
 }

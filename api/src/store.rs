@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::fsm::{self, FsmState, Record};
 use crate::policy::{self, Candidate};
 use crate::{now_ms, rfc3339};
-use metal_types::{Allocation, AllocationId, BootInfo, Image, MachineEvent, MachineId, ProvisioningEvent as Ev};
+use metal_types::{Allocation, AllocationId, BootInfo, EventSource, Image, MachineEvent, MachineId, ProvisioningEvent as Ev};
 use serde::de::DeserializeOwned;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::AnyConnection;
@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "enrolment token mac", include_str!("../migrations/0002_enrolment_mac.sql")),
     (3, "free machine index", include_str!("../migrations/0003_free_machine_index.sql")),
     (4, "secrets", include_str!("../migrations/0004_secrets.sql")),
+    (5, "event source", include_str!("../migrations/0005_event_source.sql")),
 ];
 
 /// The PostgreSQL channel that carries "machine X was allocated" between replicas.
@@ -51,6 +52,9 @@ pub struct Store {
     boot_cache: Cache,
     /// SQLite: the queue of the group-commit allocation writer.
     group_writer: Option<tokio::sync::mpsc::UnboundedSender<AllocJob>>,
+    /// A machine silent for this long is dead: pixie's sightings of a machine whose
+    /// metal-hammer was heard from more recently are ignored (`fsm::Origin::Pixie`).
+    dead_after_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +186,37 @@ pub struct MachineRow {
     pub allocation: Option<Allocation>,
     pub allocation_phoned_home: bool,
     pub boot: Option<BootInfo>,
+}
+
+/// A registration the handler has checked (token, partition, size match).
+#[derive(Debug)]
+pub struct Registration<'a> {
+    pub id: MachineId,
+    pub partition: &'a str,
+    pub size: &'a str,
+    pub inventory: &'a metal_types::Inventory,
+    pub credential: &'a TokenRow,
+    /// The MAC the enrolment token is bound to (normalised); `None` when an admin registers.
+    pub token_mac: Option<&'a str>,
+}
+
+fn source_name(s: EventSource) -> &'static str {
+    match s {
+        EventSource::Agent => "agent",
+        EventSource::Pixie => "pixie",
+        EventSource::PhoneHome => "phone_home",
+        EventSource::Api => "api",
+    }
+}
+
+fn parse_source(s: &str) -> Result<EventSource> {
+    Ok(match s {
+        "agent" => EventSource::Agent,
+        "pixie" => EventSource::Pixie,
+        "phone_home" => EventSource::PhoneHome,
+        "api" => EventSource::Api,
+        other => return Err(Error::Internal(format!("stored event source {other:?}"))),
+    })
 }
 
 /// What `allocate` should do; the handler has resolved and validated every name.
@@ -328,6 +363,7 @@ impl Store {
             token_cache: sqlite.then(|| Cache::new(cache_ttl)),
             boot_cache: Cache::new(cache_ttl),
             group_writer,
+            dead_after_ms: 60_000,
         };
         store.migrate().await?;
         Ok(store)
@@ -360,6 +396,11 @@ impl Store {
             c.invalidate();
         }
         self.boot_cache.invalidate();
+    }
+
+    /// Sets the dead-after window (`--dead-after-s`; default 60 s).
+    pub fn set_dead_after_ms(&mut self, ms: i64) {
+        self.dead_after_ms = ms;
     }
 
     pub fn backend(&self) -> Backend {
@@ -538,14 +579,27 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Active allocations that use a catalog object (to refuse deleting it).
-    pub async fn active_allocations_using(&self, column: &str, id: &str) -> Result<i64> {
-        let sql = match column {
-            "project" => "SELECT COUNT(*) AS n FROM allocations WHERE freed_ms IS NULL AND project = $1",
-            _ => return Ok(0),
-        };
-        let r = sqlx::query(sql).bind(id).fetch_one(&self.pool).await?;
-        Ok(r.try_get("n")?)
+    /// Deletes a project and revokes its tenant tokens in one transaction, refusing while it has
+    /// active allocations. A project created again with the same id starts with no tokens.
+    pub async fn delete_project(&self, id: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let active: i64 = sqlx::query("SELECT COUNT(*) AS n FROM allocations WHERE freed_ms IS NULL AND project = $1")
+            .bind(id)
+            .fetch_one(tx.c())
+            .await?
+            .try_get("n")?;
+        if active > 0 {
+            return Err(Error::Conflict(format!("project {id} has {active} active allocations; free them first")));
+        }
+        let n = sqlx::query("DELETE FROM projects WHERE id = $1").bind(id).execute(tx.c()).await?.rows_affected();
+        let revoked = sqlx::query("DELETE FROM tokens WHERE role = 'tenant' AND project = $1").bind(id).execute(tx.c()).await?.rows_affected();
+        tx.commit().await?;
+        self.catalog_changed();
+        self.tokens_changed();
+        if revoked > 0 {
+            tracing::info!(project = id, revoked, "project deleted; its tenant tokens are revoked");
+        }
+        Ok(n > 0)
     }
 
     pub async fn put_image(&self, image: &Image, expires_ms: Option<i64>) -> Result<bool> {
@@ -669,7 +723,7 @@ impl Store {
         Ok(())
     }
 
-    /// Makes sure a token with this hash exists (the bootstrap admin token).
+    /// Makes sure a token with this hash exists (the bootstrap admin token, phone-home tokens).
     pub async fn ensure_token(&self, t: &TokenRow) -> Result<()> {
         let mut tx = self.write().await?;
         let exists = sqlx::query("SELECT id FROM tokens WHERE hash = $1").bind(&t.hash).fetch_optional(tx.c()).await?;
@@ -738,6 +792,45 @@ impl Store {
         Ok(n)
     }
 
+    /// Admin, tenant and pixie tokens (never their hashes' secrets: a row is all there is).
+    pub async fn list_tokens(&self) -> Result<Vec<(TokenRow, i64)>> {
+        sqlx::query("SELECT * FROM tokens WHERE role IN ('admin', 'tenant', 'pixie') ORDER BY created_ms, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((token_row(r)?, r.try_get("created_ms")?)))
+            .collect()
+    }
+
+    /// Revokes the admin, tenant or pixie token `id`. Refuses to revoke the last admin token
+    /// that has not expired (nobody could administer the API any more). `Ok(false)`: no such token.
+    pub async fn revoke_token(&self, id: &str, now: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query("SELECT role FROM tokens WHERE id = $1 AND role IN ('admin', 'tenant', 'pixie')")
+            .bind(id)
+            .fetch_optional(tx.c())
+            .await?;
+        let Some(row) = row else { return Ok(false) };
+        if row.try_get::<String, _>("role")? == "admin" {
+            let others = sqlx::query(
+                "SELECT COUNT(*) AS n FROM tokens WHERE role = 'admin' AND id <> $1 AND (expires_ms IS NULL OR expires_ms > $2)",
+            )
+            .bind(id)
+            .bind(now)
+            .fetch_one(tx.c())
+            .await?;
+            if others.try_get::<i64, _>("n")? == 0 {
+                return Err(Error::Conflict(format!(
+                    "token {id} is the last admin token; create another admin token first, then revoke this one"
+                )));
+            }
+        }
+        sqlx::query("DELETE FROM tokens WHERE id = $1").bind(id).execute(tx.c()).await?;
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(true)
+    }
+
     /// The secret `name`, created from `fresh()` by whichever API gets there first: every
     /// replica ends up with the same value.
     pub async fn secret(&self, name: &str, fresh: impl FnOnce() -> String) -> Result<String> {
@@ -791,83 +884,103 @@ impl Store {
         rows.iter().map(machine_row).collect()
     }
 
-    /// For the boot decision, in one query: the machine named by `uuid`, or else the one that
-    /// owns `mac`; its id and whether its current allocation has phoned home.
+    /// For the boot decision, in one query: the machine that owns `mac`, or else the one named
+    /// by `uuid` (in either SMBIOS byte order); its id and whether its current allocation has
+    /// phoned home. The MAC comes first: it is what the enrolment token is bound to, and a UUID
+    /// in a boot request is whatever the client claims.
     pub async fn boot_machine(&self, uuid: Option<MachineId>, mac: &str) -> Result<Option<(MachineId, bool)>> {
-        let row = sqlx::query(
-            "SELECT m.id, a.phoned_home_ms FROM machines m LEFT JOIN allocations a ON a.id = m.allocation \
-             WHERE m.id = COALESCE($1, (SELECT machine FROM machine_macs WHERE mac = $2))",
+        let rows = sqlx::query(
+            "SELECT m.id, a.phoned_home_ms, CASE WHEN m.id = (SELECT machine FROM machine_macs WHERE mac = $3) THEN 0 ELSE 1 END AS rank \
+             FROM machines m LEFT JOIN allocations a ON a.id = m.allocation \
+             WHERE m.id = (SELECT machine FROM machine_macs WHERE mac = $3) OR m.id = $1 OR m.id = $2 ORDER BY rank",
         )
         .bind(uuid.map(|u| u.to_string()))
-        .bind(mac.to_ascii_lowercase())
-        .fetch_optional(&self.pool)
+        .bind(uuid.map(|u| u.byte_swapped().to_string()))
+        .bind(crate::enrolment::normalize_mac(mac))
+        .fetch_all(&self.pool)
         .await?;
-        let Some(r) = row else { return Ok(None) };
+        let Some(r) = rows.first() else { return Ok(None) };
         let id = parse_machine_id(&r.try_get::<String, _>("id")?)?;
         Ok(Some((id, r.try_get::<Option<i64>, _>("phoned_home_ms")?.is_some())))
     }
 
     pub async fn machine_by_mac(&self, mac: &str) -> Result<Option<MachineId>> {
         let row = sqlx::query("SELECT machine FROM machine_macs WHERE mac = $1")
-            .bind(mac.to_ascii_lowercase())
+            .bind(crate::enrolment::normalize_mac(mac))
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| parse_machine_id(&r.try_get::<String, _>("machine")?)).transpose()
     }
 
-    async fn load_fsm(c: &mut AnyConnection, id: MachineId) -> Result<Option<FsmState>> {
-        let row = sqlx::query(
-            "SELECT state, crash_count, crash_loop, reclaiming, reclaim_ms, failed_reclaim FROM machines WHERE id = $1",
-        )
+    /// The machine's state machine row and last sign of life, locked for this transaction on
+    /// PostgreSQL so concurrent events of one machine apply one after the other (SQLite has one
+    /// writer anyway).
+    async fn load_fsm(&self, c: &mut AnyConnection, id: MachineId) -> Result<Option<(FsmState, Option<i64>)>> {
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+        let row = sqlx::query(&format!(
+            "SELECT state, crash_count, crash_loop, reclaiming, reclaim_ms, failed_reclaim, last_seen_ms FROM machines WHERE id = $1{lock}"
+        ))
         .bind(id.to_string())
         .fetch_optional(c)
         .await?;
         let Some(r) = row else { return Ok(None) };
         let state: Option<String> = r.try_get("state")?;
-        Ok(Some(FsmState {
+        let fsm = FsmState {
             state: state.as_deref().map(parse_event).transpose()?,
             crash_count: r.try_get::<i64, _>("crash_count")? as u32,
             crash_loop: r.try_get::<i64, _>("crash_loop")? != 0,
             reclaiming: r.try_get::<i64, _>("reclaiming")? != 0,
             reclaim_ms: r.try_get("reclaim_ms")?,
             failed_reclaim: r.try_get::<i64, _>("failed_reclaim")? != 0,
-        }))
+        };
+        Ok(Some((fsm, r.try_get("last_seen_ms")?)))
     }
 
     /// Runs events through the state machine and stores them, inside `c`'s transaction.
-    /// Every event is also a sign of life.
-    async fn apply_events_in(
-        c: &mut AnyConnection,
-        id: MachineId,
-        events: &[(Ev, i64, String)],
-        now: i64,
-    ) -> Result<()> {
-        let Some(mut s) = Self::load_fsm(c, id).await? else {
+    /// The machine's own events are signs of life; pixie's sightings are not (see [`fsm`]).
+    async fn apply_events_in(&self, c: &mut AnyConnection, id: MachineId, source: EventSource, events: &[(Ev, i64, String)], now: i64) -> Result<()> {
+        let Some((mut s, last_seen)) = self.load_fsm(c, id).await? else {
             return Err(Error::not_found("machine", id));
         };
-        for (ev, time_ms, message) in events {
-            let step = fsm::apply(&s, *ev, now);
-            if let Record::Store { unexpected } = step.record {
-                if unexpected {
-                    tracing::warn!(machine = %id, from = ?s.state.map(|e| e.as_str()), event = %ev, "unexpected provisioning event");
-                }
-                sqlx::query(
-                    "INSERT INTO events (machine, event, message, time_ms, received_ms, unexpected) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(id.to_string())
-                .bind(ev.as_str())
-                .bind(message)
-                .bind(*time_ms)
-                .bind(now)
-                .bind(i64::from(unexpected))
-                .execute(&mut *c)
-                .await?;
+        let origin = match source {
+            EventSource::Pixie => {
+                fsm::Origin::Pixie { agent_alive: last_seen.is_some_and(|t| now - t < self.dead_after_ms) }
             }
+            _ => fsm::Origin::Machine,
+        };
+        let mut alive = false;
+        for (ev, time_ms, message) in events {
+            let step = fsm::apply(&s, *ev, origin, now);
+            alive |= step.alive(origin);
+            let (unexpected, ignored) = match step.record {
+                Record::Store { unexpected } => (unexpected, false),
+                Record::Ignored => (false, true),
+                Record::Heartbeat | Record::Collapse => {
+                    s = step.next;
+                    continue;
+                }
+            };
+            if unexpected {
+                tracing::warn!(machine = %id, from = ?s.state.map(|e| e.as_str()), event = %ev, "unexpected provisioning event");
+            }
+            sqlx::query(
+                "INSERT INTO events (machine, event, message, time_ms, received_ms, unexpected, source, ignored) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id.to_string())
+            .bind(ev.as_str())
+            .bind(metal_types::bound_message(message.clone()))
+            .bind(*time_ms)
+            .bind(now)
+            .bind(i64::from(unexpected))
+            .bind(source_name(source))
+            .bind(i64::from(ignored))
+            .execute(&mut *c)
+            .await?;
             s = step.next;
         }
         sqlx::query(
             "UPDATE machines SET state = $1, crash_count = $2, crash_loop = $3, reclaiming = $4, reclaim_ms = $5, \
-             failed_reclaim = $6, last_seen_ms = $7, updated_ms = $7 WHERE id = $8",
+             failed_reclaim = $6, last_seen_ms = CASE WHEN $7 = 1 THEN $8 ELSE last_seen_ms END, updated_ms = $8 WHERE id = $9",
         )
         .bind(s.state.map(|e| e.as_str().to_string()))
         .bind(i64::from(s.crash_count))
@@ -875,6 +988,7 @@ impl Store {
         .bind(i64::from(s.reclaiming))
         .bind(s.reclaim_ms)
         .bind(i64::from(s.failed_reclaim))
+        .bind(i64::from(alive))
         .bind(now)
         .bind(id.to_string())
         .execute(&mut *c)
@@ -882,35 +996,28 @@ impl Store {
         Ok(())
     }
 
+    /// Events the machine reported itself (metal-hammer with its credential).
     pub async fn record_events(&self, id: MachineId, events: &[(Ev, i64, String)]) -> Result<()> {
         let now = now_ms();
         let mut tx = self.write().await?;
-        Self::apply_events_in(tx.c(), id, events, now).await?;
+        self.apply_events_in(tx.c(), id, EventSource::Agent, events, now).await?;
         tx.commit().await
     }
 
-    /// A `PXE Booting` from pixie; creates the machine record for an unknown UUID.
-    pub async fn pxe_event(&self, id: MachineId, partition: &str, mac: &str, message: &str) -> Result<()> {
+    /// A `PXE Booting` that pixie saw for `mac` (and, as the client claimed, `uuid`). Recorded
+    /// only for a registered machine that owns that MAC and, when a UUID was sent, is that UUID;
+    /// never creates a machine. Returns the machine it was recorded for.
+    pub async fn pxe_event(&self, mac: &str, uuid: Option<MachineId>, message: &str) -> Result<Option<MachineId>> {
+        let Some(id) = self.machine_by_mac(mac).await? else { return Ok(None) };
+        if uuid.is_some_and(|u| !u.same_machine(id)) {
+            tracing::info!(%mac, machine = %id, claimed = ?uuid.map(|u| u.to_string()), "PXE request names another UUID than the MAC's machine; not recorded");
+            return Ok(None);
+        }
         let now = now_ms();
         let mut tx = self.write().await?;
-        sqlx::query(
-            "INSERT INTO machines (id, partition, size, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(partition)
-        .bind(policy::UNKNOWN_SIZE)
-        .bind(now)
-        .execute(tx.c())
-        .await?;
-        if !mac.is_empty() {
-            sqlx::query("INSERT INTO machine_macs (mac, machine) VALUES ($1, $2) ON CONFLICT (mac) DO UPDATE SET machine = excluded.machine")
-                .bind(mac.to_ascii_lowercase())
-                .bind(id.to_string())
-                .execute(tx.c())
-                .await?;
-        }
-        Self::apply_events_in(tx.c(), id, &[(Ev::PxeBooting, now, message.to_string())], now).await?;
-        tx.commit().await
+        self.apply_events_in(tx.c(), id, EventSource::Pixie, &[(Ev::PxeBooting, now, message.to_string())], now).await?;
+        tx.commit().await?;
+        Ok(Some(id))
     }
 
     /// A heartbeat: the machine's agent is alive.
@@ -926,34 +1033,85 @@ impl Store {
     }
 
     /// Registers (or re-registers) a machine and replaces its credential. A sign of life.
-    pub async fn register(
-        &self,
-        id: MachineId,
-        partition: &str,
-        size: &str,
-        inventory: &metal_types::Inventory,
-        credential: &TokenRow,
-    ) -> Result<()> {
+    ///
+    /// The rules (api/README.md, "Machine identity"): a machine that exists may be registered
+    /// again only with a token whose MAC (`token_mac`; `None` for an admin) is one of the MACs it
+    /// registered with before, and never while its allocation's OS has phoned home; a MAC that
+    /// belongs to another machine is not taken over (the token's own MAC is refused outright).
+    pub async fn register(&self, reg: &Registration<'_>) -> Result<()> {
         let now = now_ms();
+        let id = reg.id;
         let mut tx = self.write().await?;
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE OF m" } else { "" };
+        let existing = sqlx::query(&format!(
+            "SELECT m.id, a.id AS alloc, a.phoned_home_ms FROM machines m LEFT JOIN allocations a ON a.id = m.allocation WHERE m.id = $1{lock}"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(tx.c())
+        .await?;
+        if let Some(row) = &existing {
+            if let (Some(alloc), Some(at)) = (row.try_get::<Option<String>, _>("alloc")?, row.try_get::<Option<i64>, _>("phoned_home_ms")?) {
+                return Err(Error::Conflict(format!(
+                    "machine {id} is running the installed OS of allocation {alloc} (phoned home at {}); it registers again \
+                     only after the allocation is freed",
+                    rfc3339(at)
+                )));
+            }
+            if let Some(mac) = reg.token_mac {
+                let known = sqlx::query("SELECT mac FROM machine_macs WHERE machine = $1 AND mac = $2")
+                    .bind(id.to_string())
+                    .bind(mac)
+                    .fetch_optional(tx.c())
+                    .await?;
+                if known.is_none() {
+                    return Err(Error::Forbidden(format!(
+                        "machine {id} is registered with other NICs than {mac}, the MAC this enrolment token was issued to; \
+                         PXE boot the machine from one of its own NICs (if its NICs really changed, an operator must \
+                         decommission the machine first)"
+                    )));
+                }
+            }
+        }
+        let mut macs = Vec::new();
+        for nic in &reg.inventory.nics {
+            let mac = crate::enrolment::normalize_mac(&nic.mac);
+            if mac.is_empty() || macs.contains(&mac) {
+                continue;
+            }
+            let owner: Option<String> = sqlx::query("SELECT machine FROM machine_macs WHERE mac = $1 AND machine <> $2")
+                .bind(&mac)
+                .bind(id.to_string())
+                .fetch_optional(tx.c())
+                .await?
+                .map(|r| r.try_get("machine"))
+                .transpose()?;
+            match owner {
+                Some(owner) if reg.token_mac == Some(mac.as_str()) => {
+                    return Err(Error::Conflict(format!(
+                        "NIC {mac} belongs to machine {owner}; if it moved to machine {id}, an operator must decommission {owner} first"
+                    )))
+                }
+                Some(owner) => {
+                    tracing::warn!(machine = %id, %mac, %owner, "inventory lists a NIC of another machine; keeping it with that machine")
+                }
+                None => macs.push(mac),
+            }
+        }
         sqlx::query(
             "INSERT INTO machines (id, partition, size, inventory, last_seen_ms, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5, $5) \
              ON CONFLICT (id) DO UPDATE SET partition = excluded.partition, size = excluded.size, \
              inventory = excluded.inventory, last_seen_ms = excluded.last_seen_ms, updated_ms = excluded.updated_ms",
         )
         .bind(id.to_string())
-        .bind(partition)
-        .bind(size)
-        .bind(to_json(inventory))
+        .bind(reg.partition)
+        .bind(reg.size)
+        .bind(to_json(reg.inventory))
         .bind(now)
         .execute(tx.c())
         .await?;
-        for nic in &inventory.nics {
-            if nic.mac.is_empty() {
-                continue;
-            }
-            sqlx::query("INSERT INTO machine_macs (mac, machine) VALUES ($1, $2) ON CONFLICT (mac) DO UPDATE SET machine = excluded.machine")
-                .bind(nic.mac.to_ascii_lowercase())
+        for mac in &macs {
+            sqlx::query("INSERT INTO machine_macs (mac, machine) VALUES ($1, $2) ON CONFLICT (mac) DO NOTHING")
+                .bind(mac)
                 .bind(id.to_string())
                 .execute(tx.c())
                 .await?;
@@ -962,7 +1120,7 @@ impl Store {
             .bind(id.to_string())
             .execute(tx.c())
             .await?;
-        Self::insert_token_in(tx.c(), credential).await?;
+        Self::insert_token_in(tx.c(), reg.credential).await?;
         // No event here: the agent reports `Preparing` and `Registering` itself (queued before it
         // had a credential, sent right after), as in metal-stack.
         tx.commit().await?;
@@ -1007,7 +1165,7 @@ impl Store {
         }
         if !report.success {
             let msg = format!("install failed: {}", report.message);
-            Self::apply_events_in(tx.c(), id, &[(Ev::Crashed, now, msg)], now).await?;
+            self.apply_events_in(tx.c(), id, EventSource::Agent, &[(Ev::Crashed, now, msg)], now).await?;
         } else {
             sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
                 .bind(now)
@@ -1018,22 +1176,36 @@ impl Store {
         tx.commit().await
     }
 
-    pub async fn events(&self, id: MachineId) -> Result<Vec<MachineEvent>> {
-        sqlx::query("SELECT event, message, time_ms, received_ms, unexpected FROM events WHERE machine = $1 ORDER BY seq")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(MachineEvent {
-                    event: parse_event(&r.try_get::<String, _>("event")?)?,
-                    message: r.try_get("message")?,
-                    time: rfc3339(r.try_get("time_ms")?),
-                    received: rfc3339(r.try_get("received_ms")?),
-                    unexpected: r.try_get::<i64, _>("unexpected")? != 0,
-                })
+    /// The machine's timeline; with `since_ms`, only what the API received from then on (a
+    /// tenant sees the timeline of its own allocation, not the previous tenant's).
+    pub async fn events(&self, id: MachineId, since_ms: Option<i64>) -> Result<Vec<MachineEvent>> {
+        sqlx::query(
+            "SELECT event, message, time_ms, received_ms, unexpected, source, ignored FROM events \
+             WHERE machine = $1 AND received_ms >= $2 ORDER BY seq",
+        )
+        .bind(id.to_string())
+        .bind(since_ms.unwrap_or(i64::MIN))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(MachineEvent {
+                event: parse_event(&r.try_get::<String, _>("event")?)?,
+                message: r.try_get("message")?,
+                time: rfc3339(r.try_get("time_ms")?),
+                received: rfc3339(r.try_get("received_ms")?),
+                unexpected: r.try_get::<i64, _>("unexpected")? != 0,
+                source: parse_source(&r.try_get::<String, _>("source")?)?,
+                ignored: r.try_get::<i64, _>("ignored")? != 0,
             })
-            .collect()
+        })
+        .collect()
+    }
+
+    /// When the allocation was made (ms since the epoch).
+    pub async fn allocation_created_ms(&self, id: AllocationId) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT created_ms FROM allocations WHERE id = $1").bind(id.to_string()).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get("created_ms")).transpose()?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1132,7 +1304,8 @@ impl Store {
         })
     }
 
-    /// Records the phone home of an allocation's OS.
+    /// Records the phone home of an allocation's OS. The machine's credential goes: metal-hammer
+    /// is gone (it kexeced), so nobody should hold one until the machine is freed.
     pub async fn phoned_home(&self, machine: MachineId, allocation: AllocationId, time_ms: i64, message: &str) -> Result<()> {
         let now = now_ms();
         let mut tx = self.write().await?;
@@ -1141,19 +1314,29 @@ impl Store {
             .bind(allocation.to_string())
             .execute(tx.c())
             .await?;
-        Self::apply_events_in(tx.c(), machine, &[(Ev::PhonedHome, time_ms, message.to_string())], now).await?;
-        tx.commit().await
+        sqlx::query("DELETE FROM tokens WHERE role = 'machine' AND machine = $1")
+            .bind(machine.to_string())
+            .execute(tx.c())
+            .await?;
+        self.apply_events_in(tx.c(), machine, EventSource::PhoneHome, &[(Ev::PhonedHome, time_ms, message.to_string())], now).await?;
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(())
     }
 
-    /// Frees the machine's allocation and records `Machine Reclaim`. With `project`, only an
-    /// allocation of that project is freed (others look like a missing machine).
+    /// Frees the machine's allocation, deletes its phone-home token and records `Machine
+    /// Reclaim`. With `project`, only an allocation of that project is freed (others look like
+    /// a missing machine).
     pub async fn free(&self, id: MachineId, project: Option<&str>) -> Result<()> {
         let now = now_ms();
         let mut tx = self.write().await?;
-        let row = sqlx::query("SELECT m.allocation, a.project FROM machines m LEFT JOIN allocations a ON a.id = m.allocation WHERE m.id = $1")
-            .bind(id.to_string())
-            .fetch_optional(tx.c())
-            .await?;
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE OF m" } else { "" };
+        let row = sqlx::query(&format!(
+            "SELECT m.allocation, a.project FROM machines m LEFT JOIN allocations a ON a.id = m.allocation WHERE m.id = $1{lock}"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(tx.c())
+        .await?;
         let Some(row) = row else { return Err(Error::not_found("machine", id)) };
         let alloc: Option<String> = row.try_get("allocation")?;
         let owner: Option<String> = row.try_get("project")?;
@@ -1175,13 +1358,23 @@ impl Store {
             .bind(id.to_string())
             .execute(tx.c())
             .await?;
-        Self::apply_events_in(tx.c(), id, &[(Ev::MachineReclaim, now, format!("allocation {alloc} freed"))], now).await?;
-        tx.commit().await
+        sqlx::query("DELETE FROM tokens WHERE role = 'phone_home' AND allocation = $1").bind(&alloc).execute(tx.c()).await?;
+        self.apply_events_in(tx.c(), id, EventSource::Api, &[(Ev::MachineReclaim, now, format!("allocation {alloc} freed"))], now).await?;
+        tx.commit().await?;
+        self.tokens_changed();
+        Ok(())
     }
 
-    /// Stores a phone-home token for the machine's allocation.
+    /// Stores the phone-home token of an allocation unless it is stored already (every answer
+    /// of `wait` for one allocation carries the same token; see `auth::phone_home_token`).
     pub async fn issue_phone_home(&self, t: &TokenRow) -> Result<()> {
-        self.insert_token(t).await
+        self.ensure_token(t).await
+    }
+
+    /// Whether the allocation's OS has phoned home.
+    pub async fn allocation_phoned_home(&self, id: AllocationId) -> Result<bool> {
+        let row = sqlx::query("SELECT phoned_home_ms FROM allocations WHERE id = $1").bind(id.to_string()).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get::<Option<i64>, _>("phoned_home_ms")).transpose()?.flatten().is_some())
     }
 
     // -----------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ impl Server {
     }
 
     fn api(&self) -> Api {
-        Api { running: None, base: self.base.clone(), http: reqwest::Client::new() }
+        Api { running: None, base: self.base.clone(), http: http_client() }
     }
 }
 
@@ -81,7 +81,7 @@ async fn crash_during_allocations(db: &Db) {
         let (base, tenant) = (api.base.clone(), cat.tenant1.clone());
         let (acked, sent, count) = (acked.clone(), sent.clone(), count.clone());
         workers.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = http_client();
             for n in 0.. {
                 let key = format!("k-{w}-{n}");
                 sent.lock().unwrap().push(key.clone());

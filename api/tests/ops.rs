@@ -49,12 +49,16 @@ async fn crash_loop_is_detected_and_a_reclaim_resets_it() {
         let instr = agent.wait(&api, 0).await.expect("still allocated");
         assert_eq!(instr.allocation, a.id);
         agent.events(&api, &[Ev::Installing]).await;
-        // The machine dies mid-install and PXE boots again.
+        // The machine dies mid-install and PXE boots again; pixie's sighting alone is no crash.
         let d = agent.pxe_boot(&api, &cat.pixie).await;
         assert!(matches!(d, BootDecision::Hammer { .. }));
         let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
-        assert_eq!(m.crash_loop, attempt >= metal_api::fsm::CRASH_LOOP_THRESHOLD, "attempt {attempt}");
+        assert_eq!(m.state, Some(Ev::Installing));
+        assert_eq!(m.crash_loop, attempt > metal_api::fsm::CRASH_LOOP_THRESHOLD, "attempt {attempt}");
+        // metal-hammer starting again is.
         agent.register(&api, &d).await;
+        let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+        assert_eq!(m.crash_loop, attempt >= metal_api::fsm::CRASH_LOOP_THRESHOLD, "attempt {attempt}");
         agent.events(&api, &[Ev::Waiting]).await;
     }
     // (A crash-looping machine is never picked: see policy::tests.) A reclaim starts over.
@@ -64,9 +68,9 @@ async fn crash_loop_is_detected_and_a_reclaim_resets_it() {
 }
 
 #[tokio::test]
-async fn failed_reclaim_when_the_old_os_phones_home() {
+async fn failed_reclaim_when_waiting_does_not_come_in_time() {
     let db = Db::sqlite();
-    let mut api = Api::start(&db).await;
+    let mut api = Api::start_with(&db, |c| c.reclaim_timeout_s = 1).await;
     let cat = api.catalog().await;
     let mut agent = Agent::new(40);
     agent.join_pool(&api, &cat.pixie).await;
@@ -80,12 +84,15 @@ async fn failed_reclaim_when_the_old_os_phones_home() {
     assert_eq!(api.post("/v1/agent/phone-home", &instr.phone_home.token, ph.clone()).await.0, StatusCode::NO_CONTENT);
     let m: Machine = api.ok(Method::DELETE, &format!("/v1/machines/{}/allocation", agent.machine), &cat.tenant1, None).await;
     assert!(!m.failed_reclaim);
-    // The power cycle did not reach metal-hammer: the old OS booted and phones home.
+    // The power cycle did not reach metal-hammer: the old OS booted and phones home. Its token
+    // died with the allocation, so that changes nothing; the reclaim deadline tells.
     let (s, v) = api.post("/v1/agent/phone-home", &instr.phone_home.token, ph).await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
-    assert!(m.failed_reclaim);
-    assert_eq!(m.state, Some(Ev::PhonedHome));
+    assert_eq!(m.state, Some(Ev::MachineReclaim));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert!(m.failed_reclaim, "no Waiting within the reclaim timeout");
     // The freed machine boots metal-hammer, not its disk, and a good reclaim clears the flag.
     let d = agent.pxe_boot(&api, &cat.pixie).await;
     assert!(matches!(d, BootDecision::Hammer { .. }));
@@ -171,4 +178,28 @@ async fn shutdown_ends_parked_waits_at_once() {
     let (status, took) = poll.await.unwrap();
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
+
+/// Finding 10 of issue 11: `/metrics` was keyed by the raw HTTP method, so requests with
+/// invented methods grew it without bound (3,000 of them made it 15 MB). Every label is bounded.
+#[tokio::test]
+async fn metrics_labels_are_bounded() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    for i in 0..300 {
+        let method = Method::from_bytes(format!("BREW{i}").as_bytes()).unwrap();
+        let (s, _) = api.call(method, &format!("/v1/no/such/route/{i}"), None, None).await;
+        assert!(s.is_client_error(), "{s}");
+    }
+    let text = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("BREW"), "a raw method became a label");
+    assert!(!text.contains("/v1/no/such"), "a raw path became a label");
+    assert!(text.contains("method=\"OTHER\""), "{text}");
+    assert!(text.len() < 64 * 1024, "{} bytes after 300 odd requests", text.len());
+    // What an operator expects from any service: who it is and what it costs.
+    assert!(text.contains("metal_build_info{component=\"metal-api\""), "{text}");
+    for m in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+        assert!(text.contains(m), "{m} missing");
+    }
+    api.stop().await;
 }

@@ -3,8 +3,9 @@
 //! The initramfs is a newc cpio compressed with zstd holding `/init` (the static metal-hammer),
 //! the modules for common storage and network hardware with all their dependencies, a
 //! `modules.dep`/`modules.alias` restricted to them, the filesystem tools with their shared
-//! libraries, `/etc/mke2fs.conf`, the CA bundle, and the few directories and device nodes a
-//! PID 1 needs before it mounts devtmpfs.
+//! libraries, `/etc/mke2fs.conf`, the CA bundle (the build host's, with every `--ca FILE`
+//! appended: metal-hammer trusts it for an `https://` API and image URLs), and the few
+//! directories and device nodes a PID 1 needs before it mounts devtmpfs.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -43,6 +44,8 @@ pub struct HammerOptions {
     pub out: PathBuf,
     pub extra_modules: Vec<String>,
     pub zstd_level: i32,
+    /// PEM CA bundles appended to the initramfs's `/etc/ssl/certs/ca-certificates.crt`.
+    pub ca_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,12 +122,34 @@ pub fn tree(kernel: &KernelDir, hammer_bin: &Path, extra_modules: &[String]) -> 
         return Err(Error::MissingTool { tool: "/etc/mke2fs.conf".into(), package: "e2fsprogs".into() });
     }
     tree.host_file("etc/mke2fs.conf", 0o644, mke2fs_conf)?;
-    let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let ca = Path::new(HOST_CA_BUNDLE);
     if !ca.is_file() {
         return Err(Error::MissingTool { tool: ca.display().to_string(), package: "ca-certificates".into() });
     }
     tree.host_file("etc/ssl/certs/ca-certificates.crt", 0o644, ca)?;
     Ok((tree, order.len()))
+}
+
+/// The system CA bundle, on the build host and in the initramfs.
+pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// `host` with every file of `extra` appended; each must be a PEM bundle of certificates.
+pub fn ca_bundle(host: &Path, extra: &[PathBuf]) -> Result<Vec<u8>> {
+    let mut bundle = fs::read(host).map_err(at(host))?;
+    for f in extra {
+        metal_client::tls::read_ca_file(f).map_err(|e| {
+            let mut msg = format!("--ca: {e}");
+            if let Some(src) = std::error::Error::source(&e) {
+                msg.push_str(&format!(": {src}"));
+            }
+            Error::Invalid(msg)
+        })?;
+        if !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(&fs::read(f).map_err(at(f))?);
+    }
+    Ok(bundle)
 }
 
 /// Builds `vmlinuz` and `initrd.img` in `opts.out`.
@@ -139,7 +164,12 @@ pub fn build(opts: &HammerOptions) -> Result<HammerOutput> {
     }
     fs::create_dir_all(&opts.out).map_err(at(&opts.out))?;
     eprintln!("hammer: collecting /init, modules ({}) and tools…", kernel.version);
-    let (tree, modules) = tree(&kernel, &opts.hammer_bin, &opts.extra_modules)?;
+    let (mut tree, modules) = tree(&kernel, &opts.hammer_bin, &opts.extra_modules)?;
+    if !opts.ca_files.is_empty() {
+        let bundle = ca_bundle(Path::new(HOST_CA_BUNDLE), &opts.ca_files)?;
+        tree.bytes(&HOST_CA_BUNDLE[1..], 0o644, bundle)?;
+        eprintln!("hammer: CA bundle with {} operator CA file(s) appended", opts.ca_files.len());
+    }
     eprintln!("hammer: {} entries, {} modules, {} MiB uncompressed; compressing (zstd -{})…", tree.len(), modules, tree.file_bytes() >> 20, opts.zstd_level);
     let initrd_path = opts.out.join("initrd.img");
     let initrd = archive::write_zst(&initrd_path, opts.zstd_level, "initrd.img", |w| cpio::write(&tree, w))?;
@@ -154,4 +184,28 @@ pub fn build(opts: &HammerOptions) -> Result<HammerOutput> {
         started.elapsed()
     );
     Ok(HammerOutput { vmlinuz, initrd, modules })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_cas_are_appended_to_the_bundle_and_broken_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host.crt");
+        let ca = metal_client::ca::TestCa::generate("operator CA").unwrap().cert_pem;
+        fs::write(&host, "# host bundle without a final newline").unwrap();
+        let op = dir.path().join("operator.pem");
+        fs::write(&op, &ca).unwrap();
+        let bundle = String::from_utf8(ca_bundle(&host, std::slice::from_ref(&op)).unwrap()).unwrap();
+        assert_eq!(bundle, format!("# host bundle without a final newline\n{ca}"));
+
+        let key = dir.path().join("key.pem");
+        fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        for bad in [key, dir.path().join("missing.pem")] {
+            let err = ca_bundle(&host, &[op.clone(), bad.clone()]).unwrap_err().to_string();
+            assert!(err.contains("--ca") && err.contains(&*bad.file_name().unwrap().to_string_lossy()), "{err}");
+        }
+    }
 }

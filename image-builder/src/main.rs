@@ -39,6 +39,10 @@ enum Cmd {
         modules: Vec<String>,
         #[arg(long, default_value_t = 9)]
         zstd_level: i32,
+        /// A PEM CA bundle to append to the initramfs's CA bundle (repeatable): metal-hammer
+        /// then trusts an API or image server whose certificate chains to it.
+        #[arg(long = "ca")]
+        ca_files: Vec<PathBuf>,
     },
     /// Build the small busybox test OS as test-os-<version>.tar.zst + manifest + sha256.
     TestOs {
@@ -109,8 +113,8 @@ fn run(cli: Cli) -> image_builder::Result<()> {
             let k = kernel::ensure(&cache, &package)?;
             println!("{}", k.root.display());
         }
-        Cmd::Hammer { kernel_dir, hammer_bin, out, modules, zstd_level } => {
-            let o = hammer::build(&hammer::HammerOptions { kernel_dir, hammer_bin, out, extra_modules: modules, zstd_level })?;
+        Cmd::Hammer { kernel_dir, hammer_bin, out, modules, zstd_level, ca_files } => {
+            let o = hammer::build(&hammer::HammerOptions { kernel_dir, hammer_bin, out, extra_modules: modules, zstd_level, ca_files })?;
             println!("{}", o.vmlinuz.display());
             println!("{}", o.initrd.path.display());
         }

@@ -26,7 +26,7 @@ struct Built {
 
 fn build_hammer(out: &Path) {
     let (init, _) = common::hammer_init();
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.to_path_buf(), extra_modules: vec![], zstd_level: LEVEL };
+    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.to_path_buf(), extra_modules: vec![], zstd_level: LEVEL, ca_files: vec![] };
     hammer::build(&opts).expect("hammer build");
 }
 
@@ -261,7 +261,7 @@ fn test_os_build_is_reproducible() {
 #[test]
 fn missing_kernel_says_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = hammer::HammerOptions { kernel_dir: dir.path().to_path_buf(), hammer_bin: "/bin/true".into(), out: dir.path().join("o"), extra_modules: vec![], zstd_level: 1 };
+    let opts = hammer::HammerOptions { kernel_dir: dir.path().to_path_buf(), hammer_bin: "/bin/true".into(), out: dir.path().join("o"), extra_modules: vec![], zstd_level: 1, ca_files: vec![] };
     let err = hammer::build(&opts).unwrap_err().to_string();
     assert!(err.contains("image-builder kernel --cache"), "{err}");
 }
@@ -285,7 +285,7 @@ fn full_disk_names_the_path() {
     let mount = Mount(dir);
     let (init, _) = common::hammer_init();
     let out = mount.0.path().join("hammer");
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.clone(), extra_modules: vec![], zstd_level: 1 };
+    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.clone(), extra_modules: vec![], zstd_level: 1, ca_files: vec![] };
     let err = hammer::build(&opts).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, image_builder::Error::NoSpace { .. }), "{text}");

@@ -42,7 +42,7 @@ fn test_os() -> &'static (tempfile::TempDir, PathBuf) {
 fn hammer_initramfs_boots_to_init() {
     let dir = tempfile::tempdir().unwrap();
     let (init, marker) = common::hammer_init();
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: dir.path().to_path_buf(), extra_modules: vec![], zstd_level: 3 };
+    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: dir.path().to_path_buf(), extra_modules: vec![], zstd_level: 3, ca_files: vec![] };
     hammer::build(&opts).unwrap();
     let p = |n: &str| dir.path().join(n).display().to_string();
     let args: Vec<String> = [

@@ -1,28 +1,27 @@
 //! The agent side of the API contract (`/v1/agent/*`), over reqwest with rustls.
 //!
 //! The initramfs has no system certificate store, so the client never asks for one: it trusts
-//! exactly the certificates in `/etc/ssl/certs/ca-certificates.crt` when that file exists (none
-//! otherwise), and plain `http://` needs nothing. The machine credential from registration is
+//! exactly the certificates of [`crate::tls::Trust`] (none when the initramfs has no bundle),
+//! and plain `http://` needs nothing. The machine credential from registration is
 //! kept in memory only. Events are buffered and sent in order; when the API is away they stay
 //! buffered and go out with the next successful send, so none is lost.
 
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use metal_types::{
     EventBatch, EventReport, InstallInstructions, InstallReport, ProvisioningEvent, RegisterRequest, RegisterResponse, WipeReport,
 };
+use metal_client::http::Options;
+use metal_client::tls::Roots;
 use reqwest::StatusCode;
 
-pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+use crate::tls::Trust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("building the HTTP client")]
-    Build(#[source] reqwest::Error),
-    #[error("reading the CA bundle {path}")]
-    Certs { path: String, source: reqwest::Error },
+    Build(#[source] metal_client::http::BuildError),
     #[error("{route}: request failed")]
     Http { route: &'static str, source: reqwest::Error },
     #[error("{route}: HTTP {status}: {body}")]
@@ -77,20 +76,15 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// `ca_bundle`: PEM file of trusted roots, read when it exists.
-    pub fn new(base: &str, enrolment_token: &str, ca_bundle: &Path) -> Result<ApiClient, ApiError> {
-        crate::tls::init();
-        let certs = match std::fs::read(ca_bundle) {
-            Ok(pem) => reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| ApiError::Certs { path: ca_bundle.display().to_string(), source })?,
-            Err(_) => Vec::new(),
-        };
-        let http = reqwest::Client::builder()
-            .tls_certs_only(certs)
+    /// An `https://` API must present a certificate that `trust` vouches for.
+    pub fn new(base: &str, enrolment_token: &str, trust: &Trust) -> Result<ApiClient, ApiError> {
+        let opts = Options::new(Roots::Only(trust.certs.clone())).connect_timeout(Duration::from_secs(5));
+        let http = metal_client::http::builder(&opts)
+            .map_err(ApiError::Build)?
             .no_proxy()
-            .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("metal-hammer/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(ApiError::Build)?;
+            .map_err(|e| ApiError::Build(metal_client::http::BuildError::Build(e)))?;
         Ok(ApiClient {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -273,20 +267,81 @@ mod tests {
 
     #[test]
     fn client_builds_without_any_certificate_store() {
-        let c = ApiClient::new("http://127.0.0.1:9/", "tok", Path::new("/nonexistent/ca.crt")).unwrap();
+        let c = ApiClient::new("http://127.0.0.1:9/", "tok", &Trust::default()).unwrap();
         assert_eq!(c.base, "http://127.0.0.1:9");
         assert!(!c.is_registered());
     }
 
-    #[test]
-    fn client_trusts_a_ca_bundle_when_present_and_rejects_a_broken_one() {
+    /// An HTTPS API with a per-test CA: trusted through the bundle files metal-hammer reads,
+    /// refused (as a transient connection error, retried) without them.
+    #[tokio::test]
+    async fn registers_over_https_only_with_the_ca_in_its_trust() {
+        use metal_client::ca::TestCa;
         let dir = tempfile::tempdir().unwrap();
-        let system = Path::new(CA_BUNDLE);
-        if system.exists() {
-            ApiClient::new("https://api.example:8443", "tok", system).unwrap();
-        }
-        let broken = dir.path().join("ca.crt");
-        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
-        assert!(matches!(ApiClient::new("https://x", "tok", &broken), Err(ApiError::Certs { .. })));
+        let ca = TestCa::generate("hammer test CA").unwrap();
+        let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+        let base = testing_https::serve(&server, "{\"machine\":\"00000000-0000-4000-8000-000000000001\",\"size\":\"s\",\"credential\":\"mch_x\"}");
+        let files = Trust::files_under(dir.path());
+        std::fs::create_dir_all(files[1].parent().unwrap()).unwrap();
+        std::fs::write(&files[1], &ca.cert_pem).unwrap();
+        let req = RegisterRequest { partition: "lab".into(), inventory: Default::default() };
+
+        let trusted = ApiClient::new(&base, "enr", &Trust::load(&files).unwrap()).unwrap();
+        let reg = trusted.register(&req).await.unwrap();
+        assert_eq!(reg.credential, "mch_x");
+
+        let untrusting = ApiClient::new(&base, "enr", &Trust::default()).unwrap();
+        let err = untrusting.register(&req).await.unwrap_err();
+        assert!(matches!(&err, ApiError::Http { source, .. } if metal_client::http::is_tls_error(source)), "{err:?}");
+    }
+}
+
+/// A one-answer HTTPS server on loopback for the tests above (rustls on a std socket).
+#[cfg(test)]
+mod testing_https {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    /// Answers each request with 200 and `body`; returns `https://127.0.0.1:<port>`.
+    pub fn serve(cert: &metal_client::ca::ServerCert, body: &'static str) -> String {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(metal_client::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config.clone()).unwrap(), tcp);
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let complete = |got: &[u8]| {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    got.len() >= end + 4 + len
+                };
+                while !complete(&got) {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if complete(&got) {
+                    let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+            }
+        });
+        format!("https://127.0.0.1:{port}")
     }
 }

@@ -1,7 +1,9 @@
 //! The stage sequence of metal-hammer as PID 1 (DESIGN.md flows 2, 4 and 6):
 //! boot → modules → network → inventory → register → wipe → wait → install → kexec.
 //!
-//! Every stage prints `METAL-HAMMER stage=<stage> status=start|ok|error` on the console. Any
+//! Every stage prints `METAL-HAMMER stage=<stage> status=start|ok|error` on the console. The
+//! DHCP lease is renewed on a supervised thread from the network stage on; the wipe and wait
+//! stages end with an error when it is lost, and the install does not start. Any
 //! error ends in [`fatal`]: a `stage=fatal` marker, a `Crashed` event with the error chain
 //! when the API knows us, a delay, and a reboot (back to PXE, and a fresh start).
 
@@ -99,7 +101,8 @@ pub struct Paths {
     pub root: PathBuf,
     pub modules_dir: PathBuf,
     pub mount_root: PathBuf,
-    pub ca_bundle: PathBuf,
+    /// PEM bundles trusted for `https://` APIs, each read when it exists ([`crate::tls`]).
+    pub ca_files: Vec<PathBuf>,
 }
 
 impl Paths {
@@ -109,7 +112,7 @@ impl Paths {
             root: PathBuf::from("/"),
             modules_dir: PathBuf::from("/lib/modules").join(release),
             mount_root: PathBuf::from("/mnt/target"),
-            ca_bundle: PathBuf::from(crate::api::CA_BUNDLE),
+            ca_files: crate::tls::Trust::files_under(Path::new("/")),
         }
     }
 }
@@ -172,7 +175,7 @@ where
     })
     .await?;
     marker("network", Status::Ok, &[("interface", &configured.interface), ("address", &format!("{}/{}", configured.lease.address, configured.lease.prefix_len))]);
-    net::keep_lease(paths.root.clone(), uuid, configured.clone());
+    let lease = net::keep_lease(paths.root.clone(), uuid, configured.clone());
 
     // Inventory, with LLDP neighbours heard within metal.lldp seconds.
     let (root, lldp_s) = (paths.root.clone(), params.lldp_seconds);
@@ -195,7 +198,8 @@ where
     marker("inventory", Status::Ok, &[("uuid", &inv.uuid.to_string()), ("disks", &inv.disks.len().to_string()), ("nics", &inv.nics.len().to_string())]);
 
     // Register with the enrolment token; events queue up until we hold the credential.
-    let api = ApiClient::new(&params.api_url, &params.enrolment_token, &paths.ca_bundle).map_err(|e| stage_err("register")(e.into()))?;
+    let trust = crate::tls::Trust::load(&paths.ca_files).map_err(|e| stage_err("register")(e.into()))?;
+    let api = ApiClient::new(&params.api_url, &params.enrolment_token, &trust).map_err(|e| stage_err("register")(e.into()))?;
     let api = &*api_slot.insert(api);
     api.event(ProvisioningEvent::Preparing, format!("metal-hammer {} on {}", env!("CARGO_PKG_VERSION"), configured.interface));
     api.event(ProvisioningEvent::Registering, "");
@@ -212,7 +216,7 @@ where
 
     // Wipe every disk, in parallel.
     let targets: Vec<wipe::WipeTarget> = inv.disks.iter().map(|d| wipe::WipeTarget { path: PathBuf::from("/dev").join(&d.name), size_bytes: d.size_bytes }).collect();
-    let wiped = stage("wipe", wipe_blocking(sys, targets)).await?;
+    let wiped = stage("wipe", while_leased(&lease, wipe_blocking(sys, targets))).await?;
     let methods: Vec<String> = wiped.iter().map(|w| format!("{}:{}:{}ms", w.disk, w.method, w.duration_ms)).collect();
     marker("wipe", Status::Ok, &[("disks", &methods.join(","))]);
     let report = WipeReport { disks: wiped };
@@ -222,12 +226,23 @@ where
 
     // Warm pool: Waiting, then long-poll for an allocation.
     api.event(ProvisioningEvent::Waiting, "");
-    let instr = stage("wait", async { Ok::<_, BoxError>(api.wait_for_instructions(tun.wait_timeout_s, Duration::from_secs(10)).await?) }).await?;
+    let instr = stage("wait", while_leased(&lease, async { Ok::<_, BoxError>(api.wait_for_instructions(tun.wait_timeout_s, Duration::from_secs(10)).await?) })).await?;
     marker("wait", Status::Ok, &[("allocation", &instr.allocation.to_string()), ("image", &instr.image.id)]);
 
     let disks = inventory::install_targets(&paths.root, &inv.disks);
+    lease.check().map_err(|e| stage_err("install")(e.into()))?;
     install_and_boot(sys, api, &instr, &disks, &paths.mount_root, install).await?;
     unreachable!("kexec_reboot returned success")
+}
+
+/// Runs `work` unless the DHCP lease is (or gets) lost first: then that is the stage's error,
+/// and the flow ends in [`fatal`] (a reboot, a fresh lease) instead of going on without one.
+async fn while_leased<T>(lease: &net::LeaseKeeper, work: impl std::future::Future<Output = Result<T, BoxError>>) -> Result<T, BoxError> {
+    lease.check()?;
+    tokio::select! {
+        r = work => r,
+        lost = lease.lost() => Err(lost.into()),
+    }
 }
 
 /// Runs the wipe on a blocking thread. `Sys` is shared by reference, so the thread is scoped
@@ -416,7 +431,7 @@ mod tests {
     }
 
     async fn registered(url: &str) -> ApiClient {
-        let api = ApiClient::new(url, "enrol", Path::new("/nonexistent")).unwrap();
+        let api = ApiClient::new(url, "enrol", &crate::tls::Trust::default()).unwrap();
         let inv = metal_types::Inventory::default();
         api.register(&RegisterRequest { partition: "lab".into(), inventory: inv }).await.unwrap();
         api
@@ -491,7 +506,7 @@ mod tests {
 
         // Unregistered (no credential): nothing to report to, still reboots.
         let sys = RecordingSys::new();
-        let unregistered = ApiClient::new("http://127.0.0.1:9", "enrol", Path::new("/nonexistent")).unwrap();
+        let unregistered = ApiClient::new("http://127.0.0.1:9", "enrol", &crate::tls::Trust::default()).unwrap();
         fatal(&sys, Some(&unregistered), &err, Duration::ZERO).await;
         fatal(&sys, None, &err, Duration::ZERO).await;
         assert_eq!(sys.calls(), vec![Call::Sync, Call::Reboot, Call::Sync, Call::Reboot]);
@@ -541,7 +556,7 @@ mod tests {
         let seen = Seen::default();
         let url = fake_api(seen.clone(), 0).await;
         let api = registered(&url).await;
-        let dead = ApiClient::new("http://127.0.0.1:9", "enrol", Path::new("/nonexistent")).unwrap();
+        let dead = ApiClient::new("http://127.0.0.1:9", "enrol", &crate::tls::Trust::default()).unwrap();
         dead.event(ProvisioningEvent::Preparing, "");
         assert!(dead.flush().await.is_err(), "not registered");
         api.event(ProvisioningEvent::Preparing, "");
@@ -556,7 +571,7 @@ mod tests {
     }
 
     fn fake_paths(root: &Path) -> Paths {
-        Paths { root: root.into(), modules_dir: root.join("lib/modules/test"), mount_root: root.join("mnt/target"), ca_bundle: root.join("none") }
+        Paths { root: root.into(), modules_dir: root.join("lib/modules/test"), mount_root: root.join("mnt/target"), ca_files: vec![root.join("none")] }
     }
 
     #[tokio::test]
@@ -581,6 +596,25 @@ mod tests {
         assert_eq!(err.stage, "modules");
         assert!(chain(&err).contains("modules.alias"), "{}", chain(&err));
         assert!(!sys.calls().iter().any(|c| matches!(c, Call::Discard { .. } | Call::ZeroRange { .. } | Call::KexecLoad { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_ends_the_stage_that_waits() {
+        let lease = net::LeaseKeeper::supervise("eth0".into(), net::Restarts { max: 1, delay: Duration::ZERO }, || panic!("injected renewer bug"));
+        let waiting = while_leased(&lease, async { std::future::pending::<Result<(), BoxError>>().await });
+        let err = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the wait notices the lost lease").unwrap_err();
+        assert!(err.to_string().contains("lease on eth0") && err.to_string().contains("injected renewer bug"), "{err}");
+        // And a stage that starts afterwards fails at once.
+        assert!(while_leased(&lease, async { Ok(()) }).await.is_err());
+
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let stopped = Mutex::new(stopped);
+        let kept = net::LeaseKeeper::supervise("eth0".into(), net::Restarts { max: 1, delay: Duration::ZERO }, move || {
+            let _ = stopped.lock().unwrap().recv();
+            Err("stopped".into())
+        });
+        assert_eq!(while_leased(&kept, async { Ok(7) }).await.unwrap(), 7, "a kept lease lets the stage run");
+        drop(stop);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use metal_hammer::flow::{self, BoxError, Paths};
 use metal_hammer::sys::{LinuxSys, Sys};
 use metal_hammer::{console, destructive_allowed, inventory, lldp, net, wipe};
-use metal_hammer::install::{Progress, Stage, StageStatus};
+use metal_hammer::install::{InstallOptions, Progress, Stage, StageStatus};
 use metal_types::{BootInfo, InstallInstructions};
 
 #[derive(Parser)]
@@ -48,9 +48,13 @@ enum Command {
     },
 }
 
-/// The install step: [`metal_hammer::install::install`] on a blocking thread, its stage
-/// progress printed as console markers.
+/// The install step: [`metal_hammer::install::install_with`] on a blocking thread, its stage
+/// progress printed as console markers. Image URLs are verified against what metal-hammer
+/// trusts for the API, and that goes into the installed OS for phone-home.
 async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBuf], mount_root: &Path) -> Result<BootInfo, BoxError> {
+    let trust = metal_hammer::tls::Trust::load(&Paths::production().ca_files)?;
+    let mut opts = InstallOptions { ca_pem: Some(trust.pem), ..Default::default() };
+    opts.fetch.roots = metal_client::tls::Roots::Only(trust.certs);
     let work = || {
         let started = std::time::Instant::now();
         let watch = metal_hammer::memwatch::Watch::start(Path::new("/proc"), Duration::from_millis(100));
@@ -86,7 +90,7 @@ async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBu
                 }
             }
         };
-        let result = metal_hammer::install::install(sys, instr, disks, mount_root, &mut progress);
+        let result = metal_hammer::install::install_with(sys, instr, disks, mount_root, &opts, &mut progress);
         // One line with the whole install's time and memory, for the memory benchmark.
         let memory = watch.finish();
         let detail = format!(
@@ -194,7 +198,12 @@ fn pid1_main() -> ! {
     metal_hammer::pid1::ensure_console();
     metal_hammer::pid1::start_reaper();
     std::panic::set_hook(Box::new(|info| {
-        console::marker("fatal", console::Status::Error, &[("error", &format!("panic: {info}"))]);
+        // A panic on the main thread ends the flow (then a reboot). Elsewhere the thread's owner
+        // decides: the DHCP renewer is restarted (`net::supervise`), a blocking stage's panic
+        // becomes that stage's error and ends in `flow::fatal`.
+        let thread = std::thread::current();
+        let stage = if thread.name() == Some("main") { "fatal" } else { "panic" };
+        console::marker(stage, console::Status::Error, &[("thread", thread.name().unwrap_or("unnamed")), ("error", &format!("panic: {info}"))]);
     }));
     let sys = LinuxSys;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();

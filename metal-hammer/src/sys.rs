@@ -109,6 +109,7 @@ pub trait Sys: Send + Sync {
 }
 
 type CallPredicate = Box<dyn Fn(&Call) -> bool + Send + Sync>;
+type ReadPredicate = Box<dyn Fn(&Path, u64) -> bool + Send + Sync>;
 
 /// Records every call; fails the calls that `fail_on` matches.
 #[derive(Default)]
@@ -117,6 +118,7 @@ pub struct RecordingSys {
     fail_on: Mutex<Option<(i32, CallPredicate)>>,
     nvme: Mutex<Option<crate::nvme::NvmeInfo>>,
     dirty: Mutex<Option<Vec<u8>>>,
+    read_fails: Mutex<Option<ReadPredicate>>,
 }
 
 impl RecordingSys {
@@ -139,6 +141,12 @@ impl RecordingSys {
     /// discard did not clear it would. Reads are not recorded.
     pub fn set_read_byte(&self, byte: u8) {
         *self.dirty.lock().unwrap() = Some(vec![byte]);
+    }
+
+    /// Makes [`Sys::read_at`] fail with `EIO` for the `(device, offset)` that `pred` matches, as
+    /// a device with unreadable blocks would.
+    pub fn fail_reads_when(&self, pred: impl Fn(&Path, u64) -> bool + Send + Sync + 'static) {
+        *self.read_fails.lock().unwrap() = Some(Box::new(pred));
     }
 
     /// Makes [`Sys::nvme_identify`] answer `info` (by default it answers `ENOTTY`: not NVMe).
@@ -206,7 +214,10 @@ impl Sys for RecordingSys {
     fn write_at(&self, device: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
         self.record(Call::WriteAt { device: device.into(), offset, len: data.len() })
     }
-    fn read_at(&self, _device: &Path, _offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    fn read_at(&self, device: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        if self.read_fails.lock().unwrap().as_ref().is_some_and(|p| p(device, offset)) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let byte = self.dirty.lock().unwrap().as_ref().map_or(0, |b| b[0]);
         Ok(vec![byte; len])
     }

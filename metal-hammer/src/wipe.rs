@@ -5,7 +5,8 @@
 //! offered) or a Sanitize; else secure discard (`BLKSECDISCARD`), else discard (`BLKDISCARD`),
 //! else overwriting with zeros (`BLKZEROOUT`). A discard is checked by reading 64 blocks spread
 //! over the device: a device that accepted it but kept the data is overwritten after all (and
-//! reported as `overwrite`). Whatever ran, the first and last MiB (MBR, both
+//! reported as `overwrite`), and so is one where any of those blocks cannot be read back (an
+//! unverified discard counts as a failed one; if the overwrite fails too, the wipe fails). Whatever ran, the first and last MiB (MBR, both
 //! GPT copies, the superblocks of ext4/xfs/vfat/swap/LVM/mdraid/ZFS labels) and the btrfs
 //! superblock mirrors are then zeroed, so no partition table or filesystem signature survives.
 //! A failed wipe is an error for the whole call: a machine with an unwiped disk must not be
@@ -97,10 +98,11 @@ pub fn wipe_disk(sys: &dyn Sys, target: &WipeTarget) -> Result<DiskWipe, WipeErr
     };
     // A discard the device accepted but ignored (thin provisioning, a hypervisor with
     // discard=ignore, TRIM without read-zero) leaves the old data readable: the canaries
-    // planted before it tell, and then the whole disk is overwritten.
+    // planted before it tell, and then the whole disk is overwritten; so it is when a canary
+    // cannot be read back, since then nothing tells.
     if matches!(method, Method::SecureDiscard | Method::Discard) {
-        if let Some(offset) = leftover_data(sys, dev, size) {
-            crate::log!("{}: data left at offset {offset} after {}; overwriting the whole disk", dev.display(), method.as_str());
+        if let Some((offset, why)) = unverified_discard(sys, dev, size) {
+            crate::log!("{}: {why} at offset {offset} after {}; overwriting the whole disk", dev.display(), method.as_str());
             sys.zero_range(dev, 0, size).map_err(method_err(dev, Method::Overwrite))?;
             method = Method::Overwrite;
         }
@@ -134,10 +136,14 @@ pub fn sample_offsets(size: u64) -> Vec<u64> {
     v
 }
 
-/// The first canary offset that does not read back as zeros (read errors count as "cannot
-/// tell", not as leftovers: the signature clearing that follows writes regardless).
-fn leftover_data(sys: &dyn Sys, dev: &Path, size: u64) -> Option<u64> {
-    sample_offsets(size).into_iter().find(|&off| sys.read_at(dev, off, 4096).is_ok_and(|b| b.iter().any(|&x| x != 0)))
+/// The first canary offset that does not read back as zeros, or cannot be read back at all
+/// (then the discard is not verified either), and which of the two it was.
+fn unverified_discard(sys: &dyn Sys, dev: &Path, size: u64) -> Option<(u64, String)> {
+    sample_offsets(size).into_iter().find_map(|off| match sys.read_at(dev, off, 4096) {
+        Ok(b) if b.iter().all(|&x| x == 0) => None,
+        Ok(_) => Some((off, "data left".to_string())),
+        Err(e) => Some((off, format!("canary unreadable ({e})"))),
+    })
 }
 
 fn method_err(dev: &Path, method: Method) -> impl FnOnce(std::io::Error) -> WipeError + '_ {
@@ -360,6 +366,25 @@ mod tests {
         sys.set_read_byte(0x5a);
         sys.set_nvme(crate::nvme::NvmeInfo { nsid: 1, format: true, ..Default::default() });
         assert_eq!(wipe_disk(&sys, &target("nvme0n1", 8 * MIB)).unwrap().method, "nvme-format");
+    }
+
+    #[test]
+    fn a_canary_that_cannot_be_read_back_after_a_discard_means_overwrite() {
+        // One unreadable canary (the last one) is enough: the discard is not verified.
+        let sys = RecordingSys::new();
+        sys.fail_reads_when(|_, offset| offset == 8 * MIB - 4096);
+        let w = wipe_disk(&sys, &target("sda", 8 * MIB)).unwrap();
+        assert_eq!(w.method, "overwrite");
+        let calls = no_canaries(&sys);
+        assert!(matches!(calls[0], Call::Discard { secure: true, .. }));
+        assert_eq!(calls[1], Call::ZeroRange { device: "/dev/sda".into(), offset: 0, len: 8 * MIB });
+
+        // When that overwrite fails as well, the wipe fails.
+        let sys = RecordingSys::new();
+        sys.fail_reads_when(|_, _| true);
+        sys.fail_when(|c| matches!(c, Call::ZeroRange { offset: 0, len, .. } if *len == 8 * MIB));
+        let err = wipe_disk(&sys, &target("sda", 8 * MIB)).unwrap_err();
+        assert!(matches!(err, WipeError::Method { method: "overwrite", .. }), "{err}");
     }
 
     #[test]

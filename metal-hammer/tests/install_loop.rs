@@ -188,6 +188,11 @@ fn check_installed(disk: &Loop, boot: &BootInfo, root: &Path, instr: &InstallIns
     let line = table.lines().find(|l| l.split(' ').nth(1) == root.to_str()).unwrap().to_string();
     assert!(line.split(' ').nth(3).unwrap().split(',').any(|o| o == "ro"), "{line}");
 
+    // A partition table, and the filesystems where the layout put them (what a failed install
+    // must leave none of: `tar_image_with_a_wrong_checksum_leaves_…`).
+    assert_eq!(probe_at(&disk.device, 0), "PTTYPE=gpt");
+    assert_eq!(probe_at(&disk.device, 1 << 20), "TYPE=vfat");
+
     // UUIDs as blkid sees them, in fstab and on the command line.
     let root_uuid = blkid(&disk.part(2), "UUID");
     let esp_uuid = blkid(&disk.part(1), "UUID");
@@ -290,6 +295,54 @@ fn corrupted_tar_image_fails_with_checksum_error_and_unmounts() {
     let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, InstallError::Checksum { .. }), "{err:?}");
     assert!(mounts_below(dir.path()).is_empty(), "nothing stays mounted after a failed install");
+}
+
+/// What `blkid -p` finds on `dev` at byte `offset` (`TYPE=…`, `PTTYPE=…` lines), empty when
+/// nothing.
+fn probe_at(dev: &Path, offset: u64) -> String {
+    let out = Command::new("blkid").args(["-p", "-o", "export", "-O", &offset.to_string()]).arg(dev).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().lines().filter(|l| l.starts_with("TYPE=") || l.starts_with("PTTYPE=")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn tar_image_with_a_wrong_checksum_leaves_no_partition_table_and_no_filesystem() {
+    use std::os::unix::fs::FileExt;
+    if !is_root() {
+        eprintln!("skipped: needs root for loop devices");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let size = 512u64 << 20;
+    let disk = Loop::new(dir.path(), "disk.img", size);
+    // A good image (the ESP's boot loader and the whole tree unpack) with a manifest that
+    // names another digest: the mismatch shows only after the last byte.
+    let (z, _) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(server.url("test-os-1.tar.zst"), "ab".repeat(32), z.len() as u64, ImageFormat::TarZst);
+    let root = dir.path().join("target");
+    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Checksum { .. }), "{err:?}");
+    assert!(mounts_below(dir.path()).is_empty(), "nothing stays mounted after a failed install");
+
+    let f = std::fs::File::open(&disk.device).unwrap();
+    let zeros = |offset: u64, len: usize| {
+        let mut buf = vec![0xffu8; len];
+        f.read_exact_at(&mut buf, offset).unwrap();
+        buf.iter().all(|b| *b == 0)
+    };
+    assert!(zeros(0, 1 << 20), "protective MBR and primary GPT cleared");
+    assert!(zeros(size - (1 << 20), 1 << 20), "backup GPT cleared");
+    assert!(gptman::GPT::read_from(&mut &f, 512).is_err(), "no GPT left");
+    assert_eq!(probe_at(&disk.device, 0), "", "blkid finds no partition table");
+    // Where the layout put the ESP, the root and the swap: no filesystem left to find.
+    let plan = metal_hammer::install::gpt::plan(&instr.layout.disks[0].partitions, size, 512).unwrap();
+    assert_eq!(plan.partitions.len(), 3);
+    for p in &plan.partitions {
+        let at = p.first_lba * 512;
+        assert_eq!(probe_at(&disk.device, at), "", "partition {} at {at}", p.number);
+        assert!(zeros(at, 1 << 20), "partition {} starts with zeros", p.number);
+    }
 }
 
 #[test]

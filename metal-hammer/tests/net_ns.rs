@@ -1,6 +1,7 @@
 //! Network integration tests inside a private network namespace (root only; skipped
 //! otherwise): a real DHCP exchange with dnsmasq over a veth pair, the resulting address,
-//! route and resolv.conf, and LLDP frames heard on the veth.
+//! route and resolv.conf, a scripted pair of servers of which one NAKs what the other leases,
+//! and LLDP frames heard on the veth.
 //!
 //! Each test unshares the network namespace of its own thread, so everything it creates
 //! vanishes with the thread; dnsmasq is killed on drop.
@@ -123,6 +124,105 @@ fn dhcp_lease_from_dnsmasq_configures_the_interface() {
     assert_eq!(std::fs::read_to_string(dir.path().join("etc/resolv.conf")).unwrap(), "nameserver 10.88.0.53\n");
     assert!(log.contains("vendor class: metal-hammer"), "dnsmasq saw option 60:\n{log}");
     assert!(log.contains("DHCPACK(mh1)"), "{log}");
+}
+
+/// A scripted DHCP "network" on `mh1` in the switch namespace: the real server 10.88.0.1 offers
+/// 10.88.0.150; every REQUEST first gets a NAK from a second server 10.88.0.66 and then the real
+/// server's answer: an ACK, or a NAK when `own_nak` is set.
+fn scripted_servers(sock: &std::net::UdpSocket, stop: &std::sync::atomic::AtomicBool, own_nak: &std::sync::atomic::AtomicBool) {
+    use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode};
+    use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+    use std::sync::atomic::Ordering;
+    let reply = |req: &Message, kind: MessageType, server: Ipv4Addr| {
+        let yiaddr = if kind == MessageType::Nak { Ipv4Addr::UNSPECIFIED } else { Ipv4Addr::new(10, 88, 0, 150) };
+        let mut m = Message::new_with_id(req.xid(), Ipv4Addr::UNSPECIFIED, yiaddr, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, req.chaddr());
+        m.set_opcode(Opcode::BootReply);
+        m.set_flags(req.flags());
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(kind));
+        o.insert(DhcpOption::ServerIdentifier(server));
+        if kind != MessageType::Nak {
+            o.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)));
+            o.insert(DhcpOption::AddressLeaseTime(120));
+        }
+        let mut buf = Vec::new();
+        m.encode(&mut Encoder::new(&mut buf)).unwrap();
+        sock.send_to(&buf, (Ipv4Addr::BROADCAST, 68)).unwrap();
+    };
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
+        let Ok(req) = Message::decode(&mut Decoder::new(&buf[..n])) else { continue };
+        match req.opts().msg_type() {
+            Some(MessageType::Discover) => reply(&req, MessageType::Offer, Ipv4Addr::new(10, 88, 0, 1)),
+            Some(MessageType::Request) => {
+                reply(&req, MessageType::Nak, Ipv4Addr::new(10, 88, 0, 66));
+                let kind = if own_nak.load(Ordering::SeqCst) { MessageType::Nak } else { MessageType::Ack };
+                reply(&req, kind, Ipv4Addr::new(10, 88, 0, 1));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_nak_from_another_server_neither_ends_the_request_nor_the_renewal() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let (stop, own_nak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (obtained, renewed, refused) = std::thread::spawn(move || {
+        // SAFETY: unshare/gettid affect/query only this thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+        let machine_ns = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe { libc::gettid() });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, o) = (stop.clone(), own_nak.clone());
+        let server = std::thread::spawn(move || {
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+            sh(&["ip", "link", "add", "mh0", "address", "52:54:00:12:34:56", "type", "veth", "peer", "name", "mh1"]);
+            sh(&["ip", "link", "set", "mh0", "netns", &machine_ns]);
+            sh(&["ip", "addr", "add", "10.88.0.1/24", "dev", "mh1"]);
+            sh(&["ip", "link", "set", "mh1", "up"]);
+            let sock = std::net::UdpSocket::bind("0.0.0.0:67").unwrap();
+            sock.set_broadcast(true).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let dev = b"mh1";
+            // SAFETY: setsockopt with a valid buffer of the given length on an open socket.
+            let rc = unsafe {
+                libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_ptr().cast(), dev.len() as u32)
+            };
+            assert_eq!(rc, 0, "SO_BINDTODEVICE");
+            ready_tx.send(()).unwrap();
+            scripted_servers(&sock, &s, &o);
+        });
+        ready_rx.recv().expect("server namespace ready");
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.link_up(net::ifindex("mh0").unwrap()).unwrap();
+            let uuid = uuid::Uuid::nil();
+            let obtained = dhcp::obtain_lease("mh0", mac, &uuid, Duration::from_secs(10));
+            let renewed = obtained.as_ref().ok().map(|l| dhcp::renew_lease("mh0", mac, &uuid, l, Duration::from_secs(10)));
+            own_nak.store(true, Ordering::SeqCst);
+            let refused = obtained.as_ref().ok().map(|l| dhcp::renew_lease("mh0", mac, &uuid, l, Duration::from_secs(10)));
+            (obtained.map_err(|e| e.to_string()), renewed.map(|r| r.map_err(|e| e.to_string())), refused.map(|r| r.map_err(|e| e.to_string())))
+        }));
+        stop.store(true, Ordering::SeqCst);
+        server.join().unwrap();
+        out.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+    .join()
+    .unwrap();
+    let lease = obtained.expect("the request is answered by the server whose offer was taken, despite the other server's NAK");
+    assert_eq!((lease.address, lease.server), (Ipv4Addr::new(10, 88, 0, 150), Ipv4Addr::new(10, 88, 0, 1)));
+    let renewed = renewed.unwrap().expect("the renewal is answered by the leasing server, despite the other server's NAK");
+    assert_eq!(renewed.address, lease.address);
+    // The leasing server's own NAK still ends the renewal.
+    assert_eq!(refused.unwrap().unwrap_err(), "DHCP server 10.88.0.1 refused the address on mh0 (NAK)");
 }
 
 #[test]

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metal_client::http::BuildError;
+use metal_client::tls::Roots;
 use metal_types::{Arch, BootDecision, BootRequest, MachineId, PxeEvent};
 use tokio::sync::{mpsc, OnceCell};
 
@@ -35,13 +37,16 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A client trusting the system's trust store for an `https://` API.
     pub fn new(base: &str, token: &str, timeout: Duration) -> ApiClient {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(64)
-            .build()
-            .expect("building an HTTP client with static settings");
-        ApiClient { http, base: base.trim_end_matches('/').to_string(), token: token.to_string(), timeout }
+        ApiClient::with_roots(base, token, timeout, &Roots::Platform).expect("building an HTTP client with static settings")
+    }
+
+    /// A client trusting `roots` (`api.ca_file`) for an `https://` API.
+    pub fn with_roots(base: &str, token: &str, timeout: Duration, roots: &Roots) -> Result<ApiClient, BuildError> {
+        let opts = metal_client::http::Options::new(roots.clone()).connect_timeout(timeout);
+        let http = metal_client::http::builder(&opts)?.pool_max_idle_per_host(64).build().map_err(BuildError::Build)?;
+        Ok(ApiClient { http, base: base.trim_end_matches('/').to_string(), token: token.to_string(), timeout })
     }
 
     async fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<reqwest::Response, ApiError> {
@@ -171,9 +176,9 @@ impl EventQueue {
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
                 match client.pxe_event(&ev).await {
-                    Ok(()) => m.inc("pixie_pxe_events_total", &[("result", "sent")]),
+                    Ok(()) => m.pxe_events.inc(["sent"]),
                     Err(e) => {
-                        m.inc("pixie_pxe_events_total", &[("result", "failed")]);
+                        m.pxe_events.inc(["failed"]);
                         tracing::warn!(mac = %ev.mac, error = %error_chain(&e), "PXE Booting event not delivered");
                     }
                 }
@@ -190,7 +195,7 @@ impl EventQueue {
 
     pub fn send(&self, ev: PxeEvent) {
         if let Err(e) = self.tx.try_send(ev) {
-            self.metrics.inc("pixie_pxe_events_total", &[("result", "dropped")]);
+            self.metrics.pxe_events.inc(["dropped"]);
             tracing::warn!(reason = %e, "PXE Booting event dropped: queue full or closed");
         }
     }

@@ -83,6 +83,10 @@ pub struct FileApi {
     /// How long the HTTP iPXE endpoint waits for the API before it answers with a retry script.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// PEM bundle that an `https://` API's certificate must chain to (instead of the system's
+    /// trust store).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -111,6 +115,10 @@ pub struct FileDhcp {
     pub lease_file: Option<PathBuf>,
     #[serde(default)]
     pub boot: Option<FileBoot>,
+    /// At most one `PXE Booting` event per MAC within this many seconds (5); 0 reports every
+    /// PXE DISCOVER. DHCP answers are never held back.
+    #[serde(default)]
+    pub pxe_event_interval_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +186,19 @@ pub struct FileTftp {
     /// Retransmissions of one window before the transfer is abandoned.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Transfers running at once, from all clients (256). Further RRQs are dropped unanswered.
+    #[serde(default)]
+    pub max_transfers: Option<usize>,
+    /// Transfers running at once to one client address (32).
+    #[serde(default)]
+    pub max_transfers_per_client: Option<usize>,
+    /// The longest `timeout` option granted, in seconds (5); a longer one is left out of the
+    /// OACK and the default of 1 s applies (RFC 2349 allows no lower counter-offer).
+    #[serde(default)]
+    pub max_timeout_s: Option<u64>,
+    /// How long one transfer may run at all, in seconds (120).
+    #[serde(default)]
+    pub max_session_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +220,19 @@ pub struct FileHttp {
     /// cache off. At most [`MAX_DECISION_CACHE_MS`].
     #[serde(default)]
     pub decision_cache_ms: Option<u64>,
+    /// Connections open at once (1024); further ones get a `503` and are closed at once.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// How long a request head may take to arrive, in seconds (30).
+    #[serde(default)]
+    pub header_timeout_s: Option<u64>,
+    /// How long a connection may sit without a request, or without taking the answer's bytes,
+    /// in seconds (60).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// How long a request body may pause between two pieces, in seconds (60).
+    #[serde(default)]
+    pub body_timeout_s: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,6 +260,8 @@ pub struct ApiConfig {
     pub url: String,
     pub token: TokenSource,
     pub timeout: Duration,
+    /// `None`: the system's trust store.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ApiConfig {
@@ -256,6 +292,8 @@ pub struct DhcpConfig {
     pub reservations: HashMap<Mac, Reservation>,
     pub lease_file: Option<PathBuf>,
     pub boot: BootConfig,
+    /// At most one `PXE Booting` event per MAC within this interval; zero: every DISCOVER.
+    pub pxe_event_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,6 +357,10 @@ pub struct TftpConfig {
     pub max_blksize: u16,
     pub max_windowsize: u16,
     pub retries: u32,
+    pub max_transfers: usize,
+    pub max_transfers_per_client: usize,
+    pub max_timeout: Duration,
+    pub max_session: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -332,6 +374,10 @@ pub struct HttpConfig {
     pub images_dir: Option<PathBuf>,
     /// Zero: every `/ipxe` request asks the API.
     pub decision_cache: Duration,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 /// The longest boot-decision cache allowed: below the time any machine needs from power-on to
@@ -340,6 +386,21 @@ pub struct HttpConfig {
 pub const MAX_DECISION_CACHE_MS: u64 = 2000;
 
 pub const DEFAULT_BIOS_FILE: &str = "undionly.kpxe";
+/// `http.max_connections` when not set.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
+
+/// A timeout in whole seconds, `default` when not set; 1 s to 1 h.
+fn timeout_s(what: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        s if !(1..=3600).contains(&s) => Err(invalid(format!("{what} must be within 1..=3600 seconds"))),
+        s => Ok(Duration::from_secs(s)),
+    }
+}
+/// `tftp.max_transfers` and `tftp.max_transfers_per_client` when not set.
+pub const DEFAULT_TFTP_MAX_TRANSFERS: usize = 256;
+pub const DEFAULT_TFTP_MAX_PER_CLIENT: usize = 32;
+/// `dhcp.pxe_event_interval_s` when not set.
+pub const DEFAULT_PXE_EVENT_INTERVAL_S: u64 = 5;
 pub const DEFAULT_UEFI_FILE: &str = "snponly.efi";
 
 fn parse_subnet(s: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
@@ -431,6 +492,7 @@ impl TryFrom<File> for Config {
             url: check_http_url("api.url", &f.api.url)?,
             token,
             timeout: Duration::from_millis(f.api.timeout_ms.unwrap_or(2000).clamp(100, 60_000)),
+            ca_file: f.api.ca_file,
         };
         let http = HttpConfig {
             listen: f.http.listen,
@@ -451,6 +513,13 @@ impl TryFrom<File> for Config {
                 }
                 ms => Duration::from_millis(ms),
             },
+            max_connections: match f.http.max_connections.unwrap_or(DEFAULT_HTTP_MAX_CONNECTIONS) {
+                n if !(1..=1_000_000).contains(&n) => return Err(invalid("http.max_connections must be within 1..=1000000")),
+                n => n,
+            },
+            header_timeout: timeout_s("http.header_timeout_s", f.http.header_timeout_s, 30)?,
+            idle_timeout: timeout_s("http.idle_timeout_s", f.http.idle_timeout_s, 60)?,
+            body_timeout: timeout_s("http.body_timeout_s", f.http.body_timeout_s, 60)?,
         };
         let tftp = match f.tftp {
             None => None,
@@ -463,6 +532,22 @@ impl TryFrom<File> for Config {
                 if !(1..=1024).contains(&max_windowsize) {
                     return Err(invalid("tftp.max_windowsize must be within 1..=1024"));
                 }
+                let max_transfers = t.max_transfers.unwrap_or(DEFAULT_TFTP_MAX_TRANSFERS);
+                if !(1..=65536).contains(&max_transfers) {
+                    return Err(invalid("tftp.max_transfers must be within 1..=65536"));
+                }
+                let max_transfers_per_client = t.max_transfers_per_client.unwrap_or(DEFAULT_TFTP_MAX_PER_CLIENT);
+                if !(1..=max_transfers).contains(&max_transfers_per_client) {
+                    return Err(invalid(format!("tftp.max_transfers_per_client must be within 1..={max_transfers} (tftp.max_transfers)")));
+                }
+                let max_timeout_s = t.max_timeout_s.unwrap_or(5);
+                if !(1..=255).contains(&max_timeout_s) {
+                    return Err(invalid("tftp.max_timeout_s must be within 1..=255"));
+                }
+                let max_session_s = t.max_session_s.unwrap_or(120);
+                if !(5..=86_400).contains(&max_session_s) {
+                    return Err(invalid("tftp.max_session_s must be within 5..=86400"));
+                }
                 Some(TftpConfig {
                     listen: t.listen,
                     root: t.root,
@@ -470,6 +555,10 @@ impl TryFrom<File> for Config {
                     max_blksize,
                     max_windowsize,
                     retries: t.retries.unwrap_or(5).clamp(1, 100),
+                    max_transfers,
+                    max_transfers_per_client,
+                    max_timeout: Duration::from_secs(max_timeout_s),
+                    max_session: Duration::from_secs(max_session_s),
                 })
             }
         };
@@ -547,6 +636,10 @@ fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigErr
         reservations,
         lease_file: d.lease_file,
         boot,
+        pxe_event_interval: match d.pxe_event_interval_s.unwrap_or(DEFAULT_PXE_EVENT_INTERVAL_S) {
+            s if s > 3600 => return Err(invalid(format!("dhcp.pxe_event_interval_s {s} is above 3600: the API would miss real reboots"))),
+            s => Duration::from_secs(s),
+        },
     })
 }
 
@@ -617,6 +710,45 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(c.http.decision_cache, Duration::from_millis(1000));
         let off = parse(&LAB.replace("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 0")).unwrap();
         assert_eq!(off.http.decision_cache, Duration::ZERO);
+    }
+
+    #[test]
+    fn api_ca_file_is_optional() {
+        assert_eq!(parse(LAB).unwrap().api.ca_file, None);
+        let c = parse(&LAB.replace("token = \"secret\"", "token = \"secret\"\nca_file = \"/etc/metal/ca.pem\"")).unwrap();
+        assert_eq!(c.api.ca_file, Some(PathBuf::from("/etc/metal/ca.pem")));
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bounds() {
+        let c = parse(LAB).unwrap();
+        assert_eq!(c.dhcp.unwrap().pxe_event_interval, Duration::from_secs(5));
+        let t = c.tftp.unwrap();
+        assert_eq!((t.max_transfers, t.max_transfers_per_client), (256, 32));
+        assert_eq!((t.max_timeout, t.max_session), (Duration::from_secs(5), Duration::from_secs(120)));
+        let h = c.http;
+        assert_eq!(h.max_connections, 1024);
+        assert_eq!((h.header_timeout, h.idle_timeout, h.body_timeout), (Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(60)));
+        let set = |section: &str, line: &str| LAB.replace(section, &format!("{section}\n{line}"));
+        let c = parse(&set("[tftp]", "max_transfers = 8\nmax_transfers_per_client = 2\nmax_timeout_s = 3\nmax_session_s = 30")).unwrap();
+        let t = c.tftp.unwrap();
+        assert_eq!((t.max_transfers, t.max_transfers_per_client, t.max_timeout.as_secs(), t.max_session.as_secs()), (8, 2, 3, 30));
+        let c = parse(&set("[http]", "max_connections = 10\nheader_timeout_s = 1\nidle_timeout_s = 2\nbody_timeout_s = 3")).unwrap();
+        assert_eq!((c.http.max_connections, c.http.header_timeout.as_secs(), c.http.idle_timeout.as_secs(), c.http.body_timeout.as_secs()), (10, 1, 2, 3));
+        assert_eq!(parse(&set("[dhcp]", "pxe_event_interval_s = 0")).unwrap().dhcp.unwrap().pxe_event_interval, Duration::ZERO);
+        for (section, line, needle) in [
+            ("[dhcp]", "pxe_event_interval_s = 7200", "pxe_event_interval_s"),
+            ("[tftp]", "max_transfers = 0", "tftp.max_transfers must"),
+            ("[tftp]", "max_transfers = 4\nmax_transfers_per_client = 5", "max_transfers_per_client"),
+            ("[tftp]", "max_timeout_s = 256", "max_timeout_s"),
+            ("[tftp]", "max_session_s = 1", "max_session_s"),
+            ("[http]", "max_connections = 0", "max_connections"),
+            ("[http]", "header_timeout_s = 0", "header_timeout_s"),
+            ("[http]", "idle_timeout_s = 99999", "idle_timeout_s"),
+        ] {
+            let err = parse(&set(section, line)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{line}: {err}");
+        }
     }
 
     #[test]

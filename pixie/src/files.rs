@@ -245,7 +245,7 @@ impl Upstream {
     pub fn new(base: &str, ttl: Duration) -> Upstream {
         Upstream {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("static HTTP client settings"),
+            http: metal_client::http::client(&metal_client::http::Options::default().connect_timeout(Duration::from_secs(5))).expect("static HTTP client settings"),
             ttl,
             cache: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),

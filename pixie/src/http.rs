@@ -7,6 +7,11 @@
 //! the page cache to the socket, and passes every other request to the axum [`router`] and
 //! writes the response. Requests it does not take on (a body, a head it cannot parse, anything
 //! but HTTP/1.x) hand the connection to hyper, which first reads the bytes already received.
+//!
+//! Both paths are bounded by [`HttpLimits`]: connections open at once, the time a request head
+//! may take, the time a connection may sit idle or leave an answer untaken, the pauses of a
+//! request body. A client on the provisioning network may be hostile; none can hold a
+//! connection longer than those allow.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,6 +21,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
@@ -29,15 +35,17 @@ use http_body_util::BodyExt;
 use metal_types::{Arch, BootRequest, MachineId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 use tower_http::services::{ServeDir, ServeFile};
+use tower_http::timeout::TimeoutBody;
 
 use crate::api::{error_chain, DecisionCache, Source};
 use crate::config::Mac;
 use crate::dhcp::arch_name;
 use crate::files::{plain, plan, LocalDir};
 use crate::ipxe::{render, ScriptInput};
-use crate::metrics::Metrics;
+use crate::metrics::{status_label, Metrics};
 
 pub struct HttpState {
     /// Boot decisions from the API, reused for `http.decision_cache_ms`.
@@ -51,6 +59,33 @@ pub struct HttpState {
     /// Without a trailing slash.
     pub public_url: String,
     pub metrics: Arc<Metrics>,
+    pub limits: HttpLimits,
+}
+
+/// How much the HTTP server takes on (`http.max_connections`, `http.*_timeout_s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; one more is answered `503` and closed at once.
+    pub max_connections: usize,
+    /// How long a request head may take to arrive, from its first byte (pixie's loop) or from
+    /// when hyper starts waiting for it (which includes the wait on a kept-alive connection).
+    pub header_timeout: Duration,
+    /// How long a connection may wait for a request, or for the client to take bytes of the
+    /// answer; on the hyper path, how long it may make no progress either way.
+    pub idle_timeout: Duration,
+    /// How long a request body may pause between two pieces (for any handler reading one).
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            max_connections: crate::config::DEFAULT_HTTP_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Parses the `arch` query value: pixie's own names, and iPXE's `${platform}`/`${buildarch}`.
@@ -70,7 +105,7 @@ fn script(body: String) -> Response {
 
 async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, String>>) -> Response {
     let Some(mac) = q.get("mac").and_then(|m| m.parse::<Mac>().ok()) else {
-        st.metrics.inc("pixie_boot_decisions_total", &[("outcome", "bad_request")]);
+        st.metrics.boot_decisions.inc(["bad_request"]);
         return (StatusCode::BAD_REQUEST, "mac query parameter missing or not a MAC address\n").into_response();
     };
     // An unknown or unexpanded (`${uuid}`) UUID is left out; the API matches by MAC then.
@@ -88,19 +123,19 @@ async fn ipxe(State(st): State<Arc<HttpState>>, Query(q): Query<HashMap<String, 
         Source::Api => "api",
         Source::Shared => "shared",
     };
-    st.metrics.inc("pixie_boot_decision_source_total", &[("source", via)]);
+    st.metrics.boot_decision_source.inc([via]);
     match answer {
         Ok(decision) => {
             let what = match &decision {
                 metal_types::BootDecision::Hammer { .. } => "hammer",
                 metal_types::BootDecision::LocalDisk => "local_disk",
             };
-            st.metrics.inc("pixie_boot_decisions_total", &[("outcome", what)]);
+            st.metrics.boot_decisions.inc([what]);
             tracing::info!(%mac, uuid = ?uuid.map(|u| u.to_string()), arch = arch_name(arch), decision = what, via, attempt, "iPXE script");
             script(render(&ScriptInput::Decision { decision: &decision, arch, retry_url: &retry_url, attempt }))
         }
         Err(e) => {
-            st.metrics.inc("pixie_boot_decisions_total", &[("outcome", "retry")]);
+            st.metrics.boot_decisions.inc(["retry"]);
             let reason = error_chain(&*e);
             tracing::warn!(%mac, arch = arch_name(arch), attempt, error = %reason, "no boot decision: iPXE told to retry");
             script(render(&ScriptInput::Retry { reason: &reason, retry_url: &retry_url, attempt }))
@@ -137,7 +172,8 @@ async fn stream_local(dir: &LocalDir, rel: &str, req: Request) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+    let (text, content_type) = st.metrics.render();
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
 async fn count(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
@@ -150,8 +186,10 @@ async fn count(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Re
         "healthz" => "healthz",
         _ => "other",
     };
+    // A handler that reads the body gets an error when it pauses longer than the limit.
+    let req = req.map(|b| Body::new(TimeoutBody::new(st.limits.body_timeout, b)));
     let resp = next.run(req).await;
-    st.metrics.inc("pixie_http_requests_total", &[("route", route), ("status", resp.status().as_str())]);
+    st.metrics.http_requests.inc([route, status_label(resp.status().as_u16())]);
     resp
 }
 
@@ -249,9 +287,19 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     }
 }
 
+/// The answer to a connection over `http.max_connections`, written without reading the request.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n";
+
 /// Serves HTTP on `listener` until `shutdown` resolves (connections then open are dropped).
+///
+/// At most `limits.max_connections` connections are served at once. One more is accepted,
+/// answered `503` (if its socket takes the bytes at once) and closed, and counted in
+/// `pixie_http_connections_refused_total`: a client learns at once that pixie is busy (iPXE's
+/// scripts retry a failed download), where leaving it in the kernel's accept queue would keep
+/// it waiting with no answer.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, dirs: &StaticDirs, shutdown: impl Future<Output = ()>) {
     let app = router(state.clone(), dirs);
+    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -260,61 +308,106 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, dirs: &StaticDi
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => return,
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            state.metrics.http_connections_refused.inc();
+            tracing::debug!(max = state.limits.max_connections, "HTTP connection refused: http.max_connections are open");
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, state.clone(), app.clone()));
+        state.metrics.http_connections.inc();
+        let open = Open { _permit: permit, metrics: state.metrics.clone() };
+        tokio::spawn(connection(stream, state.clone(), app.clone(), open));
     }
 }
 
-/// How long a connection may stay silent (between requests, or in the middle of a request
-/// head) and how long a client may leave the socket full before pixie closes it, so idle
-/// keep-alive connections and stalled clients do not pile up.
-const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// One open connection: its place under `http.max_connections` and the gauge, given back on drop.
+struct Open {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
 
-/// Waits until the socket takes more bytes, at most [`IDLE`].
-async fn writable(stream: &TcpStream) -> io::Result<()> {
-    match tokio::time::timeout(IDLE, stream.writable()).await {
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.http_connections.dec();
+    }
+}
+
+fn timed_out(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// Waits until the socket takes more bytes, at most `idle`.
+async fn writable(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    match tokio::time::timeout(idle, stream.writable()).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client took no data for 60 s")),
+        Err(_) => Err(timed_out("client took no data")),
     }
 }
 
-/// One connection: requests in order until the client closes, asks to close, or errs.
-async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router) {
+/// Writes all of `data`; fails when the client takes nothing for `idle`.
+async fn write_all(stream: &mut TcpStream, mut data: &[u8], idle: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match tokio::time::timeout(idle, stream.write(data)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(timed_out("client took no data")),
+        }
+    }
+    Ok(())
+}
+
+/// One connection: requests in order until the client closes, asks to close, errs, or keeps
+/// pixie waiting: `idle_timeout` for a request to start (and for the client to take bytes of
+/// an answer), `header_timeout` from a head's first byte to its end.
+async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router, open: Open) {
+    let limits = st.limits;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
+        let mut head_started: Option<Instant> = None;
         let head = loop {
             if !buf.is_empty() {
+                head_started.get_or_insert_with(Instant::now);
                 match parse_head(&buf) {
                     Parsed::Complete(h) => break h,
                     Parsed::Partial => {}
-                    Parsed::Other => return hand_to_hyper(stream, buf.freeze(), app).await,
+                    Parsed::Other => return hand_to_hyper(stream, buf.freeze(), app, &st, open).await,
                 }
             }
-            match tokio::time::timeout(IDLE, stream.read_buf(&mut buf)).await {
+            let (wait, phase) = match head_started {
+                None => (limits.idle_timeout, "idle"),
+                Some(t) => (limits.header_timeout.saturating_sub(t.elapsed()), "head"),
+            };
+            match tokio::time::timeout(wait, stream.read_buf(&mut buf)).await {
                 Ok(Ok(0) | Err(_)) => return,
                 Ok(Ok(_)) => {}
                 Err(_) => {
-                    tracing::debug!(waited_s = IDLE.as_secs(), "HTTP connection idle or head incomplete: closed");
+                    st.metrics.http_timeouts.inc([phase]);
+                    tracing::debug!(phase, waited_ms = wait.as_millis() as u64, "HTTP connection idle or head incomplete: closed");
                     return;
                 }
             }
         };
         if head.has_body() {
-            return hand_to_hyper(stream, buf.freeze(), app).await;
+            return hand_to_hyper(stream, buf.freeze(), app, &st, open).await;
         }
         buf.advance(head.len);
         let keep_alive = head.keep_alive();
         let result = match static_file(&st, &head) {
-            Some((dir, route, rel)) => send_file(&mut stream, &st.metrics, dir, route, rel, &head, keep_alive).await,
-            None => answer_with_router(&mut stream, &app, &head, keep_alive).await,
+            Some((dir, route, rel)) => send_file(&mut stream, &st.metrics, dir, route, rel, &head, keep_alive, limits.idle_timeout).await,
+            None => answer_with_router(&mut stream, &app, &head, keep_alive, limits.idle_timeout).await,
         };
         if let Err(e) = result {
+            if e.kind() == io::ErrorKind::TimedOut {
+                st.metrics.http_timeouts.inc(["write"]);
+            }
             tracing::debug!(target = %head.target, error = %e, "HTTP connection ended while answering");
             return;
         }
@@ -341,6 +434,7 @@ fn static_file<'a>(st: &'a HttpState, head: &'a Head) -> Option<(&'a LocalDir, &
 }
 
 /// Answers a GET or HEAD of a local file: the head, then the bytes by `sendfile(2)`.
+#[allow(clippy::too_many_arguments)]
 async fn send_file(
     stream: &mut TcpStream,
     metrics: &Metrics,
@@ -349,31 +443,32 @@ async fn send_file(
     rel: &str,
     head: &Head,
     keep_alive: bool,
+    idle: Duration,
 ) -> io::Result<()> {
     let head_only = head.method == "HEAD";
     let file = match dir.open(rel) {
         Ok(f) => f,
         Err(_) => {
-            metrics.inc("pixie_http_requests_total", &[("route", route), ("status", "404")]);
-            return stream.write_all(plain(404, "Not Found", "not found\n", head_only, keep_alive).as_bytes()).await;
+            metrics.http_requests.inc([route, "404"]);
+            return write_all(stream, plain(404, "Not Found", "not found\n", head_only, keep_alive).as_bytes(), idle).await;
         }
     };
     let range = head.header("range").and_then(|v| std::str::from_utf8(v).ok());
     let p = plan(range, file.len, head_only, keep_alive);
-    metrics.inc("pixie_http_requests_total", &[("route", route), ("status", &p.status.to_string())]);
-    send_head(stream, p.head.as_bytes(), p.body.is_some()).await?;
+    metrics.http_requests.inc([route, status_label(p.status)]);
+    send_head(stream, p.head.as_bytes(), p.body.is_some(), idle).await?;
     if let Some((offset, len)) = p.body {
-        sendfile_all(stream, &file.file, offset, len).await?;
+        sendfile_all(stream, &file.file, offset, len, idle).await?;
     }
     Ok(())
 }
 
 /// Writes the response head; with `more`, flagged `MSG_MORE` so it leaves in one segment with
 /// the first file bytes.
-async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool) -> io::Result<()> {
+async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool, idle: Duration) -> io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     while !head.is_empty() {
-        writable(stream).await?;
+        writable(stream, idle).await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
             // SAFETY: the pointer and length describe `head`, which outlives the call.
             let n = unsafe { libc::send(stream.as_raw_fd(), head.as_ptr().cast(), head.len(), flags) };
@@ -390,10 +485,10 @@ async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool) -> io::Resul
 
 /// Sends `len` bytes of `file` from `offset` with `sendfile(2)`, waiting for socket space in
 /// between. A file that shrinks under it ends the connection (the length is already promised).
-async fn sendfile_all(stream: &TcpStream, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
+async fn sendfile_all(stream: &TcpStream, file: &std::fs::File, mut offset: u64, len: u64, idle: Duration) -> io::Result<()> {
     let end = offset + len;
     while offset < end {
-        writable(stream).await?;
+        writable(stream, idle).await?;
         let chunk = (end - offset).min(1 << 30) as usize;
         let sent = stream.try_io(Interest::WRITABLE, || {
             let mut off = offset as libc::off64_t;
@@ -416,7 +511,7 @@ const SMALL_BODY: u64 = 64 * 1024;
 
 /// Passes a bodiless request to the router and writes its response (length-delimited, or
 /// chunked when the length is unknown).
-async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, keep_alive: bool) -> io::Result<()> {
+async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, keep_alive: bool, idle: Duration) -> io::Result<()> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut req = Request::builder()
         .method(Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?)
@@ -457,15 +552,15 @@ async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, k
     }
     out.extend_from_slice(b"\r\n");
     if no_body {
-        return stream.write_all(&out).await;
+        return write_all(stream, &out, idle).await;
     }
     if length.is_some_and(|l| l <= SMALL_BODY) {
         // A script or a metrics page: one write, one segment.
         let data = body.collect().await.map_err(|e| io::Error::other(e.to_string()))?.to_bytes();
         out.extend_from_slice(&data);
-        return stream.write_all(&out).await;
+        return write_all(stream, &out, idle).await;
     }
-    stream.write_all(&out).await?;
+    write_all(stream, &out, idle).await?;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| io::Error::other(e.to_string()))?;
         let Ok(data) = frame.into_data() else { continue };
@@ -473,32 +568,102 @@ async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, k
             continue;
         }
         if chunked {
-            stream.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
-            stream.write_all(&data).await?;
-            stream.write_all(b"\r\n").await?;
+            write_all(stream, format!("{:x}\r\n", data.len()).as_bytes(), idle).await?;
+            write_all(stream, &data, idle).await?;
+            write_all(stream, b"\r\n", idle).await?;
         } else {
-            stream.write_all(&data).await?;
+            write_all(stream, &data, idle).await?;
         }
     }
     if chunked {
-        stream.write_all(b"0\r\n\r\n").await?;
+        write_all(stream, b"0\r\n\r\n", idle).await?;
     }
     Ok(())
 }
 
 /// The rest of the connection goes to hyper, which first reads `pre` (the bytes already read).
-async fn hand_to_hyper(stream: TcpStream, pre: Bytes, app: Router) {
-    let io = hyper_util::rt::TokioIo::new(Replay { pre, stream });
+/// hyper closes it when a request head takes longer than `header_timeout` (counted from when
+/// hyper starts waiting for it, so this also ends an idle kept-alive connection), and [`Replay`]
+/// when the connection makes no progress either way for `idle_timeout`.
+async fn hand_to_hyper(stream: TcpStream, pre: Bytes, app: Router, st: &HttpState, open: Open) {
+    let limits = st.limits;
+    let replay = Replay {
+        pre,
+        stream,
+        idle: limits.idle_timeout,
+        deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+        writing: false,
+        fired: false,
+        metrics: st.metrics.clone(),
+    };
+    let io = hyper_util::rt::TokioIo::new(replay);
     let svc = hyper_util::service::TowerToHyperService::new(app);
-    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(io, svc);
+    if let Err(e) = conn.await {
+        if e.is_timeout() {
+            st.metrics.http_timeouts.inc(["head"]);
+        }
         tracing::debug!(error = %e, "HTTP connection (hyper) ended with an error");
     }
+    drop(open);
 }
 
-/// A stream that yields `pre` before reading from the socket.
+/// A stream that yields `pre` before reading from the socket, and fails a read or write that
+/// has waited for `idle` since the connection last moved a byte either way (hyper has no such
+/// timeout of its own: a client that stops sending a body or stops taking an answer would
+/// otherwise hold the connection forever).
 struct Replay {
     pre: Bytes,
     stream: TcpStream,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// A write is waiting for the client: a stall now is the client not taking the answer.
+    writing: bool,
+    /// The stall was counted already.
+    fired: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Replay {
+    fn progress(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Called while an operation is pending: fails it once the deadline has passed.
+    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                if !self.fired {
+                    self.fired = true;
+                    self.metrics.http_timeouts.inc([if self.writing { "write" } else { "idle" }]);
+                }
+                Poll::Ready(Err(timed_out("HTTP connection made no progress")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn done<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>, write: bool) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                if write {
+                    self.writing = false;
+                }
+                self.progress();
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if write {
+                    self.writing = true;
+                }
+                self.stalled(cx)
+            }
+        }
+    }
 }
 
 impl AsyncRead for Replay {
@@ -509,21 +674,25 @@ impl AsyncRead for Replay {
             self.pre.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.done(r, cx, false)
     }
 }
 
 impl AsyncWrite for Replay {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.done(r, cx, true)
     }
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.done(r, cx, true)
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Flushing a TCP stream moves no bytes: not progress.
         Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -9,7 +9,7 @@ use clap::Parser;
 use pixie::api::{ApiClient, DecisionCache, EventQueue};
 use pixie::config::{Config, TokenSource};
 use pixie::files::{Layout, LocalDir};
-use pixie::http::{HttpState, StaticDirs};
+use pixie::http::{HttpLimits, HttpState, StaticDirs};
 use pixie::metrics::Metrics;
 
 #[derive(Debug, Parser)]
@@ -85,17 +85,19 @@ fn run(cli: Cli) -> Result<()> {
     let mut cfg = Config::load(&cli.config)?;
     apply_overrides(&mut cfg, &cli);
     let token = cfg.api.read_token()?;
+    let roots = metal_client::tls::Roots::from_ca_file(cfg.api.ca_file.as_deref())?;
     if cli.check {
         println!("{}: ok", cli.config.display());
         return Ok(());
     }
+    raise_descriptor_limit(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    rt.block_on(serve(cfg, token))
+    rt.block_on(serve(cfg, token, roots))
 }
 
-async fn serve(cfg: Config, token: String) -> Result<()> {
+async fn serve(cfg: Config, token: String, roots: metal_client::tls::Roots) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let api = ApiClient::new(&cfg.api.url, &token, cfg.api.timeout);
+    let api = ApiClient::with_roots(&cfg.api.url, &token, cfg.api.timeout, &roots)?;
     let events = EventQueue::spawn(api.clone(), 1024, metrics.clone());
 
     if let Some(t) = &cfg.tftp {
@@ -124,6 +126,12 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
         partition: cfg.partition.clone(),
         public_url: cfg.http.public_url.clone(),
         metrics,
+        limits: HttpLimits {
+            max_connections: cfg.http.max_connections,
+            header_timeout: cfg.http.header_timeout,
+            idle_timeout: cfg.http.idle_timeout,
+            body_timeout: cfg.http.body_timeout,
+        },
     });
     let dirs = StaticDirs { images: cfg.http.images_dir.clone() };
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
@@ -135,4 +143,35 @@ async fn serve(cfg: Config, token: String) -> Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one (every TFTP transfer holds a socket and a
+/// file, every HTTP connection a socket) and logs it; warns when even that is below what the
+/// configured limits may need.
+fn raise_descriptor_limit(cfg: &Config) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit in a live stack variable.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the descriptor limit (RLIMIT_NOFILE)");
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), soft = before, hard = lim.rlim_max, "cannot raise the descriptor limit");
+            lim.rlim_cur = before;
+        }
+    }
+    let tftp = cfg.tftp.as_ref().map_or(0, |t| 2 * t.max_transfers as u64);
+    let need = tftp + cfg.http.max_connections as u64 + 64;
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            limit = lim.rlim_cur, need,
+            "descriptor limit below 2 × tftp.max_transfers + http.max_connections + 64: raise the hard limit (LimitNOFILE= in systemd) or lower those settings"
+        );
+    } else {
+        tracing::info!(limit = lim.rlim_cur, was = before, "descriptor limit");
+    }
 }

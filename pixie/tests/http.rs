@@ -1,6 +1,7 @@
 //! pixie's HTTP connection loop on loopback: local files by `sendfile(2)` (whole, ranged, HEAD,
 //! 404, traversal), keep-alive with file and router requests mixed on one connection, a request
-//! with a body handed to hyper, and a client that goes away in the middle of a body.
+//! with a body handed to hyper, a client that goes away in the middle of a body, slow and silent
+//! clients on both paths closed after the (here short) timeouts, and the connection limit.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use pixie::api::{ApiClient, DecisionCache};
 use pixie::files::{Layout, LocalDir};
-use pixie::http::{HttpState, StaticDirs};
+use pixie::http::{HttpLimits, HttpState, StaticDirs};
 use pixie::metrics::Metrics;
 
 struct Server {
@@ -25,6 +26,10 @@ fn pattern(len: usize) -> Vec<u8> {
 
 /// pixie's HTTP side on 127.0.0.1 with `/hammer` and `/boot` in a temp dir; no API listens.
 fn start() -> Server {
+    start_with(HttpLimits::default())
+}
+
+fn start_with(limits: HttpLimits) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let hammer = dir.path().join("hammer");
     let boot = dir.path().join("boot");
@@ -45,6 +50,7 @@ fn start() -> Server {
         partition: "lab".into(),
         public_url: "http://127.0.0.1:1".into(),
         metrics: metrics.clone(),
+        limits,
     });
     let dirs = StaticDirs { images: None };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -167,7 +173,7 @@ fn files_whole_ranged_head_and_refused() {
         assert_eq!(a.status, 404, "{bad}");
         assert!(!a.body.starts_with(b"secret"), "{bad}");
     }
-    let m = s.metrics.render();
+    let (m, _) = s.metrics.render();
     assert!(m.contains("pixie_http_requests_total{route=\"hammer\",status=\"206\"} 3"), "{m}");
     assert!(m.contains("pixie_http_requests_total{route=\"hammer\",status=\"416\"} 1"), "{m}");
     assert!(m.contains("pixie_http_requests_total{route=\"boot\",status=\"404\"} 4"), "{m}");
@@ -246,6 +252,133 @@ fn a_client_leaving_mid_body_does_not_disturb_others() {
     let mut c = connect(s.addr);
     let a = ask(&mut c, &get("/hammer/big", ""));
     assert!(a.status == 200 && a.body == data, "a whole body after the others left");
-    assert_eq!(s.metrics.get("pixie_http_requests_total", &[("route", "hammer"), ("status", "200")]), 5);
+    assert_eq!(s.metrics.http_requests.get(["hammer", "200"]), 5);
 }
 
+/// The server counts a closed connection just after the client sees it closed.
+fn eventually(cond: impl Fn() -> bool, what: impl Fn() -> String) {
+    for _ in 0..100 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("never came true:\n{}", what());
+}
+
+fn short_timeouts() -> HttpLimits {
+    HttpLimits { header_timeout: Duration::from_secs(1), idle_timeout: Duration::from_secs(1), ..HttpLimits::default() }
+}
+
+/// Sends `bytes`, then waits (at most 10 s) for pixie to close the connection; returns how long
+/// that took and what came back.
+fn closed_after(addr: SocketAddr, bytes: &[u8]) -> (Duration, Vec<u8>) {
+    let mut c = connect(addr);
+    c.get_mut().write_all(bytes).unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    loop {
+        let mut b = [0u8; 4096];
+        match c.get_mut().read(&mut b) {
+            Ok(0) => return (started.elapsed(), got),
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (started.elapsed(), got),
+            Err(e) => panic!("still open after {:?} ({e}); got {:?}", started.elapsed(), String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
+#[test]
+fn the_hyper_path_closes_idle_and_half_sent_connections() {
+    // hyper's header timeout comes before the idle timeout of the connection.
+    let s = start_with(HttpLimits { idle_timeout: Duration::from_secs(3), ..short_timeouts() });
+    let post = "POST /healthz HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello";
+    // Idle after a request that was handed to hyper.
+    let (took, got) = closed_after(s.addr, post.as_bytes());
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 405"), "{}", String::from_utf8_lossy(&got));
+    assert!(took < Duration::from_millis(2500), "idle hyper connection closed after {took:?}");
+    // The next request with a body, half sent: its head stops in the middle.
+    let (took, _) = closed_after(s.addr, format!("{post}POST /healthz HTTP/1.1\r\ncontent-length: 5\r\n").as_bytes());
+    assert!(took < Duration::from_millis(2500), "half-sent request closed after {took:?}");
+    // A head over 16 KiB goes to hyper unfinished.
+    let big = format!("GET /healthz HTTP/1.1\r\nx-pad: {}\r\n", "a".repeat(17 * 1024));
+    let (took, _) = closed_after(s.addr, big.as_bytes());
+    assert!(took < Duration::from_millis(2500), "unfinished 17 KiB head closed after {took:?}");
+    eventually(|| s.metrics.http_timeouts.get(["head"]) == 3, || s.metrics.render().0);
+}
+
+#[test]
+fn pixies_own_loop_closes_a_head_that_trickles_in() {
+    let s = start_with(short_timeouts());
+    let mut c = connect(s.addr).into_inner();
+    // One byte every 200 ms for 5 s: every read is quick, the head never ends.
+    let started = std::time::Instant::now();
+    for b in b"GET /healthz HTTP/1.1\r\nx-slow: abcdefghijklmnopqrstuvwxyz".iter() {
+        if c.write_all(&[*b]).is_err() || started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut b = [0u8; 64];
+    match c.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the trickled head was still being read after {:?}: {other:?}", started.elapsed()),
+    }
+    eventually(|| s.metrics.http_timeouts.get(["head"]) == 1, || s.metrics.render().0);
+}
+
+#[test]
+fn a_client_that_stops_reading_on_the_hyper_path_is_dropped() {
+    let s = start_with(short_timeouts());
+    let big = s._dir.path().join("hammer/big");
+    std::fs::write(&big, pattern(64 << 20)).unwrap();
+    let mut c = connect(s.addr);
+    // A request with a body first, so the file comes from hyper (tower-http's ServeFile).
+    let req = format!("POST /healthz HTTP/1.1\r\ncontent-length: 1\r\n\r\nx{}", get("/hammer/big", ""));
+    c.get_mut().write_all(req.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match c.get_mut().read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    assert!(total < 64 << 20, "a client that took nothing for 4 s still got the whole 64 MiB");
+    eventually(|| s.metrics.http_timeouts.get(["write"]) == 1, || s.metrics.render().0);
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_the_others_work() {
+    let s = start_with(HttpLimits { max_connections: 4, ..HttpLimits::default() });
+    let mut open: Vec<_> = (0..4).map(|_| connect(s.addr)).collect();
+    // Each of the four is being served (answered) before the fifth comes.
+    for c in &mut open {
+        assert_eq!(ask(c, &get("/healthz", "")).status, 200);
+    }
+    for _ in 0..3 {
+        let (took, got) = closed_after(s.addr, get("/healthz", "").as_bytes());
+        let text = String::from_utf8_lossy(&got);
+        assert!(got.is_empty() || text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    }
+    assert_eq!(s.metrics.http_connections_refused.get(), 3);
+    assert_eq!(ask(&mut open[2], &get("/healthz", "")).status, 200, "connections under the limit keep working");
+    // One leaves: a new one is taken again.
+    drop(open.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c = connect(s.addr);
+        c.get_mut().write_all(get("/healthz", "").as_bytes()).unwrap();
+        let mut line = String::new();
+        if c.read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "no connection served after one of the four closed");
+}

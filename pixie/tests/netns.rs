@@ -147,7 +147,8 @@ fn netns_perfdhcp_dora_exchanges_complete() {
     let out = p
         .client
         .cmd("perfdhcp")
-        .args(["-4", "-l", "10.99.0.2", "-r", "500", "-n", "2000", "-R", "2000", "-p", "10", "10.99.0.1"])
+        // -W: wait 0.5 s for the last answers; an ACK leaves only after the lease journal's fsync.
+        .args(["-4", "-l", "10.99.0.2", "-r", "500", "-n", "2000", "-R", "2000", "-p", "10", "-W", "500000", "10.99.0.1"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);

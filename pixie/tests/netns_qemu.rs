@@ -106,7 +106,7 @@ fn lab(tag: &str, tftp_extra: &str) -> Lab {
 
     let mut api_cmd = ns.cmd(metal_api_bin());
     api_cmd
-        .args(["--listen", &format!("{SERVER_IP}:8080"), "--admin-token", "admin-secret"])
+        .args(["--listen", &format!("{SERVER_IP}:8080"), "--admin-token", "adm_netns_qemu_5f0c2d9e8b7a41c3a6e9d2b8f1c07e4d"])
         .arg("--db")
         .arg(format!("sqlite://{}", dir.path().join("metal.db").display()));
     let mut api = Proc::spawn("metal-api", api_cmd, &dir.path().join("api.log"));
@@ -129,7 +129,7 @@ fn lab(tag: &str, tftp_extra: &str) -> Lab {
         "-X",
         "POST",
         "-H",
-        "authorization: Bearer admin-secret",
+        "authorization: Bearer adm_netns_qemu_5f0c2d9e8b7a41c3a6e9d2b8f1c07e4d",
         "-H",
         "content-type: application/json",
         "-d",
@@ -140,7 +140,7 @@ fn lab(tag: &str, tftp_extra: &str) -> Lab {
         r#"partition = "lab"
 [api]
 url = "http://{SERVER_IP}:8080"
-token = "admin-secret"
+token = "adm_netns_qemu_5f0c2d9e8b7a41c3a6e9d2b8f1c07e4d"
 [dhcp]
 mode = "server"
 interface = "br0"

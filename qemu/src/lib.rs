@@ -1,8 +1,9 @@
 //! metal-lab: QEMU machines PXE booting from our own services, inside a private network
 //! namespace, driven end to end.
 //!
-//! A [`Lab`] is one namespace with a bridge (`10.99.0.1/24`), radvd, the API and pixie bound
-//! to the bridge address, and the catalog a lab needs. [`vm::Vm`]s join it on taps; their
+//! A [`Lab`] is one namespace with a bridge (`10.99.0.1/24`), radvd, the API (HTTPS with a CA
+//! made for this lab, see [`tls`]) and pixie bound to the bridge address, and the catalog a
+//! lab needs. [`vm::Vm`]s join it on taps; their
 //! serial consoles go to files that tests wait on for markers, and their QEMU monitors are the
 //! lab's power control. Everything the lab starts is killed when it is dropped, and the
 //! namespace goes with the process; when a test fails, the serial consoles and service logs
@@ -15,6 +16,7 @@
 pub mod netns;
 pub mod proc;
 pub mod services;
+pub mod tls;
 pub mod vm;
 pub mod wait;
 
@@ -38,6 +40,11 @@ pub struct Lab {
     pub images: Vec<Image>,
     pub pixie_token: String,
     pub admin_token: String,
+    /// The lab's CA and the API's certificate; `None` with `METAL_LAB_TLS=0`.
+    pub tls: Option<tls::LabTls>,
+    /// What pixie serves as `/hammer/*`: the lab's own copy (its initrd carries the lab CA),
+    /// or the shared build output without TLS.
+    pub hammer_dir: PathBuf,
     pub vms: Vec<Vm>,
     passed: bool,
     api: Option<Service>,
@@ -66,19 +73,29 @@ impl Lab {
         netns::create_bridge()?;
         let radvd = netns::start_radvd(&dir)?;
         let admin_token = format!("adm_{}", uuid_like());
-        let api = services::start_api(&paths, &dir, &admin_token).await?;
-        let admin = ApiClient::new(&services::api_url(), &admin_token);
+        let tls = if tls::enabled() { Some(tls::LabTls::generate(&dir)?) } else { None };
+        let hammer_dir = match &tls {
+            Some(t) => {
+                let d = dir.join("hammer");
+                tls::lab_hammer_dir(&paths.hammer_dir, &d, &t.ca_pem).context("build the lab's metal-hammer initrd with the lab CA")?;
+                d
+            }
+            None => paths.hammer_dir.clone(),
+        };
+        let roots = tls.as_ref().map(tls::LabTls::roots).transpose()?.unwrap_or_default();
+        let api = services::start_api(&paths, &dir, &admin_token, tls.as_ref()).await?;
+        let admin = ApiClient::new(&services::api_url(), &admin_token, &roots)?;
         let images = services::bootstrap_catalog(&admin, &paths).await.context("bootstrap the lab catalog")?;
         let pixie: TokenResponse = admin
-            .post("/v1/tokens", &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into() })
+            .post("/v1/tokens", &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into(), expires_in_s: None })
             .await?;
         let tenant: TokenResponse = admin
             .post(
                 "/v1/tokens",
-                &TokenRequest { role: TokenRole::Tenant, project: Some(services::PROJECT.into()), description: "lab tenant".into() },
+                &TokenRequest { role: TokenRole::Tenant, project: Some(services::PROJECT.into()), description: "lab tenant".into(), expires_in_s: None },
             )
             .await?;
-        let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token).await?;
+        let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token, tls.as_ref(), &hammer_dir).await?;
         let keep = std::env::var_os("METAL_LAB_KEEP").is_some();
         let tmp = if keep {
             if let Some(t) = tmp {
@@ -89,13 +106,15 @@ impl Lab {
             tmp
         };
         Ok(Lab {
-            tenant: ApiClient::new(&services::api_url(), &tenant.token),
+            tenant: ApiClient::new(&services::api_url(), &tenant.token, &roots)?,
             dir,
             paths,
             admin,
             images,
             pixie_token: pixie.token,
             admin_token,
+            tls,
+            hammer_dir,
             vms: Vec::new(),
             passed: false,
             api: Some(api),
@@ -112,6 +131,11 @@ impl Lab {
         Ok(self.vms.len() - 1)
     }
 
+    /// The lab CA's file, for clients run by tests (`METALCTL_CA_FILE`); `None` without TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca_file.as_path())
+    }
+
     /// The newest image with this name.
     pub fn image(&self, name: &str) -> Option<&Image> {
         self.images.iter().rfind(|i| i.manifest.name == name)
@@ -126,7 +150,7 @@ impl Lab {
                 a.stop(std::time::Duration::from_secs(5));
             }
         }
-        self.api = Some(services::start_api(&self.paths, &self.dir, &self.admin_token).await?);
+        self.api = Some(services::start_api(&self.paths, &self.dir, &self.admin_token, self.tls.as_ref()).await?);
         Ok(())
     }
 
@@ -135,7 +159,7 @@ impl Lab {
         if let Some(mut p) = self.pixie.take() {
             p.stop(std::time::Duration::from_secs(5));
         }
-        self.pixie = Some(services::start_pixie(&self.paths, &self.dir, &self.pixie_token).await?);
+        self.pixie = Some(services::start_pixie(&self.paths, &self.dir, &self.pixie_token, self.tls.as_ref(), &self.hammer_dir).await?);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
-//! The lab's services: the API and pixie bound to the bridge address, and the catalog a lab
-//! needs (partition, size, layout, project, images, tokens).
+//! The lab's services: the API (HTTPS with the lab CA unless `METAL_LAB_TLS=0`) and pixie bound
+//! to the bridge address, and the catalog a lab needs (partition, size, layout, project,
+//! images, tokens).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,8 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use metal_types::*;
 
+use metal_client::tls::Roots;
+
 use crate::netns::HOST_IP;
 use crate::proc::Service;
+use crate::tls::LabTls;
 use crate::wait::{until, Deadline};
 
 pub const API_PORT: u16 = 8080;
@@ -19,8 +23,10 @@ pub const SIZE: &str = "lab-small";
 pub const LAYOUT: &str = "lab-efi-ext4";
 pub const PROJECT: &str = "tenant-a";
 
+/// `https://10.99.0.1:8080` (`http://` with `METAL_LAB_TLS=0`).
 pub fn api_url() -> String {
-    format!("http://{HOST_IP}:{API_PORT}")
+    let scheme = if crate::tls::enabled() { "https" } else { "http" };
+    format!("{scheme}://{HOST_IP}:{API_PORT}")
 }
 
 pub fn pixie_url() -> String {
@@ -86,9 +92,10 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(base: &str, token: &str) -> ApiClient {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client");
-        ApiClient { base: base.to_string(), token: token.to_string(), http }
+    /// `roots`: what an `https://` API must chain to (the lab CA).
+    pub fn new(base: &str, token: &str, roots: &Roots) -> Result<ApiClient> {
+        let http = metal_client::http::client(&metal_client::http::Options::new(roots.clone()).timeout(Duration::from_secs(90)))?;
+        Ok(ApiClient { base: base.to_string(), token: token.to_string(), http })
     }
 
     pub async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
@@ -155,16 +162,32 @@ async fn decode<R: serde::de::DeserializeOwned>(resp: reqwest::Response, path: &
     serde_json::from_slice(body).with_context(|| format!("{path}: decode {}", String::from_utf8_lossy(&bytes)))
 }
 
-/// Starts the API on the bridge address with a SQLite store in `dir`.
-pub async fn start_api(paths: &Paths, dir: &Path, admin_token: &str) -> Result<Service> {
+/// Starts the API on the bridge address with a SQLite store in `dir`, over HTTPS with the
+/// lab's certificate when `tls` is given. The admin token goes in a 0600 file, not on the
+/// command line.
+pub async fn start_api(paths: &Paths, dir: &Path, admin_token: &str, tls: Option<&LabTls>) -> Result<Service> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token_file = dir.join("admin.token");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&token_file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, admin_token.as_bytes()))
+        .with_context(|| format!("write {}", token_file.display()))?;
     let mut cmd = Command::new(paths.bin("metal-api"));
     cmd.arg("--listen").arg(format!("{HOST_IP}:{API_PORT}"));
     cmd.arg("--db").arg(format!("sqlite://{}", dir.join("metal.db").display()));
-    cmd.arg("--admin-token").arg(admin_token);
+    cmd.arg("--admin-token-file").arg(&token_file);
+    if let Some(t) = tls {
+        cmd.arg("--tls-cert").arg(&t.cert).arg("--tls-key").arg(&t.key);
+    }
     cmd.env("RUST_LOG", "info");
     let svc = Service::spawn("metal-api", cmd, &dir.join("metal-api.log"))?;
     let deadline = Deadline::new("api start", Duration::from_secs(30));
-    let http = reqwest::Client::new();
+    let roots = tls.map(LabTls::roots).transpose()?.unwrap_or_default();
+    let http = metal_client::http::client(&metal_client::http::Options::new(roots).timeout(Duration::from_secs(5)))?;
     until(&deadline, "API /healthz", || async {
         let r = http.get(format!("{}/healthz", api_url())).send().await.ok()?;
         r.status().is_success().then_some(())
@@ -173,14 +196,17 @@ pub async fn start_api(paths: &Paths, dir: &Path, admin_token: &str) -> Result<S
     Ok(svc)
 }
 
-/// The pixie configuration for the lab.
-pub fn pixie_config(paths: &Paths, dir: &Path, pixie_token: &str) -> String {
+/// The pixie configuration for the lab: the API's CA from `tls`, `/hammer/*` from
+/// `hammer_dir` (the lab's own initrd when it carries the lab CA).
+pub fn pixie_config(paths: &Paths, dir: &Path, pixie_token: &str, tls: Option<&LabTls>, hammer_dir: &Path) -> String {
+    let ca = tls.map(|t| format!("ca_file = \"{}\"\n", t.ca_file.display())).unwrap_or_default();
     format!(
         r#"partition = "{PARTITION}"
 
 [api]
 url = "{api}"
 token = "{pixie_token}"
+{ca}
 
 [dhcp]
 mode = "server"
@@ -212,21 +238,21 @@ images_dir = "{images}"
         bridge = crate::netns::BRIDGE,
         leases = dir.join("leases.json").display(),
         pixie = pixie_url(),
-        hammer = paths.hammer_dir.display(),
+        hammer = hammer_dir.display(),
         images = paths.images_dir.display(),
     )
 }
 
 /// Starts pixie with the lab configuration.
-pub async fn start_pixie(paths: &Paths, dir: &Path, pixie_token: &str) -> Result<Service> {
+pub async fn start_pixie(paths: &Paths, dir: &Path, pixie_token: &str, tls: Option<&LabTls>, hammer_dir: &Path) -> Result<Service> {
     let conf = dir.join("pixie.toml");
-    std::fs::write(&conf, pixie_config(paths, dir, pixie_token))?;
+    std::fs::write(&conf, pixie_config(paths, dir, pixie_token, tls, hammer_dir))?;
     let mut cmd = Command::new(paths.bin("pixie"));
     cmd.arg("--config").arg(&conf);
     cmd.env("RUST_LOG", "info");
     let svc = Service::spawn("pixie", cmd, &dir.join("pixie.log"))?;
     let deadline = Deadline::new("pixie start", Duration::from_secs(30));
-    let http = reqwest::Client::new();
+    let http = metal_client::http::client(&metal_client::http::Options::default().timeout(Duration::from_secs(5)))?;
     until(&deadline, "pixie /healthz", || async {
         let r = http.get(format!("{}/healthz", pixie_url())).send().await.ok()?;
         r.status().is_success().then_some(())

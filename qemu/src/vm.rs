@@ -121,6 +121,10 @@ impl Vm {
         self.spec.uuid()
     }
 
+    pub fn mac(&self) -> String {
+        self.spec.mac()
+    }
+
     /// A cursor at the current end of the serial log: waits see only what comes next.
     pub fn serial_cursor(&self) -> LogCursor {
         LogCursor::new(&self.serial)

@@ -112,9 +112,11 @@ fn faults_bad_checksum_and_service_restarts() -> Result<()> {
         let id = lab.vms[i].machine_id();
         let mut serial = lab.vms[i].serial_cursor();
         lab.vms[i].power_on()?;
-        // pixie restarted while the machine is in the middle of PXE.
+        // pixie restarted while the machine is in the middle of PXE (it has its DHCP lease; a
+        // machine the API does not know yet has no PXE Booting event to wait for).
         let d = Deadline::new("PXE", Duration::from_secs(120));
-        lab.admin.wait_event(&d, id, Ev::PxeBooting, 0).await?;
+        let mac = lab.vms[i].mac();
+        metal_lab::wait::until(&d, "the machine's DHCP lease from pixie", || async { lab.lease_ip(&mac) }).await?;
         lab.restart_pixie().await?;
         let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
         let mut seen = lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;

@@ -50,6 +50,24 @@ macro_rules! uuid_id {
 uuid_id!(MachineId, "machine id");
 uuid_id!(AllocationId, "allocation id");
 
+impl MachineId {
+    /// The same UUID with its first three fields byte-swapped. SMBIOS stores those fields
+    /// little-endian, and firmware (PXE option 97, iPXE's `${uuid}`) and the OS (`/sys/class/dmi`)
+    /// do not always agree on the order, so a machine may name itself either way.
+    pub fn byte_swapped(self) -> MachineId {
+        let mut b = self.0.into_bytes();
+        b[0..4].reverse();
+        b[4..6].reverse();
+        b[6..8].reverse();
+        MachineId(Uuid::from_bytes(b))
+    }
+
+    /// Whether `other` is this UUID in either byte order.
+    pub fn same_machine(self, other: MachineId) -> bool {
+        self == other || self == other.byte_swapped()
+    }
+}
+
 /// An image id, `<name>-<version>`.
 pub type ImageId = String;
 
@@ -62,5 +80,15 @@ mod tests {
         let id: MachineId = "6B1F2C3D-0000-4000-8000-00000000000A".parse().unwrap();
         assert_eq!(id.to_string(), "6b1f2c3d-0000-4000-8000-00000000000a");
         assert!("not-a-uuid".parse::<MachineId>().is_err());
+    }
+
+    #[test]
+    fn byte_swapped_smbios_form() {
+        let id: MachineId = "00112233-4455-6677-8899-aabbccddeeff".parse().unwrap();
+        assert_eq!(id.byte_swapped().to_string(), "33221100-5544-7766-8899-aabbccddeeff");
+        assert_eq!(id.byte_swapped().byte_swapped(), id);
+        assert!(id.same_machine(id.byte_swapped()) && id.same_machine(id));
+        let other: MachineId = "00112233-4455-6677-8899-aabbccddeef0".parse().unwrap();
+        assert!(!id.same_machine(other));
     }
 }

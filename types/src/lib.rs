@@ -10,10 +10,12 @@
 pub mod cmdline;
 pub mod event;
 pub mod ids;
+pub mod mac;
 pub mod url;
 
 pub use event::{Liveliness, ProvisioningEvent};
 pub use ids::{AllocationId, ImageId, MachineId, ParseIdError};
+pub use mac::{Mac, ParseMacError};
 
 use serde::{Deserialize, Serialize};
 
@@ -304,6 +306,9 @@ pub struct TokenRequest {
     pub project: Option<String>,
     #[serde(default)]
     pub description: String,
+    /// The token stops working this many seconds after it is made; none: until revoked.
+    #[serde(default)]
+    pub expires_in_s: Option<u64>,
 }
 
 /// The token is shown once; the API keeps only its hash.
@@ -314,6 +319,23 @@ pub struct TokenResponse {
     pub token: String,
     pub role: TokenRole,
     pub project: Option<String>,
+    /// RFC 3339; none: until revoked.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+/// A token as `GET /v1/tokens` lists it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct TokenInfo {
+    pub id: String,
+    pub role: TokenRole,
+    pub project: Option<String>,
+    pub description: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; none: until revoked.
+    pub expires_at: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,6 +703,42 @@ pub struct Machine {
     pub last_seen: Option<String>,
 }
 
+/// Longest event message the API keeps (bytes); a longer one is cut at a character boundary
+/// and ends with `[truncated]`.
+pub const MAX_EVENT_MESSAGE: usize = 4096;
+
+/// `message` cut to at most [`MAX_EVENT_MESSAGE`] bytes (plus the marker) at a character
+/// boundary, ending with `[truncated]` when it was cut.
+pub fn bound_message(mut message: String) -> String {
+    if message.len() <= MAX_EVENT_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_EVENT_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(" [truncated]");
+    message
+}
+
+/// Who reported an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum EventSource {
+    /// metal-hammer on the machine, with its credential.
+    #[default]
+    Agent,
+    /// pixie, from what it saw on the wire (DHCP, TFTP, HTTP): anyone on the provisioning
+    /// network can make pixie see anything, so these are sightings, not the machine's word.
+    Pixie,
+    /// The installed OS, with its allocation's phone-home token.
+    PhoneHome,
+    /// The API itself (a free, a failed install report).
+    Api,
+}
+
 /// One event in a machine's timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
@@ -693,6 +751,12 @@ pub struct MachineEvent {
     pub received: String,
     /// The event was not allowed after the previous one (kept, flagged).
     pub unexpected: bool,
+    #[serde(default)]
+    pub source: EventSource,
+    /// Kept in the timeline but did not change the machine's state: a PXE boot pixie saw while
+    /// metal-hammer on that machine was alive and talking to the API (see docs/events.md).
+    #[serde(default)]
+    pub ignored: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,4 +772,21 @@ pub struct ApiError {
     pub code: String,
     /// What went wrong and what to do about it.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_at_a_char_boundary() {
+        assert_eq!(bound_message("short".into()), "short");
+        let exact = "x".repeat(MAX_EVENT_MESSAGE);
+        assert_eq!(bound_message(exact.clone()), exact);
+        let long = "é".repeat(MAX_EVENT_MESSAGE);
+        let cut = bound_message(long);
+        assert!(cut.ends_with(" [truncated]"));
+        assert!(cut.len() <= MAX_EVENT_MESSAGE + " [truncated]".len());
+        assert!(cut.trim_end_matches(" [truncated]").chars().all(|c| c == 'é'));
+    }
 }

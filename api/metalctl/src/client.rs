@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use metal_types::{
     Allocation, AllocationRequest, ApiError, FilesystemLayout, Image, Machine, MachineEvent,
-    MachineId, Partition, Project, Size, TokenRequest, TokenResponse,
+    MachineId, Partition, Project, Size, TokenInfo, TokenRequest, TokenResponse,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -32,6 +32,21 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// TLS to an `https://` API failed, typically a certificate the trusted CAs do not vouch for.
+    #[error(
+        "TLS to the API failed: {request} (is the API's CA in `ca_file` of the config file, or in \
+         METALCTL_CA_FILE?)"
+    )]
+    Tls {
+        request: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The CA bundle (`ca_file`, METALCTL_CA_FILE) cannot be used.
+    #[error("cannot use the CA bundle")]
+    Ca(#[source] metal_client::tls::CaError),
+    #[error("building the HTTP client")]
+    Build(#[source] metal_client::http::BuildError),
     /// A 2xx answer whose body is not what this route returns.
     #[error("unexpected answer to {request}")]
     Decode {
@@ -129,7 +144,13 @@ pub struct Client {
 
 impl Client {
     /// `api_url` is the API's base URL (`http://10.99.0.1:8080`); routes are appended to it.
-    pub fn new(api_url: &str, token: Option<String>) -> Result<Client> {
+    /// An `https://` API's certificate must chain to the CA bundle `ca_file` when given, else
+    /// to the system's trust store.
+    pub fn new(
+        api_url: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Client> {
         let bad = || ClientError::BadUrl {
             url: api_url.to_string(),
         };
@@ -137,15 +158,15 @@ impl Client {
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(bad());
         }
-        let http = reqwest::Client::builder()
+        let roots = metal_client::tls::Roots::from_ca_file(ca_file).map_err(ClientError::Ca)?;
+        let opts = metal_client::http::Options::new(roots)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(60));
+        let http = metal_client::http::builder(&opts)
+            .map_err(ClientError::Build)?
             .user_agent(concat!("metalctl/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|source| ClientError::Transport {
-                request: "building the HTTP client".into(),
-                source,
-            })?;
+            .map_err(|e| ClientError::Build(metal_client::http::BuildError::Build(e)))?;
         Ok(Client {
             base,
             token: token.filter(|t| !t.is_empty()),
@@ -188,9 +209,18 @@ impl Client {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(json);
         }
-        let transport = |source| ClientError::Transport {
-            request: request.clone(),
-            source,
+        let transport = |source: reqwest::Error| {
+            if metal_client::http::is_tls_error(&source) {
+                ClientError::Tls {
+                    request: request.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Transport {
+                    request: request.clone(),
+                    source,
+                }
+            }
         };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
@@ -271,6 +301,19 @@ impl Client {
             .call(Method::POST, &["v1", "tokens"], Some(req))
             .await?
             .1)
+    }
+
+    /// `GET /v1/tokens` (admin): admin, tenant and pixie tokens, never the tokens themselves.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.get(&["v1", "tokens"]).await
+    }
+
+    /// `DELETE /v1/tokens/{id}` (admin): the token stops working (within the API's cache TTL
+    /// on other replicas).
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        self.send(Method::DELETE, &["v1", "tokens", id], None)
+            .await
+            .map(|_| ())
     }
 
     /// `GET /v1/machines`.
@@ -363,12 +406,12 @@ mod tests {
 
     #[test]
     fn urls_keep_the_base_path_and_escape_segments() {
-        let c = Client::new("http://10.99.0.1:8080", None).unwrap();
+        let c = Client::new("http://10.99.0.1:8080", None, None).unwrap();
         assert_eq!(
             c.url(&["v1", "partitions"]).as_str(),
             "http://10.99.0.1:8080/v1/partitions"
         );
-        let c = Client::new("http://example.test/api/", None).unwrap();
+        let c = Client::new("http://example.test/api/", None, None).unwrap();
         assert_eq!(
             c.url(&["v1", "images", "a/b c"]).as_str(),
             "http://example.test/api/v1/images/a%2Fb%20c"
@@ -378,15 +421,15 @@ mod tests {
     #[test]
     fn bad_urls_are_refused() {
         assert!(matches!(
-            Client::new("10.99.0.1:8080", None),
+            Client::new("10.99.0.1:8080", None, None),
             Err(ClientError::BadUrl { .. })
         ));
         assert!(matches!(
-            Client::new("ftp://x", None),
+            Client::new("ftp://x", None, None),
             Err(ClientError::BadUrl { .. })
         ));
         assert!(matches!(
-            Client::new("mailto:a@b", None),
+            Client::new("mailto:a@b", None, None),
             Err(ClientError::BadUrl { .. })
         ));
     }
@@ -488,7 +531,7 @@ mod tests {
             Some((200, "[]")),
         ])
         .await;
-        let c = Client::new(&s.url, Some("tok".into())).unwrap();
+        let c = Client::new(&s.url, Some("tok".into()), None).unwrap();
 
         let e = c.allocate(&request(None)).await.unwrap_err();
         assert_eq!(
@@ -531,7 +574,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let c = Client::new(&format!("http://{addr}"), None).unwrap();
+        let c = Client::new(&format!("http://{addr}"), None, None).unwrap();
         let e = c.health().await.unwrap_err();
         assert!(e.is_transport(), "{e:?}");
         assert!(
@@ -544,7 +587,7 @@ mod tests {
     #[tokio::test]
     async fn allocation_is_retried_with_the_same_key_after_a_lost_answer() {
         let s = scripted(vec![None, Some((201, ALLOCATION))]).await;
-        let c = Client::new(&s.url, None).unwrap();
+        let c = Client::new(&s.url, None, None).unwrap();
         let mut retries = 0;
         let a = c
             .allocate_retrying(
@@ -569,7 +612,7 @@ mod tests {
     #[tokio::test]
     async fn no_retry_without_a_key_nor_after_an_api_answer() {
         let s = scripted(vec![None]).await;
-        let c = Client::new(&s.url, None).unwrap();
+        let c = Client::new(&s.url, None, None).unwrap();
         let e = c
             .allocate_retrying(&request(None), 3, Duration::from_millis(1), &mut |_| {
                 panic!("retried")
@@ -578,7 +621,7 @@ mod tests {
         assert!(e.unwrap_err().is_transport());
 
         let s = scripted(vec![Some((200, ALLOCATION))]).await;
-        let c = Client::new(&s.url, None).unwrap();
+        let c = Client::new(&s.url, None, None).unwrap();
         let a = c
             .allocate_retrying(
                 &request(Some("k1")),
@@ -593,7 +636,7 @@ mod tests {
         );
 
         let s = scripted(vec![Some((409, r#"{"code":"conflict","message":"m"}"#))]).await;
-        let c = Client::new(&s.url, None).unwrap();
+        let c = Client::new(&s.url, None, None).unwrap();
         let e = c
             .allocate_retrying(
                 &request(Some("k1")),

@@ -1,5 +1,5 @@
-//! Where the API URL and the token come from: flags, then the environment, then the config
-//! file (`~/.config/metalctl/config.yaml` unless `--config` names another).
+//! Where the API URL, the token and the CA bundle come from: flags, then the environment, then
+//! the config file (`~/.config/metalctl/config.yaml` unless `--config` names another).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 pub const ENV_API_URL: &str = "METAL_API_URL";
 pub const ENV_TOKEN: &str = "METAL_TOKEN";
+pub const ENV_CA_FILE: &str = "METALCTL_CA_FILE";
 
 /// The config file, strict: an unknown key is an error, not silently ignored.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -16,6 +17,9 @@ pub struct ConfigFile {
     pub api_url: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// PEM bundle an `https://` API's certificate must chain to (default: the system's store).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What the commands use.
@@ -23,6 +27,8 @@ pub struct ConfigFile {
 pub struct Settings {
     pub api_url: String,
     pub token: Option<String>,
+    /// `None`: the system's trust store.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +39,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {} is not valid (expected YAML with `api_url` and `token`)", .path.display())]
+    #[error("config file {} is not valid (expected YAML with `api_url`, `token` and `ca_file`)", .path.display())]
     Parse {
         path: PathBuf,
         #[source]
@@ -111,7 +117,13 @@ pub fn resolve(
         }
     })?;
     let token = pick(flag_token, env(ENV_TOKEN), file.token.as_ref());
-    Ok(Settings { api_url, token })
+    let file_ca = file.ca_file.as_ref().map(|p| p.display().to_string());
+    let ca_file = pick(None, env(ENV_CA_FILE), file_ca.as_ref()).map(PathBuf::from);
+    Ok(Settings {
+        api_url,
+        token,
+        ca_file,
+    })
 }
 
 #[cfg(test)]
@@ -131,6 +143,7 @@ mod tests {
         ConfigFile {
             api_url: url.map(Into::into),
             token: token.map(Into::into),
+            ca_file: None,
         }
     }
 
@@ -206,6 +219,28 @@ mod tests {
             assert_eq!(s.api_url, *want_url, "case {i}");
             assert_eq!(s.token.as_deref(), *want_token, "case {i}");
         }
+    }
+
+    #[test]
+    fn ca_file_from_env_beats_the_file() {
+        let p = Path::new("/cfg.yaml");
+        let mut f = file(Some("https://file:1"), None);
+        assert_eq!(
+            resolve(None, None, &env_of(&[]), &f, p).unwrap().ca_file,
+            None
+        );
+        f.ca_file = Some(PathBuf::from("/etc/metal/ca.pem"));
+        let s = resolve(None, None, &env_of(&[]), &f, p).unwrap();
+        assert_eq!(s.ca_file, Some(PathBuf::from("/etc/metal/ca.pem")));
+        let s = resolve(
+            None,
+            None,
+            &env_of(&[(ENV_CA_FILE, "/tmp/lab-ca.pem")]),
+            &f,
+            p,
+        )
+        .unwrap();
+        assert_eq!(s.ca_file, Some(PathBuf::from("/tmp/lab-ca.pem")));
     }
 
     #[test]

@@ -147,6 +147,8 @@ enum Classification {
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
+    /// List admin, tenant and pixie tokens (never the tokens themselves)
+    Ls,
     /// Create a token; it is shown once
     Create {
         #[arg(long, value_enum)]
@@ -156,7 +158,31 @@ enum TokenCmd {
         project: Option<String>,
         #[arg(long, default_value = "")]
         description: String,
+        /// The token stops working after this long: `90s`, `30m`, `12h`, `30d` (default: until revoked)
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<u64>,
     },
+    /// Revoke a token by its id (from `token ls`); it stops working within seconds
+    Revoke { id: String },
+}
+
+/// `90s`, `30m`, `12h`, `30d` or a plain number of seconds, as seconds.
+fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 12h or 30d"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(factor)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} must be more than zero and less than forever"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -356,7 +382,7 @@ fn settings(cli: &Cli) -> anyhow::Result<config::Settings> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let s = settings(&cli)?;
-    let client = Client::new(&s.api_url, s.token)?;
+    let client = Client::new(&s.api_url, s.token, s.ca_file.as_deref())?;
     let out = cli.output;
     match cli.command {
         Command::Partition(cmd) => catalog::<Partition>(&client, cmd, out).await?,
@@ -364,10 +390,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Layout(cmd) => catalog::<FilesystemLayout>(&client, cmd, out).await?,
         Command::Project(cmd) => catalog::<Project>(&client, cmd, out).await?,
         Command::Image(cmd) => image(&client, cmd, out).await?,
+        Command::Token(TokenCmd::Ls) => print_list(out, &client.tokens().await?)?,
+        Command::Token(TokenCmd::Revoke { id }) => {
+            client.revoke_token(&id).await?;
+            eprintln!("token {id} revoked");
+        }
         Command::Token(TokenCmd::Create {
             role,
             project,
             description,
+            expires_in,
         }) => {
             let role = match role {
                 Role::Admin => TokenRole::Admin,
@@ -382,6 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     role,
                     project,
                     description,
+                    expires_in_s: expires_in,
                 })
                 .await?;
             print_item(out, &token)?;
@@ -738,13 +771,15 @@ fn report_end(
         }
         End::CrashLoop => {
             eprintln!(
-                "error: machine {id} is crash-looping (it PXE booted again during the install, too often); \
+                "error: machine {id} is crash-looping (metal-hammer started again during the install, too often); \
                  see metalctl machine events {id}"
             );
             ExitCode::from(EXIT_CRASHED)
         }
         End::TimedOut { last } => {
-            let last = last.map(|e| e.as_str()).unwrap_or("none");
+            // A tenant's timeline starts at its allocation: before the machine reports anything
+            // for it there is no event to name.
+            let last = last.map(|e| e.as_str()).unwrap_or("none since the allocation");
             match until {
                 Some(u) => eprintln!(
                     "error: timed out waiting for {u} on machine {id} (last event: {last})"
@@ -861,6 +896,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("12h"), Ok(43_200));
+        assert_eq!(parse_duration("30d"), Ok(2_592_000));
+        for bad in ["", "0s", "d", "5w", "-1h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use clap::ValueEnum;
 use metal_types::{
     Allocation, ConstraintKind, FilesystemLayout, Image, Inventory, Liveliness, Machine,
-    MachineEvent, Partition, Project, Size, SizeConstraint, TokenResponse, TokenRole,
+    MachineEvent, Partition, Project, Size, SizeConstraint, TokenInfo, TokenResponse, TokenRole,
 };
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -266,13 +266,31 @@ impl Tabular for Allocation {
 
 impl Tabular for TokenResponse {
     fn table(items: &[Self]) -> Table {
-        let mut t = Table::new(&["ID", "ROLE", "PROJECT", "TOKEN"]);
+        let mut t = Table::new(&["ID", "ROLE", "PROJECT", "EXPIRES", "TOKEN"]);
         for tok in items {
             t.row(vec![
                 tok.id.clone(),
                 role_name(tok.role).to_string(),
                 tok.project.clone().unwrap_or_default(),
+                tok.expires_at.clone().unwrap_or_else(|| "never".into()),
                 tok.token.clone(),
+            ]);
+        }
+        t
+    }
+}
+
+impl Tabular for TokenInfo {
+    fn table(items: &[Self]) -> Table {
+        let mut t = Table::new(&["ID", "ROLE", "PROJECT", "CREATED", "EXPIRES", "DESCRIPTION"]);
+        for tok in items {
+            t.row(vec![
+                tok.id.clone(),
+                role_name(tok.role).to_string(),
+                tok.project.clone().unwrap_or_default(),
+                tok.created_at.clone(),
+                tok.expires_at.clone().unwrap_or_else(|| "never".into()),
+                tok.description.clone(),
             ]);
         }
         t
@@ -535,12 +553,16 @@ pub fn timeline_line(e: &MachineEvent) -> String {
         "{agent_s:<23}  {received_s:<12}  {:<18}  {message}",
         e.event.as_str()
     );
+    let sep = if message.is_empty() { "" } else { "  " };
     if e.unexpected {
-        line.push_str(if message.is_empty() {
-            "!! UNEXPECTED"
-        } else {
-            "  !! UNEXPECTED"
-        });
+        line.push_str(sep);
+        line.push_str("!! UNEXPECTED");
+    }
+    if e.ignored {
+        // A sighting by pixie that did not change the state (metal-hammer was alive, or an
+        // install was under way): shown, but marked so nobody reads it as a reboot.
+        line.push_str(sep);
+        line.push_str("(seen by pixie; state kept)");
     }
     line.trim_end().to_string()
 }
@@ -892,6 +914,8 @@ mod tests {
             time: "2026-11-24T11:20:01.123Z".into(),
             received: "2026-11-24T11:20:01.135+00:00".into(),
             unexpected: false,
+            source: metal_types::EventSource::Agent,
+            ignored: false,
         };
         assert_eq!(
             timeline_line(&e),
@@ -903,6 +927,8 @@ mod tests {
             time: "2026-11-23T23:59:59.999Z".into(),
             received: "2026-11-24T01:00:00.000+01:00".into(),
             unexpected: true,
+            source: metal_types::EventSource::Agent,
+            ignored: false,
         };
         assert_eq!(
             timeline_line(&late),
@@ -914,10 +940,22 @@ mod tests {
             time: "garbage".into(),
             received: "2026-11-24T11:20:01Z".into(),
             unexpected: true,
+            source: metal_types::EventSource::Agent,
+            ignored: false,
         };
         assert_eq!(
             timeline_line(&odd),
             "garbage                  2026-11-24 11:20:01.000  PXE Booting         mac 52:54:00:00:00:01  !! UNEXPECTED"
+        );
+        let sighting = MachineEvent {
+            ignored: true,
+            unexpected: false,
+            source: metal_types::EventSource::Pixie,
+            ..odd.clone()
+        };
+        assert_eq!(
+            timeline_line(&sighting),
+            "garbage                  2026-11-24 11:20:01.000  PXE Booting         mac 52:54:00:00:00:01  (seen by pixie; state kept)"
         );
         assert_eq!(
             event_record(Format::Table, &e).unwrap(),
@@ -978,6 +1016,8 @@ mod tests {
             time: format!("2026-11-24T11:00:{s:02}Z"),
             received: format!("2026-11-24T11:00:{s:02}Z"),
             unexpected: false,
+            source: metal_types::EventSource::Agent,
+            ignored: false,
         };
         let events: Vec<MachineEvent> = (0..7).map(|s| ev(ProvisioningEvent::Waiting, s)).collect();
         let v = machine_view(&m, &events, now());

@@ -222,6 +222,8 @@ mod tests {
             time: format!("2026-11-24T11:00:{second:02}Z"),
             received: format!("2026-11-24T11:00:{second:02}.010Z"),
             unexpected: false,
+            source: metal_types::EventSource::Agent,
+            ignored: false,
         }
     }
 

@@ -337,7 +337,7 @@ async fn waiting_ends_on_timeout_and_on_crash() {
     assert!(r.stdout.contains(&idle.id().to_string()), "{r:?}");
     let err = r.fails(3, "wait-for timeout");
     assert!(
-        err.contains("timed out waiting for Phoned Home") && err.contains("last event: Waiting"),
+        err.contains("timed out waiting for Phoned Home") && err.contains("last event: none since the allocation"),
         "{err}"
     );
 
@@ -408,13 +408,17 @@ async fn waiting_ends_when_the_machine_crash_loops() {
         .wait(Duration::from_secs(30))
         .await
         .expect("allocation reaches the agent");
-    // The machine starts installing and PXE boots again, over and over.
+    // The machine starts installing, PXE boots and metal-hammer starts again, over and over.
     for _ in 0..3 {
         agent
             .events(&[(ProvisioningEvent::Installing, "installing")])
             .await
             .unwrap();
         agent.pxe_boot(&lab.pixie).await.unwrap();
+        agent
+            .events(&[(ProvisioningEvent::Preparing, "starting again")])
+            .await
+            .unwrap();
     }
     let m: Machine = api
         .admin(&["machine", "describe", &agent.id().to_string(), "-o", "json"])

@@ -9,7 +9,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-pub const ADMIN: &str = "test-admin-token";
+/// The bootstrap admin token of every test API (it must pass the 128-bit strength check).
+pub const ADMIN: &str = "adm_test_5f3c9a17e2b84d06a1c7f49e3b2d8a60";
 
 /// Where the API keeps its data; survives restarts of the server.
 pub struct Db {
@@ -73,6 +74,12 @@ impl Drop for Db {
     }
 }
 
+/// A plain reqwest client; the ring provider is installed first (reqwest is built without one).
+pub fn http_client() -> reqwest::Client {
+    metal_client::tls::install_provider();
+    reqwest::Client::new()
+}
+
 pub struct Api {
     pub running: Option<metal_api::Running>,
     pub base: String,
@@ -92,8 +99,8 @@ impl Api {
         };
         tweak(&mut config);
         let running = metal_api::start(config, "127.0.0.1:0").await.expect("start API");
-        let base = format!("http://{}", running.addr);
-        Api { running: Some(running), base, http: reqwest::Client::new() }
+        let base = running.base_url();
+        Api { running: Some(running), base, http: http_client() }
     }
 
     pub async fn stop(&mut self) {

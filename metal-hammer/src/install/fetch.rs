@@ -33,6 +33,8 @@ pub struct FetchOptions {
     pub idle_timeout: Duration,
     /// Chunks buffered between the download thread and the writer.
     pub channel_depth: usize,
+    /// Trusted for `https://` image URLs (metal-hammer passes what it trusts for the API).
+    pub roots: metal_client::tls::Roots,
 }
 
 impl Default for FetchOptions {
@@ -44,6 +46,7 @@ impl Default for FetchOptions {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             channel_depth: 16,
+            roots: metal_client::tls::Roots::default(),
         }
     }
 }
@@ -221,8 +224,8 @@ enum Attempt {
 const COALESCE: usize = 256 << 10;
 
 async fn fetch(url: &str, expected: u64, opts: &FetchOptions, tx: &SyncSender<Msg>, counters: &FetchCounters) -> Result<[u8; 32], FetchError> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(opts.connect_timeout)
+    let client = metal_client::http::builder(&metal_client::http::Options::new(opts.roots.clone()).connect_timeout(opts.connect_timeout))
+        .map_err(|e| FetchError::Setup(e.to_string()))?
         .no_proxy()
         .build()
         .map_err(|e| FetchError::Setup(e.to_string()))?;

@@ -18,10 +18,14 @@
 //!
 //! The digest is compared with the manifest's `sha256` after the last byte and before anything
 //! is reported. A mismatch (or any error) returns `Err`: the runtime reports the install as
-//! failed and never kexecs. For `tar.zst` the files unpacked before the mismatch was known stay
-//! on the disk but are never booted: the next boot is a PXE boot into metal-hammer again, which
-//! wipes the disks. For `raw.zst` the partition tables at both ends of the disk are zeroed as
-//! well, so not even a firmware falling back to the disk finds the unverified image.
+//! failed and never kexecs. Whatever was written is not left bootable either, in both formats:
+//! once an install has begun to write a disk (the tar path's partition step, the raw path's
+//! stream), its failure ends — after everything is unmounted — by zeroing through [`Sys`] the
+//! first and last MiB of that disk (protective MBR, both GPT copies) and the first MiB of every
+//! partition its table named (the filesystems' superblocks; [`fail_closed_ranges`]), then a
+//! `sync` and a re-read of the empty table. So neither a firmware falling back to the disk nor a
+//! boot loader finds the unverified files or image (an ESP's boot loader included); the next
+//! boot is a PXE boot into metal-hammer again, which wipes the disks.
 //!
 //! # What is left mounted
 //!
@@ -225,6 +229,9 @@ pub struct InstallOptions {
     /// zstd decompression threads for multi-frame tar images; `None`:
     /// [`decode::default_workers`].
     pub decode_workers: Option<usize>,
+    /// The CAs metal-hammer trusts (PEM), written to [`crate::tls::INSTALLED_CA`] for
+    /// phone-home; `None` writes no such file.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Hook paths inside the image, in the order they are looked for.
@@ -261,7 +268,7 @@ pub fn install_with(
         return Err(InstallError::Invalid(format!("image {} names no kernel", instr.image.id)));
     }
     let mut plan = layout::resolve(&instr.layout, disks).map_err(InstallError::Invalid)?;
-    let mut run = Run { sys, mounts: Vec::new(), progress };
+    let mut run = Run { sys, mounts: Vec::new(), written: Vec::new(), progress };
 
     let result = (|| {
         match manifest.format {
@@ -270,6 +277,8 @@ pub fn install_with(
                 // partitioned and formatted (a core would idle meanwhile), up to PREFETCH_MIB.
                 let dl = Download::start(&instr.image.url, manifest.compressed_size, opts.fetch.clone()).map_err(InstallError::Download)?;
                 let prefetch = Prefetch { counters: dl.counters.clone(), started: Instant::now(), decoded: Decoded::start_with(dl, PREFETCH_MIB, opts.decode_workers.unwrap_or_else(decode::default_workers)).map_err(InstallError::Stream)? };
+                // From here on a failure clears these disks again (see "Fail closed").
+                run.written.extend(plan.disks.iter().map(|d| d.device.clone()));
                 run.stage(Stage::Partition, || {
                     for d in &plan.disks {
                         partition_disk(sys, d)?;
@@ -313,8 +322,13 @@ pub fn install_with(
             },
         };
         run.stage(Stage::Configure, || {
-            let written = configure::write_all(mount_root, instr, &plan.filesystems, &record)
+            let mut written = configure::write_all(mount_root, instr, &plan.filesystems, &record)
                 .map_err(|(path, source)| InstallError::Configure { path, source })?;
+            if let Some(pem) = &opts.ca_pem {
+                let rel = PathBuf::from(crate::tls::INSTALLED_CA);
+                configure::write_file(mount_root, &rel, pem, 0o644).map_err(|source| InstallError::Configure { path: rel.clone(), source })?;
+                written.push(rel);
+            }
             Ok(format!("files={}", written.len()))
         })?;
         run.bootloader_hook(mount_root, disks)?;
@@ -323,6 +337,7 @@ pub fn install_with(
     })();
     if result.is_err() {
         run.unmount_all();
+        run.clear_written();
     }
     result
 }
@@ -455,10 +470,12 @@ impl Reporter<'_> {
     }
 }
 
-/// An install in progress: the seam, what is mounted (in order), the progress callback.
+/// An install in progress: the seam, what is mounted (in order), the disks it has begun to
+/// write (cleared again when it fails), the progress callback.
 struct Run<'a> {
     sys: &'a dyn Sys,
     mounts: Vec<PathBuf>,
+    written: Vec<PathBuf>,
     progress: &'a mut dyn FnMut(Progress),
 }
 
@@ -531,6 +548,34 @@ impl Run<'_> {
         self.sys.sync();
     }
 
+    /// The end of a failed install, after [`Run::unmount_all`]: every disk it has begun to write
+    /// loses its partition table (both copies) and the start of every partition the table named
+    /// ([`fail_closed_ranges`]), so neither firmware nor a bootloader finds the unverified or
+    /// half-written tree. Then `sync` and a re-read of the (empty) table. Errors are logged:
+    /// this is the failure path, and the next boot wipes the disks anyway.
+    fn clear_written(&mut self) {
+        for device in std::mem::take(&mut self.written) {
+            let (size, partitions) = match table_of(&device) {
+                Ok(t) => t,
+                Err(e) => {
+                    crate::log!("install failed; cannot read {} to clear it: {e}", device.display());
+                    continue;
+                }
+            };
+            for (offset, len) in fail_closed_ranges(size, &partitions) {
+                if let Err(e) = self.sys.zero_range(&device, offset, len) {
+                    crate::log!("install failed; clearing {} at {offset} (+{len}): {e}", device.display());
+                }
+            }
+            self.sys.sync();
+            if let Err(e) = self.sys.reread_partitions(&device, &[]) {
+                if !crate::wipe::is_unsupported(&e) {
+                    crate::log!("install failed; re-reading the cleared table of {}: {e}", device.display());
+                }
+            }
+        }
+    }
+
     fn unmount_to(&mut self, keep: usize) -> Result<(), InstallError> {
         while self.mounts.len() > keep {
             let t = self.mounts.pop().expect("len > keep");
@@ -595,24 +640,17 @@ impl Run<'_> {
         let sys = self.sys;
         let progress = &mut *self.progress;
         progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Start, detail: format!("url={url} device={}", device.display()) });
-        let r = (|| {
+        self.written.push(device.clone());
+        let r: Result<String, InstallError> = (|| {
             let werr = |source| InstallError::WriteRaw { device: device.clone(), source };
             let mut sink = raw::DeviceSink::open(&device).map_err(werr)?;
             let limit = {
                 let mut f = std::fs::File::open(&device).map_err(werr)?;
                 gpt::device_size(&mut f).map_err(werr)?
             };
-            let result = stream_raw_into(&url, total, expected, fetch, &mut sink, limit, &device, &mut *progress);
+            // On failure `clear_written` removes the unverified image's partition table.
+            let n = stream_raw_into(&url, total, expected, fetch, &mut sink, limit, &device, &mut *progress)?;
             drop(sink);
-            let n = match result {
-                Ok(n) => n,
-                Err(e) => {
-                    // Never leave a bootable unverified image behind.
-                    let _ = sys.zero_range(&device, 0, 1 << 20);
-                    let _ = sys.zero_range(&device, limit.saturating_sub(1 << 20), 1 << 20);
-                    return Err(e);
-                }
-            };
             let ss = {
                 let f = std::fs::File::open(&device).map_err(werr)?;
                 gpt::logical_sector_size(&f).map_err(werr)?
@@ -712,6 +750,30 @@ pub fn stream_raw_into<S: raw::Sink>(
     };
     rep.report();
     result
+}
+
+/// What a failed install zeroes on a disk of `size` bytes whose table names `partitions`: the
+/// ranges the wipe clears whatever its method ([`crate::wipe::signature_ranges`]: the first MiB
+/// with the protective MBR and the primary GPT, the last MiB with the backup GPT, the btrfs
+/// mirrors), then the first MiB of every partition (the ext4, vfat and swap superblocks, the
+/// vfat backup boot sector), cut to the disk.
+pub fn fail_closed_ranges(size: u64, partitions: &[PartitionSpan]) -> Vec<(u64, u64)> {
+    let mut out = crate::wipe::signature_ranges(size);
+    for p in partitions {
+        let len = p.len.min(crate::wipe::MIB).min(size.saturating_sub(p.start));
+        if len > 0 {
+            out.push((p.start, len));
+        }
+    }
+    out
+}
+
+/// The size of `device` and the partitions its GPT names (none when it has no readable GPT).
+fn table_of(device: &Path) -> io::Result<(u64, Vec<PartitionSpan>)> {
+    let mut f = std::fs::File::open(device)?;
+    let size = gpt::device_size(&mut f)?;
+    let ss = gpt::logical_sector_size(&f)?;
+    Ok((size, raw::read_partitions(&mut f, device, ss).unwrap_or_default()))
 }
 
 /// Something that can describe a finished stage in a marker.

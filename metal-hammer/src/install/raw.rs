@@ -170,16 +170,24 @@ pub fn relocate_backup_gpt(device: &Path, sector_size: u64) -> Result<Vec<Partit
         gpt.write_into(&mut f)?;
         f.sync_all()?;
     }
-    Ok(gpt
-        .iter()
+    Ok(spans(&gpt, device, sector_size))
+}
+
+/// The used partitions of the GPT on `f` (the disk `device`).
+pub fn read_partitions(f: &mut File, device: &Path, sector_size: u64) -> Result<Vec<PartitionSpan>, gptman::Error> {
+    Ok(spans(&gptman::GPT::read_from(f, sector_size)?, device, sector_size))
+}
+
+fn spans(gpt: &gptman::GPT, device: &Path, sector_size: u64) -> Vec<PartitionSpan> {
+    gpt.iter()
         .filter(|(_, p)| p.is_used())
         .map(|(n, p)| PartitionSpan {
             number: n,
-            start: p.starting_lba * sector_size,
-            len: (p.ending_lba - p.starting_lba + 1) * sector_size,
+            start: p.starting_lba.saturating_mul(sector_size),
+            len: (p.ending_lba.saturating_sub(p.starting_lba) + 1).saturating_mul(sector_size),
             node: partition_device(device, n),
         })
-        .collect())
+        .collect()
 }
 
 /// Reads the UUID of the filesystem on `device` from its superblock, in the form fstab uses.

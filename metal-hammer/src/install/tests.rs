@@ -142,6 +142,73 @@ fn checksum_mismatch_fails_and_unmounts_everything() {
     assert!(!events.iter().any(|e| matches!(e, Progress::Stage { stage: Stage::Configure, .. })));
 }
 
+const MIB: u64 = crate::wipe::MIB;
+
+/// The recorded `ZeroRange`s on `disk`, as (offset, len).
+fn zeroed(calls: &[Call], disk: &Path) -> Vec<(u64, u64)> {
+    calls.iter().filter_map(|c| if let Call::ZeroRange { device, offset, len } = c { (device == disk).then_some((*offset, *len)) } else { None }).collect()
+}
+
+#[test]
+fn tar_checksum_mismatch_clears_both_gpts_and_every_filesystem_head_after_unmounting() {
+    let f = fixture();
+    let (z, _) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("i"), &"ab".repeat(32), z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Checksum { .. }), "{err:?}");
+    // The table the install wrote (RecordingSys zeroes nothing, so it is still in the file).
+    let mut disk = std::fs::File::open(&f.disk).unwrap();
+    let gpt = gptman::GPT::read_from(&mut disk, 512).unwrap();
+    let heads: Vec<(u64, u64)> = gpt.iter().filter(|(_, p)| p.is_used()).map(|(_, p)| (p.starting_lba * 512, MIB.min((p.ending_lba - p.starting_lba + 1) * 512))).collect();
+    assert_eq!(heads.len(), instr.layout.disks[0].partitions.len());
+    let size = 512 << 20;
+    let mut expected = vec![(0, MIB), (size - MIB, MIB), (64 * MIB, 4096)];
+    expected.extend(heads);
+    let calls = sys.calls();
+    assert_eq!(zeroed(&calls, &f.disk), expected, "MBR and primary GPT, backup GPT, the btrfs mirror, then each partition's first MiB");
+    // All of it after the last unmount (a mounted filesystem would write its superblock back),
+    // then a sync and a re-read of the now empty table.
+    let last_umount = calls.iter().rposition(|c| matches!(c, Call::Umount { .. })).unwrap();
+    let first_zero = calls.iter().position(|c| matches!(c, Call::ZeroRange { .. })).unwrap();
+    assert_eq!(calls[last_umount + 1], Call::Sync);
+    assert_eq!(first_zero, last_umount + 2, "{calls:#?}");
+    assert_eq!(&calls[first_zero + expected.len()..], [Call::Sync, Call::RereadPartitions { device: f.disk.clone() }]);
+}
+
+#[test]
+fn a_failed_tar_download_also_clears_the_disk_and_a_failed_mkfs_too() {
+    let f = fixture();
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    // Every response is cut before its first byte: the download gives up after two attempts.
+    server.cut(0, u64::MAX / 2);
+    let instr = instructions(&server.url("i"), &sha, z.len() as u64, ImageFormat::TarZst);
+    let sys = RecordingSys::new();
+    let mut opts = fast();
+    opts.fetch.max_attempts = 2;
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Download(_)), "{err:?}");
+    assert_eq!(zeroed(&sys.calls(), &f.disk)[..2], [(0, MIB), ((512 << 20) - MIB, MIB)]);
+
+    let f = fixture();
+    server.cut(0, 0);
+    let sys = RecordingSys::new();
+    sys.fail_when(|c| matches!(c, Call::Run { program, .. } if program.ends_with("mkfs.fat")));
+    let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, InstallError::Mkfs { .. }), "{err:?}");
+    assert_eq!(zeroed(&sys.calls(), &f.disk)[..2], [(0, MIB), ((512 << 20) - MIB, MIB)]);
+}
+
+#[test]
+fn fail_closed_ranges_cover_the_tables_and_each_partition_head() {
+    let span = |start, len| PartitionSpan { number: 1, start, len, node: "/dev/vda1".into() };
+    assert_eq!(fail_closed_ranges(8 * MIB, &[span(MIB, 4 * MIB), span(5 * MIB, 4096)]), [(0, MIB), (7 * MIB, MIB), (MIB, MIB), (5 * MIB, 4096)]);
+    // A partition that claims to lie beyond the disk (a corrupt raw image's table) is cut to it.
+    assert_eq!(fail_closed_ranges(8 * MIB, &[span(7 * MIB + 4096, 4 * MIB), span(9 * MIB, MIB)]), [(0, MIB), (7 * MIB, MIB), (7 * MIB + 4096, MIB - 4096)]);
+}
+
 #[test]
 fn corrupted_bytes_are_a_checksum_error() {
     let f = fixture();
@@ -418,4 +485,25 @@ fn a_hook_that_hangs_is_killed() {
     assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     assert!(t.elapsed() < Duration::from_secs(10));
     crate::sys::run_in_chroot_timeout(Path::new("/"), "/bin/true", &[], Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn the_trusted_cas_go_into_the_installed_os_for_phone_home() {
+    use std::os::unix::fs::PermissionsExt;
+    let (z, sha) = compress(&sample_rootfs_tar());
+    let server = ImageServer::start(z.clone()).unwrap();
+    let instr = instructions(&server.url("test-os.tar.zst"), &sha, z.len() as u64, ImageFormat::TarZst);
+    for pem in [None, Some(b"-----BEGIN CERTIFICATE-----\nlab CA\n-----END CERTIFICATE-----\n".to_vec())] {
+        let f = fixture();
+        let opts = InstallOptions { ca_pem: pem.clone(), ..fast() };
+        install_with(&RecordingSys::new(), &instr, std::slice::from_ref(&f.disk), &f.root, &opts, &mut |_| {}).unwrap();
+        let path = f.root.join(crate::tls::INSTALLED_CA);
+        match pem {
+            None => assert!(!path.exists()),
+            Some(pem) => {
+                assert_eq!(std::fs::read(&path).unwrap(), pem);
+                assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+            }
+        }
+    }
 }

@@ -1,13 +1,16 @@
 //! The lease table (in memory, no I/O) and its journal on disk.
 //!
-//! The journal is one JSON object per line, appended (and written through to the kernel) before
-//! the ACK that it records leaves pixie, so a restarted pixie knows every address it acknowledged
-//! and hands out no duplicate. At start the journal is replayed (a torn last line is ignored) and
-//! rewritten compactly: written to a temporary file, fsynced, renamed over the old one.
+//! The journal is one JSON object per line, appended and fsynced before the ACK that it records
+//! leaves pixie (one fsync for a group of ACKs under load), so a restarted pixie knows every
+//! address it acknowledged and hands out no duplicate. A write torn by a full disk is cut off
+//! again at once, so the next record does not land behind a partial line. At start the journal
+//! is replayed (a torn or garbled line is skipped) and rewritten compactly, and again while
+//! running once it has grown to [`COMPACT_FACTOR`] times its compacted size: written to a
+//! temporary file, fsynced, renamed over the old one, the directory fsynced.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -238,71 +241,213 @@ impl LeaseTable {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("lease journal {path}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("lease journal {path}: {what}")]
+    Io { path: PathBuf, what: &'static str, source: io::Error },
+    #[error("lease journal {path}: an earlier write could not be undone; no lease is recorded until the journal is rewritten (check the disk)")]
+    Broken { path: PathBuf },
 }
 
-/// The append-only lease journal.
+/// What the journal does to its file, so that unit tests can record the order of writes and
+/// syncs or make them fail; [`FileStorage`] is the real one.
+pub trait Storage: Send {
+    /// Appends `bytes` at the end of the journal (one `write`, continued while it is short).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the journal back to `len` bytes (a torn append is taken back this way).
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// Replaces the journal with `bytes`, durably: a temporary file beside it is written and
+    /// fsynced, renamed over the journal, the directory is fsynced (so the rename survives a
+    /// crash), and the new file is opened for appending.
+    fn replace(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// The journal as a file: appends through `O_APPEND`, durable with `fdatasync`.
+pub struct FileStorage {
+    path: PathBuf,
+    /// `None` until the first [`Storage::replace`], and after a replace that failed half way.
+    file: Option<File>,
+}
+
+impl FileStorage {
+    pub fn new(path: &Path) -> FileStorage {
+        FileStorage { path: path.to_path_buf(), file: None }
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        self.file.as_mut().ok_or_else(|| io::Error::other("the journal file is not open after a failed rewrite"))
+    }
+}
+
+impl Storage for FileStorage {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file()?.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file()?.set_len(len)
+    }
+
+    fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir)?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+        }
+        // From here on the old descriptor may name a file that is no longer the journal.
+        self.file = None;
+        std::fs::rename(&tmp, &self.path)?;
+        File::open(&dir)?.sync_all()?;
+        self.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        Ok(())
+    }
+}
+
+/// A compaction starts once the journal holds this many times the records it had right after
+/// the last one (and at least [`COMPACT_FLOOR`] times that many), so rewriting costs a constant
+/// amount per append on average and the file stays within a few times the live table.
+pub const COMPACT_FACTOR: usize = 4;
+pub const COMPACT_FLOOR: usize = 256;
+
+/// The append-only lease journal. Records are appended by [`Journal::append`] and made durable
+/// by [`Journal::sync`]; the DHCP loop syncs once for a group of packets and sends their ACKs
+/// only after that. A torn append (the disk full, say) is cut off again at once, so the next
+/// record never lands behind a partial line.
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    storage: Box<dyn Storage>,
+    /// Bytes of whole records in the file.
+    len: u64,
+    /// Records in the file.
+    lines: usize,
+    /// Records right after the last compaction.
+    base: usize,
+    unsynced: bool,
+    /// A torn append could not be cut off, or a sync failed: the file is not trusted until the
+    /// next [`Journal::compact`] rewrites it.
+    broken: bool,
+}
+
+fn render(records: &[Record]) -> String {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).expect("a lease record serializes"));
+        text.push('\n');
+    }
+    text
 }
 
 impl Journal {
-    /// Replays `path` into `table`, compacts it and opens it for appending.
+    /// Replays `path` into `table` (a torn or garbled line is skipped and counted), rewrites it
+    /// compactly and opens it for appending.
     pub fn open(path: &Path, table: &mut LeaseTable, now: u64) -> Result<(Journal, usize), JournalError> {
-        let io = |source| JournalError::Io { path: path.to_path_buf(), source };
+        let io = |what, source| JournalError::Io { path: path.to_path_buf(), what, source };
         let mut skipped = 0;
         match File::open(path) {
             Ok(f) => {
-                for line in BufReader::new(f).lines() {
-                    let line = line.map_err(io)?;
-                    if line.trim().is_empty() {
+                for line in BufReader::new(f).split(b'\n') {
+                    let line = line.map_err(|e| io("reading", e))?;
+                    if line.iter().all(|b| b.is_ascii_whitespace()) {
                         continue;
                     }
-                    match serde_json::from_str::<Record>(&line) {
+                    match serde_json::from_slice::<Record>(&line) {
                         Ok(r) => table.apply(&r),
                         Err(_) => skipped += 1,
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("opening", e)),
         }
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-        }
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp).map_err(io)?;
-            let mut text = String::new();
-            for r in table.snapshot(now) {
-                text.push_str(&serde_json::to_string(&r).expect("a lease record serializes"));
-                text.push('\n');
-            }
-            f.write_all(text.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)?;
-        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        Ok((Journal { path: path.to_path_buf(), file }, skipped))
+        let mut j = Journal::with_storage(path, Box::new(FileStorage::new(path)));
+        j.compact(table, now)?;
+        Ok((j, skipped))
     }
 
-    /// Appends records in one write.
+    /// A journal on `storage` that starts empty (tests use a recording storage); `path` names
+    /// it in errors. Call [`Journal::compact`] to write a table into it.
+    pub fn with_storage(path: &Path, storage: Box<dyn Storage>) -> Journal {
+        Journal { path: path.to_path_buf(), storage, len: 0, lines: 0, base: 0, unsynced: false, broken: false }
+    }
+
+    /// Appends records in one write; not durable before [`Journal::sync`].
     pub fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
         if records.is_empty() {
             return Ok(());
         }
-        let mut text = String::new();
-        for r in records {
-            text.push_str(&serde_json::to_string(r).expect("a lease record serializes"));
-            text.push('\n');
+        if self.broken {
+            return Err(JournalError::Broken { path: self.path.clone() });
         }
-        self.file
-            .write_all(text.as_bytes())
-            .map_err(|source| JournalError::Io { path: self.path.clone(), source })
+        let text = render(records);
+        if let Err(source) = self.storage.append(text.as_bytes()) {
+            // Part of the line may be in the file: cut it off, or the next record would be
+            // glued to it and lost at the next replay.
+            if let Err(e) = self.storage.truncate(self.len) {
+                tracing::error!(path = %self.path.display(), error = %e, "torn lease journal write could not be cut off; rewriting the journal at the next chance");
+                self.broken = true;
+            }
+            return Err(JournalError::Io { path: self.path.clone(), what: "appending", source });
+        }
+        self.len += text.len() as u64;
+        self.lines += records.len();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every appended record durable. Returns whether anything had to be synced.
+    pub fn sync(&mut self) -> Result<bool, JournalError> {
+        if self.broken {
+            return Err(JournalError::Broken { path: self.path.clone() });
+        }
+        if !self.unsynced {
+            return Ok(false);
+        }
+        if let Err(source) = self.storage.sync() {
+            // After a failed fsync the kernel may have dropped the pages: nothing since the last
+            // good sync is known to be on disk. The next compaction rewrites the file.
+            self.broken = true;
+            return Err(JournalError::Io { path: self.path.clone(), what: "syncing", source });
+        }
+        self.unsynced = false;
+        Ok(true)
+    }
+
+    /// Whether [`Journal::compact`] is due: the file has grown to [`COMPACT_FACTOR`] times its
+    /// size after the last compaction, or it must be rewritten after a failure.
+    pub fn needs_compaction(&self) -> bool {
+        self.broken || self.lines >= COMPACT_FACTOR * self.base.max(COMPACT_FLOOR)
+    }
+
+    /// Rewrites the journal as the table's live leases (bound and declined, not expired). The
+    /// result is durable when this returns, so it also stands for a [`Journal::sync`].
+    pub fn compact(&mut self, table: &LeaseTable, now: u64) -> Result<(), JournalError> {
+        let records = table.snapshot(now);
+        let text = render(&records);
+        if let Err(source) = self.storage.replace(text.as_bytes()) {
+            self.broken = true;
+            return Err(JournalError::Io { path: self.path.clone(), what: "rewriting", source });
+        }
+        self.len = text.len() as u64;
+        self.lines = records.len();
+        self.base = records.len();
+        self.unsynced = false;
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Records in the file now.
+    pub fn lines(&self) -> usize {
+        self.lines
     }
 }
 
@@ -373,6 +518,100 @@ mod tests {
         assert!(!t.available_for(ip, mac(2), 10));
         assert!(!t.available_for(ip, mac(3), 10));
         assert!(t.available_for(ip, mac(3), 601));
+    }
+
+    /// A storage that keeps the journal's bytes in memory and can tear appends.
+    #[derive(Default)]
+    struct MemStorage {
+        bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        /// Appends write half their bytes and fail.
+        tear: bool,
+        fail_truncate: bool,
+    }
+
+    impl Storage for MemStorage {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let mut b = self.bytes.lock().unwrap();
+            if self.tear {
+                b.extend_from_slice(&bytes[..bytes.len() / 2]);
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            b.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            if self.fail_truncate {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.bytes.lock().unwrap().truncate(len as usize);
+            Ok(())
+        }
+        fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+            *self.bytes.lock().unwrap() = bytes.to_vec();
+            Ok(())
+        }
+    }
+
+    fn replay(bytes: &[u8]) -> LeaseTable {
+        let mut t = LeaseTable::new(HashMap::new(), HashSet::new());
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(r) = serde_json::from_slice::<Record>(line) {
+                t.apply(&r);
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_torn_append_is_cut_off_before_the_next_record() {
+        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut t = LeaseTable::new(HashMap::new(), HashSet::new());
+        let ip = |n| Ipv4Addr::new(10, 99, 0, n);
+        let mut j = Journal::with_storage(Path::new("mem"), Box::new(MemStorage { bytes: bytes.clone(), ..Default::default() }));
+        j.append(&[t.bind(ip(100), mac(1), 3600)]).unwrap();
+        let good = bytes.lock().unwrap().len();
+        j.storage = Box::new(MemStorage { bytes: bytes.clone(), tear: true, ..Default::default() });
+        assert!(j.append(&[t.bind(ip(101), mac(2), 3600)]).is_err());
+        assert_eq!(bytes.lock().unwrap().len(), good, "the torn half line was cut off");
+        j.storage = Box::new(MemStorage { bytes: bytes.clone(), ..Default::default() });
+        j.append(&[t.bind(ip(102), mac(3), 3600)]).unwrap();
+        j.sync().unwrap();
+        let replayed = replay(&bytes.lock().unwrap());
+        assert_eq!(replayed.get(ip(102)).map(|e| e.mac), Some(Some(mac(3))), "the record after the torn one is whole");
+        assert_eq!(replayed.get(ip(100)).map(|e| e.mac), Some(Some(mac(1))));
+
+        // When the cut fails too, nothing more is appended until a rewrite from the table.
+        j.storage = Box::new(MemStorage { bytes: bytes.clone(), tear: true, fail_truncate: true });
+        assert!(j.append(&[t.bind(ip(103), mac(4), 3600)]).is_err());
+        j.storage = Box::new(MemStorage { bytes: bytes.clone(), ..Default::default() });
+        assert!(matches!(j.append(&[t.bind(ip(104), mac(5), 3600)]), Err(JournalError::Broken { .. })));
+        assert!(matches!(j.sync(), Err(JournalError::Broken { .. })));
+        assert!(j.needs_compaction());
+        j.compact(&t, 10).unwrap();
+        assert!(!j.needs_compaction());
+        let replayed = replay(&bytes.lock().unwrap());
+        for (n, m) in [(100, 1), (101, 2), (102, 3), (103, 4), (104, 5)] {
+            assert_eq!(replayed.get(ip(n)).map(|e| e.mac), Some(Some(mac(m))), "{n}: the rewrite holds every lease of the table");
+        }
+        j.append(&[t.bind(ip(100), mac(1), 7200)]).unwrap();
+    }
+
+    #[test]
+    fn compaction_is_due_at_a_multiple_of_the_compacted_size() {
+        let mut t = LeaseTable::new(HashMap::new(), HashSet::new());
+        let mut j = Journal::with_storage(Path::new("mem"), Box::new(MemStorage::default()));
+        j.compact(&t, 0).unwrap();
+        let mut appended = 0;
+        while !j.needs_compaction() {
+            j.append(&[t.bind(Ipv4Addr::new(10, 99, 0, 100), mac(1), 3600)]).unwrap();
+            appended += 1;
+        }
+        assert_eq!(appended, COMPACT_FACTOR * COMPACT_FLOOR, "the floor for a small table");
+        j.compact(&t, 0).unwrap();
+        assert_eq!(j.lines(), 1);
     }
 
     #[test]

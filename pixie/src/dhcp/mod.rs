@@ -2,6 +2,7 @@
 //! and the socket loop that only moves bytes ([`server`]).
 
 pub mod leases;
+pub mod limiter;
 pub mod server;
 pub mod wire;
 

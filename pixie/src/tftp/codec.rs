@@ -172,6 +172,10 @@ pub fn error(code: u16, message: &str) -> Vec<u8> {
 pub struct Limits {
     pub max_blksize: u16,
     pub max_windowsize: u16,
+    /// The longest retransmission timeout granted. RFC 2349 lets a server only accept the
+    /// client's `timeout` as it is or leave it out of the OACK, so a longer one is left out and
+    /// [`DEFAULT_TIMEOUT`] applies.
+    pub max_timeout: Duration,
 }
 
 /// The transfer parameters after option negotiation, and the OACK (empty: no options granted,
@@ -188,8 +192,8 @@ pub const DEFAULT_BLKSIZE: u16 = 512;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Grants what the client asked for within `limits`. Out-of-range values are clamped
-/// (blksize, windowsize) or the option is left out of the OACK (timeout, unparsable values,
-/// unknown options), as RFC 2347 allows.
+/// (blksize, windowsize) or the option is left out of the OACK (a timeout outside
+/// 1..=`max_timeout` s, unparsable values, unknown options), as RFC 2347 and 2349 allow.
 pub fn negotiate(options: &[(String, String)], file_size: u64, limits: &Limits) -> Negotiated {
     let mut n = Negotiated { blksize: DEFAULT_BLKSIZE, windowsize: 1, timeout: DEFAULT_TIMEOUT, oack: Vec::new() };
     for (name, value) in options {
@@ -206,7 +210,7 @@ pub fn negotiate(options: &[(String, String)], file_size: u64, limits: &Limits) 
                 n.windowsize = w;
                 n.oack.push((name.clone(), w.to_string()));
             }
-            ("timeout", Some(v)) if (1..=255).contains(&v) => {
+            ("timeout", Some(v)) if (1..=255).contains(&v) && Duration::from_secs(v) <= limits.max_timeout => {
                 n.timeout = Duration::from_secs(v);
                 n.oack.push((name.clone(), v.to_string()));
             }
@@ -224,8 +228,9 @@ pub fn check_roundtrip(buf: &[u8]) {
     let again = encode(&first);
     assert_eq!(decode(&again).as_ref(), Ok(&first), "TFTP packet changed in the round trip");
     if let Packet::Rrq(rq) = &first {
-        let n = negotiate(&rq.options, 12345, &Limits { max_blksize: 65464, max_windowsize: 64 });
+        let n = negotiate(&rq.options, 12345, &Limits { max_blksize: 65464, max_windowsize: 64, max_timeout: Duration::from_secs(5) });
         assert!((8..=65464).contains(&n.blksize) && (1..=64).contains(&n.windowsize));
+        assert!(n.timeout <= Duration::from_secs(5));
     }
 }
 
@@ -277,7 +282,7 @@ mod tests {
 
     #[test]
     fn negotiation_clamps_and_ignores() {
-        let l = Limits { max_blksize: 65464, max_windowsize: 64 };
+        let l = Limits { max_blksize: 65464, max_windowsize: 64, max_timeout: Duration::from_secs(5) };
         let n = negotiate(&opts(&[("BLKSIZE", "1468"), ("tsize", "0"), ("windowsize", "8"), ("timeout", "3")]), 4242, &l);
         assert_eq!((n.blksize, n.windowsize, n.timeout), (1468, 8, Duration::from_secs(3)));
         assert_eq!(n.oack, opts(&[("BLKSIZE", "1468"), ("tsize", "4242"), ("windowsize", "8"), ("timeout", "3")]));
@@ -287,11 +292,17 @@ mod tests {
         assert_eq!((n.blksize, n.windowsize, n.timeout), (512, 64, DEFAULT_TIMEOUT));
         assert_eq!(n.oack, opts(&[("windowsize", "64")]));
 
+        // A timeout above the limit is left out (a server may not lower it): the default applies.
+        let n = negotiate(&opts(&[("timeout", "255"), ("blksize", "1468")]), 1, &l);
+        assert_eq!((n.timeout, n.oack.clone()), (DEFAULT_TIMEOUT, opts(&[("blksize", "1468")])));
+        let n = negotiate(&opts(&[("timeout", "5")]), 1, &l);
+        assert_eq!((n.timeout, n.oack.clone()), (Duration::from_secs(5), opts(&[("timeout", "5")])));
+
         let n = negotiate(&opts(&[("blksize", "70000"), ("blksize2", "1"), ("multicast", "")]), 1, &l);
         assert_eq!(n.blksize, 65464);
         let n = negotiate(&opts(&[("blksize", "4")]), 1, &l);
         assert_eq!((n.blksize, n.oack.len()), (512, 0));
-        let small = Limits { max_blksize: 1468, max_windowsize: 1 };
+        let small = Limits { max_blksize: 1468, max_windowsize: 1, max_timeout: Duration::from_secs(5) };
         let n = negotiate(&opts(&[("blksize", "9000"), ("windowsize", "16")]), 1, &small);
         assert_eq!((n.blksize, n.windowsize), (1468, 1));
     }

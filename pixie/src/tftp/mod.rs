@@ -1,6 +1,8 @@
-//! Read-only TFTP: the codec ([`codec`]), path resolution under the root ([`resolve`]) and the
-//! server ([`server`]: one task and one socket per transfer).
+//! Read-only TFTP: the codec ([`codec`]), path resolution under the root ([`resolve`]), which
+//! requests may start a transfer ([`admission`]) and the server ([`server`]: one task and one
+//! socket per transfer).
 
+pub mod admission;
 pub mod codec;
 pub mod server;
 

@@ -1,17 +1,22 @@
 //! The TFTP server: the listening socket only reads requests; every transfer runs in its own
 //! task with its own socket (a new TID, connected to the client), with windowed sending
-//! (RFC 7440), retransmission on timeout and a retry limit.
+//! (RFC 7440), retransmission on timeout and a retry limit. Transfers are admitted within
+//! limits ([`super::admission`]: in total, per client address, one per client port and file),
+//! a client's `timeout` is granted up to `tftp.max_timeout_s`, and no transfer runs longer than
+//! `tftp.max_session_s`, so clients that never acknowledge cannot pin pixie's descriptors.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 
+use super::admission::Admission;
 use super::codec::{self, code, Limits, Packet, Rq};
 use super::{resolve, PathError};
 use crate::config::TftpConfig;
@@ -22,7 +27,23 @@ pub struct TftpServer {
     symlink_targets: Vec<PathBuf>,
     limits: Limits,
     retries: u32,
+    max_session: Duration,
+    admission: Mutex<Admission>,
     metrics: Arc<Metrics>,
+}
+
+/// One admitted transfer; gives its place back when dropped (also when the task panics).
+struct Slot {
+    server: Arc<TftpServer>,
+    peer: SocketAddr,
+    file: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.server.admission.lock().unwrap_or_else(|e| e.into_inner()).release(self.peer, &self.file);
+        self.server.metrics.tftp_active.dec();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +63,8 @@ enum Outcome {
     OptionsRefused,
     Aborted,
     TimedOut,
+    /// Ran longer than `tftp.max_session_s`.
+    Expired,
     Failed,
 }
 
@@ -54,6 +77,7 @@ impl Outcome {
             Outcome::OptionsRefused => "options_refused",
             Outcome::Aborted => "aborted",
             Outcome::TimedOut => "timed_out",
+            Outcome::Expired => "expired",
             Outcome::Failed => "failed",
         }
     }
@@ -66,8 +90,10 @@ impl TftpServer {
         Ok(TftpServer {
             root,
             symlink_targets,
-            limits: Limits { max_blksize: cfg.max_blksize, max_windowsize: cfg.max_windowsize },
+            limits: Limits { max_blksize: cfg.max_blksize, max_windowsize: cfg.max_windowsize, max_timeout: cfg.max_timeout },
             retries: cfg.retries,
+            max_session: cfg.max_session,
+            admission: Mutex::new(Admission::new(cfg.max_transfers, cfg.max_transfers_per_client)),
             metrics,
         })
     }
@@ -90,11 +116,20 @@ impl TftpServer {
             };
             match codec::decode(&buf[..n]) {
                 Ok(Packet::Rrq(rq)) => {
+                    let admitted = self.admission.lock().unwrap_or_else(|e| e.into_inner()).admit(peer, &rq.filename);
+                    if let Err(why) = admitted {
+                        self.metrics.tftp_refused.inc([why.label()]);
+                        tracing::debug!(%peer, file = %rq.filename, reason = why.label(), "TFTP read request dropped");
+                        continue;
+                    }
+                    self.metrics.tftp_active.inc();
+                    let slot = Slot { server: self.clone(), peer, file: rq.filename.clone() };
                     let me = self.clone();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let filename = rq.filename.clone();
-                        let outcome = me.transfer(local_ip, peer, rq).await;
-                        me.metrics.inc("pixie_tftp_transfers_total", &[("result", outcome.label())]);
+                        let outcome = timeout(me.max_session, me.transfer(local_ip, peer, rq)).await.unwrap_or(Outcome::Expired);
+                        me.metrics.tftp_transfers.inc([outcome.label()]);
                         match outcome {
                             Outcome::Ok => tracing::info!(%peer, file = %filename, "TFTP transfer complete"),
                             Outcome::OptionsRefused => {
@@ -105,7 +140,7 @@ impl TftpServer {
                     });
                 }
                 Ok(Packet::Wrq(rq)) => {
-                    self.metrics.inc("pixie_tftp_transfers_total", &[("result", "write_refused")]);
+                    self.metrics.tftp_transfers.inc(["write_refused"]);
                     tracing::info!(%peer, file = %rq.filename, "TFTP write refused (read-only server)");
                     let _ = sock.send_to(&codec::error(code::ACCESS_VIOLATION, "read-only server"), peer).await;
                 }
@@ -113,7 +148,7 @@ impl TftpServer {
                     tracing::debug!(%peer, packet = ?packet_kind(&other), "TFTP packet for no transfer ignored");
                 }
                 Err(e) => {
-                    self.metrics.inc("pixie_tftp_transfers_total", &[("result", "malformed")]);
+                    self.metrics.tftp_transfers.inc(["malformed"]);
                     tracing::info!(%peer, error = %e, len = n, "malformed TFTP request ignored");
                 }
             }
@@ -267,7 +302,7 @@ impl TftpServer {
                         tries = 0;
                     }
                     if a == last {
-                        self.metrics.add("pixie_tftp_bytes_total", &[], sent_bytes);
+                        self.metrics.tftp_bytes.inc_by(sent_bytes);
                         return Outcome::Ok;
                     }
                     base = a + 1;
@@ -370,17 +405,25 @@ pub async fn start(cfg: &TftpConfig, metrics: Arc<Metrics>, boot_files: &[&str])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     async fn server(root: &std::path::Path) -> (SocketAddr, Arc<Metrics>) {
-        let cfg = TftpConfig {
+        server_with(root, |_| {}).await
+    }
+
+    async fn server_with(root: &std::path::Path, change: impl FnOnce(&mut TftpConfig)) -> (SocketAddr, Arc<Metrics>) {
+        let mut cfg = TftpConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             root: root.to_path_buf(),
             symlink_targets: vec![],
             max_blksize: 65464,
             max_windowsize: 64,
             retries: 3,
+            max_transfers: 256,
+            max_transfers_per_client: 32,
+            max_timeout: Duration::from_secs(5),
+            max_session: Duration::from_secs(120),
         };
+        change(&mut cfg);
         let m = Arc::new(Metrics::default());
         (start(&cfg, m.clone(), &[]).await.unwrap(), m)
     }
@@ -494,9 +537,67 @@ mod tests {
         wait_metric(&m, "options_refused", 1).await;
     }
 
-    async fn wait_metric(m: &Metrics, result: &str, at_least: u64) {
+    fn rrq(file: &str, opts: &[(&str, &str)]) -> Vec<u8> {
+        codec::encode(&Packet::Rrq(Rq { filename: file.into(), mode: "octet".into(), options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect() }))
+    }
+
+    #[tokio::test]
+    async fn a_long_timeout_is_left_out_and_a_repeated_rrq_starts_no_second_transfer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), content(5000)).unwrap();
+        let (addr, m) = server(dir.path()).await;
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let req = rrq("f", &[("timeout", "255"), ("blksize", "1024")]);
+        for _ in 0..5 {
+            sock.send_to(&req, addr).await.unwrap();
+        }
+        let mut buf = [0u8; 2048];
+        let (n, _) = timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await.unwrap().unwrap();
+        let Packet::Oack { options } = codec::decode(&buf[..n]).unwrap() else { panic!("no OACK") };
+        assert_eq!(options, vec![("blksize".to_string(), "1024".to_string())], "timeout 255 is not granted (nor lowered: RFC 2349)");
         for _ in 0..100 {
-            if m.get("pixie_tftp_transfers_total", &[("result", result)]) >= at_least {
+            if m.tftp_refused.get(["duplicate"]) == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(m.tftp_refused.get(["duplicate"]), 4);
+        assert_eq!(m.tftp_active.get(), 1, "one transfer for five copies of one RRQ");
+        // Unanswered, that transfer retransmits every second (the default) and then gives up.
+        wait_metric_for(&m, "timed_out", 1, Duration::from_secs(12)).await;
+        assert_eq!(m.tftp_active.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_transfer_runs_longer_than_max_session() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), content(5000)).unwrap();
+        let (addr, m) = server_with(dir.path(), |c| {
+            c.retries = 100;
+            c.max_session = Duration::from_secs(1);
+        })
+        .await;
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&rrq("f", &[("timeout", "1")]), addr).await.unwrap();
+        // Never acknowledged: 100 retries of 1 s would keep it for 100 s.
+        wait_metric_for(&m, "expired", 1, Duration::from_secs(4)).await;
+        assert_eq!(m.tftp_active.get(), 0);
+    }
+
+    async fn wait_metric_for(m: &Metrics, result: &'static str, at_least: u64, within: Duration) {
+        let end = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < end {
+            if m.tftp_transfers.get([result]) >= at_least {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {at_least} transfers counted as {result} within {within:?}");
+    }
+
+    async fn wait_metric(m: &Metrics, result: &'static str, at_least: u64) {
+        for _ in 0..100 {
+            if m.tftp_transfers.get([result]) >= at_least {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

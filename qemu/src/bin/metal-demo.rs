@@ -41,7 +41,7 @@ fn main() -> Result<()> {
 
 async fn demo(args: Args) -> Result<()> {
     let started = Instant::now();
-    println!("==> starting the lab: network namespace, radvd, metal-api (SQLite), pixie");
+    println!("==> starting the lab: network namespace, radvd, metal-api (SQLite, HTTPS with a CA made for this lab), pixie");
     let mut lab = Lab::start(Some(&args.dir)).await?;
     let image = match &args.image {
         Some(n) => lab.image(n).with_context(|| format!("no image named {n} was built (scripts/build-lab)"))?,
@@ -100,7 +100,8 @@ async fn demo(args: Args) -> Result<()> {
     if let Some(ip) = ip {
         println!("      nsenter --net=/proc/{me}/ns/net ssh -i {} -o StrictHostKeyChecking=no root@{ip}", key.display());
     }
-    println!("      nsenter --net=/proc/{me}/ns/net {} --api-url {} --token {} machine ls", lab.paths.bin("metalctl").display(), metal_lab::services::api_url(), lab.admin_token);
+    let ca = lab.ca_file().map(|c| format!("METALCTL_CA_FILE={} ", c.display())).unwrap_or_default();
+    println!("      {ca}nsenter --net=/proc/{me}/ns/net {} --api-url {} --token {} machine ls", lab.paths.bin("metalctl").display(), metal_lab::services::api_url(), lab.admin_token);
     println!("    serial console: tail -f {}", lab.vms[i].serial.display());
     lab.pass();
     if !args.no_wait {

@@ -12,7 +12,11 @@ pub const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMetalLabTestKeyO
 pub const OLD_DATA: &[u8] = b"TENANT-DATA-THAT-MUST-BE-WIPED";
 
 pub fn metalctl(lab: &Lab, token: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(lab.paths.bin("metalctl"))
+    let mut cmd = Command::new(lab.paths.bin("metalctl"));
+    if let Some(ca) = lab.ca_file() {
+        cmd.env("METALCTL_CA_FILE", ca);
+    }
+    let out = cmd
         .args(["--api-url", &services::api_url(), "--token", token])
         .args(args)
         .output()

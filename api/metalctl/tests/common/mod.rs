@@ -104,16 +104,26 @@ pub struct Api {
 impl Api {
     /// Starts the API on 127.0.0.1:0 and reads the bound address from its `listening on` line.
     pub fn start() -> Api {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Api::start_in(tempfile::tempdir().expect("tempdir"), &[])
+    }
+
+    /// Starts the API in `dir` with more environment (e.g. METAL_TLS_CERT/METAL_TLS_KEY: the
+    /// URL is `https://` then).
+    pub fn start_in(dir: tempfile::TempDir, env: &[(&str, PathBuf)]) -> Api {
         let log = dir.path().join("metal-api.log");
-        let child = spawn_api(dir.path(), "127.0.0.1:0", &log);
+        let child = spawn_api_with(dir.path(), "127.0.0.1:0", &log, env);
         let mut api = Api {
             child,
             url: String::new(),
             dir,
             logs: vec![log],
         };
-        api.url = format!("http://{}", api.wait_listening());
+        let scheme = if env.iter().any(|(k, _)| *k == "METAL_TLS_CERT") {
+            "https"
+        } else {
+            "http"
+        };
+        api.url = format!("{scheme}://{}", api.wait_listening());
         api
     }
 
@@ -218,8 +228,13 @@ impl Drop for Api {
 }
 
 fn spawn_api(dir: &Path, listen: &str, log: &Path) -> Child {
+    spawn_api_with(dir, listen, log, &[])
+}
+
+fn spawn_api_with(dir: &Path, listen: &str, log: &Path, env: &[(&str, PathBuf)]) -> Child {
     let out = std::fs::File::create(log).expect("log file");
     Command::new(metal_api_bin())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .arg("--listen")
         .arg(listen)
         .arg("--db")
@@ -248,6 +263,7 @@ pub fn clean_ctl(home: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalctl"));
     cmd.env_remove("METAL_API_URL")
         .env_remove("METAL_TOKEN")
+        .env_remove("METALCTL_CA_FILE")
         .env_remove("XDG_CONFIG_HOME")
         .env("HOME", home)
         .stdin(Stdio::null());
@@ -384,6 +400,7 @@ impl SimAgent {
     /// PXE boot through the boot decision (as pixie), then register with the enrolment token
     /// from the command line, report the wipe and `Waiting`.
     pub async fn boot_and_register(api: &Api, pixie_token: &str, n: u8) -> Result<SimAgent> {
+        metal_client::tls::install_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?;
