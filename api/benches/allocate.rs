@@ -53,8 +53,8 @@ async fn bench(label: &str, db: &Db, replicas: usize, machines: usize, clients: 
     for i in 0..machines {
         let id = MachineId(uuid::Uuid::from_u128(0xbe00_0000_0000_4000_8000_0000_0000_0000 + i as u128));
         let mac = format!("52:54:01:{:02x}:{:02x}:{:02x}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
-        let cred = metal_api::auth::generate("mch");
-        let mut row = metal_api::auth::row(&cred, "machine");
+        let cred = metal_api::auth::generate(metal_types::Role::Machine);
+        let mut row = metal_api::auth::row(&cred, metal_types::Role::Machine);
         row.machine = Some(id.to_string());
         let inv = inventory(id, &mac);
         let reg = metal_api::store::Registration { id, partition: "lab", size: "small", inventory: &inv, credential: &row, token_mac: None };

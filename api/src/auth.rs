@@ -7,11 +7,12 @@
 //! versions (`enr_…`, role `enrolment`) are still accepted until they expire.
 
 use crate::error::{Error, Result};
+use crate::store::tokens::TokenKind;
 use crate::store::TokenRow;
 use crate::App;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use metal_types::{AllocationId, MachineId};
+use metal_types::{AllocationId, Mac, MachineId, Role};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub enum Principal {
     /// A short-lived token from the kernel command line, for `POST /v1/agent/register`: the
     /// partition and MAC it was issued for, and the machine the boot request named or the MAC
     /// belonged to.
-    Enrolment { partition: Option<String>, mac: Option<String>, machine: Option<MachineId> },
+    Enrolment { partition: Option<String>, mac: Option<Mac>, machine: Option<MachineId> },
     /// A machine's credential, bound to its UUID.
     Machine { machine: MachineId },
     /// An installed OS phoning home for one allocation.
@@ -102,18 +103,18 @@ impl Principal {
     }
 }
 
-/// A new random token with a role prefix.
-pub fn generate(prefix: &str) -> String {
+/// A new random token of `role`: its prefix and 32 random bytes in hex.
+pub fn generate(role: Role) -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("{prefix}_{}", hex::encode(bytes))
+    format!("{}_{}", role.prefix(), hex::encode(bytes))
 }
 
 /// The phone-home token of an allocation: `phh_` and the hex HMAC-SHA256 of the allocation id
 /// under the API's key. Deterministic, so every `wait` answer for one allocation carries the same
 /// token without the API keeping the token itself (it stores only the hash, as for every token).
 pub fn phone_home_token(key: &crate::enrolment::Key, allocation: AllocationId) -> String {
-    format!("phh_{}", hex::encode(key.sign(format!("phone-home\0{allocation}").as_bytes())))
+    format!("{}_{}", Role::PhoneHome.prefix(), hex::encode(key.sign(format!("phone-home\0{allocation}").as_bytes())))
 }
 
 /// A rough, conservative estimate of a token's strength in bits: its length times log2 of the
@@ -143,11 +144,11 @@ pub fn hash(token: &str) -> String {
 }
 
 /// A token row for a new token.
-pub fn row(token: &str, role: &str) -> TokenRow {
+pub fn row(token: &str, role: Role) -> TokenRow {
     TokenRow {
         id: uuid::Uuid::new_v4().to_string(),
         hash: hash(token),
-        role: role.to_string(),
+        kind: TokenKind::Role(role),
         project: None,
         partition: None,
         machine: None,
@@ -181,8 +182,13 @@ fn bearer(parts: &Parts) -> Result<&str> {
 
 pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
     if token.starts_with(crate::enrolment::PREFIX) {
-        return match crate::enrolment::verify(&app.enrolment_key(), token, crate::now_ms()) {
-            Ok(c) => Ok(Principal::Enrolment { partition: Some(c.partition), mac: c.mac, machine: c.machine }),
+        return match crate::enrolment::verify(&app.enrolment_key(), token, app.now_ms()) {
+            Ok(c) => {
+                let mac = c.mac.as_deref().map(str::parse::<Mac>).transpose().map_err(|_| {
+                    Error::Unauthorized("the enrolment token is malformed; PXE boot the machine again for a fresh one".into())
+                })?;
+                Ok(Principal::Enrolment { partition: Some(c.partition), mac, machine: c.machine })
+            }
             Err(crate::enrolment::TokenError::Expired { expires_ms }) => Err(Error::Unauthorized(format!(
                 "the enrolment token expired at {} (it lives for --enrolment-ttl-s): PXE boot the machine again for a fresh one",
                 crate::rfc3339(expires_ms)
@@ -198,11 +204,11 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
     if !bool::from(t.hash.as_bytes().ct_eq(h.as_bytes())) {
         return Err(unknown());
     }
-    if let Some(e) = t.expires_ms.filter(|e| *e <= crate::now_ms()) {
-        let what = match t.role.as_str() {
-            "enrolment" => "; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one",
-            "phone_home" => "; a phone-home token lives for --phone-home-ttl-s after its allocation was made",
-            _ => "; ask an operator for a new one",
+    if let Some(e) = t.expires_ms.filter(|e| *e <= app.now_ms()) {
+        let what = match t.kind {
+            TokenKind::LegacyEnrolment => "; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one",
+            TokenKind::Role(Role::PhoneHome) => "; a phone-home token lives for --phone-home-ttl-s after its allocation was made",
+            TokenKind::Role(_) => "; ask an operator for a new one",
         };
         return Err(Error::Unauthorized(format!("the token expired at {}{what}", crate::rfc3339(e))));
     }
@@ -213,15 +219,19 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
             .parse()
             .map_err(|e| Error::Internal(format!("token {}: {e}", t.id)))
     };
-    Ok(match t.role.as_str() {
-        "admin" => Principal::Admin,
-        "tenant" => Principal::Tenant {
+    Ok(match t.kind {
+        TokenKind::Role(Role::Admin) => Principal::Admin,
+        TokenKind::Role(Role::Tenant) => Principal::Tenant {
             project: t.project.clone().ok_or_else(|| Error::Internal(format!("tenant token {} has no project", t.id)))?,
         },
-        "pixie" => Principal::Pixie,
-        "enrolment" => Principal::Enrolment { partition: t.partition.clone(), mac: t.mac.clone(), machine: None },
-        "machine" => Principal::Machine { machine: machine()? },
-        "phone_home" => Principal::PhoneHome {
+        TokenKind::Role(Role::Pixie) => Principal::Pixie,
+        TokenKind::LegacyEnrolment => Principal::Enrolment {
+            partition: t.partition.clone(),
+            mac: t.mac.as_deref().and_then(|m| m.parse().ok()),
+            machine: None,
+        },
+        TokenKind::Role(Role::Machine) => Principal::Machine { machine: machine()? },
+        TokenKind::Role(Role::PhoneHome) => Principal::PhoneHome {
             machine: machine()?,
             allocation: t
                 .allocation
@@ -230,7 +240,6 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
                 .parse()
                 .map_err(|e| Error::Internal(format!("token {}: {e}", t.id)))?,
         },
-        other => return Err(Error::Internal(format!("token {} has unknown role {other:?}", t.id))),
     })
 }
 
@@ -249,7 +258,7 @@ mod tests {
 
     #[test]
     fn token_strength_estimate() {
-        assert!(estimated_bits(&generate("adm")) >= MIN_BOOTSTRAP_BITS);
+        assert!(estimated_bits(&generate(Role::Admin)) >= MIN_BOOTSTRAP_BITS);
         assert!(estimated_bits(&hex::encode([0x5au8, 0x13, 0x99, 0xe0, 0x42, 0x7c, 0xd1, 0x08, 0x6b, 0xf3, 0x21, 0x84, 0x3e, 0xa7, 0x55, 0xc9])) >= MIN_BOOTSTRAP_BITS, "openssl rand -hex 16");
         for weak in ["changeme", "test-admin-token", "0123456789abcdef", &"a".repeat(100), "correct horse"] {
             assert!(estimated_bits(weak) < MIN_BOOTSTRAP_BITS, "{weak:?}");
@@ -268,8 +277,8 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_hashes_stable() {
-        let a = generate("adm");
-        let b = generate("adm");
+        let a = generate(Role::Admin);
+        let b = generate(Role::Admin);
         assert_ne!(a, b);
         assert!(a.starts_with("adm_") && a.len() == 4 + 64);
         assert_eq!(hash(&a), hash(&a));

@@ -141,11 +141,6 @@ pub fn verify(key: &Key, token: &str, now_ms: i64) -> Result<Claims, TokenError>
     Ok(claims)
 }
 
-/// MACs compare lower case, colon separated.
-pub fn normalize_mac(mac: &str) -> String {
-    mac.trim().to_ascii_lowercase().replace('-', ":")
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BindingError {
     #[error("the enrolment token was issued for partition {token}, not {requested}")]
@@ -154,7 +149,7 @@ pub enum BindingError {
         "the enrolment token was issued to the machine that PXE booted with MAC {mac}, but the inventory has no NIC \
          with that MAC; PXE boot this machine for its own token"
     )]
-    Mac { mac: String },
+    Mac { mac: metal_types::Mac },
     #[error(
         "the enrolment token was issued to machine UUID {token}, but this registration is for {registering}; PXE boot \
          this machine for its own token (if a NIC moved between machines, an operator must decommission the old one first)"
@@ -166,7 +161,7 @@ pub enum BindingError {
 /// bound to `token_partition` and `token_mac` (`None`: not bound).
 pub fn check_binding<'a>(
     token_partition: Option<&str>,
-    token_mac: Option<&str>,
+    token_mac: Option<metal_types::Mac>,
     partition: &str,
     nic_macs: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), BindingError> {
@@ -176,8 +171,8 @@ pub fn check_binding<'a>(
         }
     }
     if let Some(mac) = token_mac {
-        if !nic_macs.into_iter().any(|n| normalize_mac(n) == mac) {
-            return Err(BindingError::Mac { mac: mac.to_string() });
+        if !nic_macs.into_iter().any(|n| n.parse::<metal_types::Mac>().ok() == Some(mac)) {
+            return Err(BindingError::Mac { mac });
         }
     }
     Ok(())
@@ -336,7 +331,7 @@ mod tests {
 
     #[test]
     fn binding_partition_and_mac() {
-        let mac = Some("52:54:00:12:34:56");
+        let mac = Some("52:54:00:12:34:56".parse().unwrap());
         assert_eq!(check_binding(Some("lab"), mac, "lab", ["52:54:00:12:34:56"]), Ok(()));
         // NIC MACs compare normalised.
         assert_eq!(check_binding(Some("lab"), mac, "lab", ["aa:bb:cc:dd:ee:ff", " 52-54-00-12-34-56 "]), Ok(()));
@@ -345,7 +340,7 @@ mod tests {
             Err(BindingError::Partition { token: "lab".into(), requested: "lab2".into() })
         );
         let wrong = check_binding(Some("lab"), mac, "lab", ["52:54:00:12:34:57"]).unwrap_err();
-        assert_eq!(wrong, BindingError::Mac { mac: "52:54:00:12:34:56".into() });
+        assert_eq!(wrong, BindingError::Mac { mac: "52:54:00:12:34:56".parse().unwrap() });
         assert!(wrong.to_string().contains("MAC 52:54:00:12:34:56"), "{wrong}");
         assert!(check_binding(Some("lab"), mac, "lab", []).is_err(), "no NICs, no match");
         // Unbound tokens (old stored ones without a MAC) check only what they carry.

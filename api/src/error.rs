@@ -6,6 +6,8 @@
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use crate::allocation::PlanError;
+use crate::store::{Conflict, NoMachine, StoreError};
 use metal_types::ApiError;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,93 @@ impl IntoResponse for Error {
 pub struct Refusal {
     pub code: &'static str,
     pub message: String,
+}
+
+/// The store says what is the case; this says what to do about it.
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        match e {
+            StoreError::NotFound { kind, id } => Error::not_found(kind, id),
+            StoreError::Conflict(c) => Error::Conflict(match c {
+                Conflict::Exists { kind: "image", id } => format!(
+                    "image {id} exists with different content; images are immutable: publish a new version, or DELETE /v1/images/{id} first"
+                ),
+                Conflict::Exists { kind, id } => {
+                    format!("{kind} {id} exists with different content; DELETE /v1/{kind}s/{id} first or use another id")
+                }
+                Conflict::ProjectInUse { id, active } => format!("project {id} has {active} active allocations; free them first"),
+                Conflict::LastAdminToken { id } => {
+                    format!("token {id} is the last admin token; create another admin token first, then revoke this one")
+                }
+                Conflict::InstalledOs { machine, allocation, since_ms } => format!(
+                    "machine {machine} is running the installed OS of allocation {allocation} (phoned home at {}); it registers \
+                     again only after the allocation is freed",
+                    crate::rfc3339(since_ms)
+                ),
+                Conflict::MacTaken { mac, owner, machine } => format!(
+                    "NIC {mac} belongs to machine {owner}; if it moved to machine {machine}, an operator must decommission {owner} first"
+                ),
+                Conflict::NotAllocated { machine } => format!("machine {machine} is not allocated; there is nothing to free"),
+                Conflict::NotCurrentAllocation { allocation } => {
+                    format!("allocation {allocation} is not this machine's current allocation; wait for new instructions")
+                }
+                Conflict::Contended { attempts } => {
+                    format!("could not allocate after {attempts} attempts because of concurrent allocations; retry the request")
+                }
+            }),
+            StoreError::Refused(crate::store::Refusal::UnknownNic { machine, mac }) => Error::Forbidden(format!(
+                "machine {machine} is registered with other NICs than {mac}, the MAC this enrolment token was issued to; PXE boot \
+                 the machine from one of its own NICs (if its NICs really changed, an operator must decommission the machine first)"
+            )),
+            StoreError::NoMachine(NoMachine::NotInPartition { machine, partition }) => {
+                Error::NotFound(format!("machine {machine} not found in partition {partition}"))
+            }
+            StoreError::NoMachine(NoMachine::Ineligible { machine, why }) => Error::NoMachineAvailable(format!(
+                "machine {machine} cannot be allocated: {why}; pick another machine or ask for a size"
+            )),
+            StoreError::NoMachine(NoMachine::PoolEmpty { size, partition }) => Error::NoMachineAvailable(format!(
+                "no machine of size {size} is waiting in partition {partition}; retry when machines return to the pool, or try \
+                 another size or partition"
+            )),
+            StoreError::Db(e) => Error::Db(e),
+            StoreError::Corrupt { what, source } => Error::Corrupt { what, source },
+            StoreError::Config(m) => Error::BadRequest(m),
+            StoreError::Internal(m) => Error::Internal(m),
+        }
+    }
+}
+
+/// The planner says what is wrong with a request; this says what to do about it.
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        match e {
+            PlanError::ProjectNotFound(id) => Error::not_found("project", id),
+            PlanError::PartitionNotFound(id) => Error::not_found("partition", id),
+            PlanError::BadHostname(h) => Error::bad_request(format!(
+                "hostname {h:?} is invalid: use labels of letters, digits and '-' (1-63 characters each), separated by dots"
+            )),
+            e @ (PlanError::BadIdempotencyKey | PlanError::UserDataTooLarge) => Error::bad_request(e.to_string()),
+            PlanError::ImageNotFound(id_or_name) => Error::NotFound(format!(
+                "image {id_or_name} not found (neither an image id nor the name of an image that has not expired); list them with GET /v1/images"
+            )),
+            PlanError::ImageExpired { id, at_ms } => Error::bad_request(format!(
+                "image {id} expired at {}; use a newer version (or just the image name)",
+                crate::rfc3339(at_ms)
+            )),
+            PlanError::MachineNotInPartition { machine, partition } => {
+                Error::NotFound(format!("machine {machine} not found in partition {partition}"))
+            }
+            PlanError::SizeNotFound(id) => Error::not_found("size", id),
+            PlanError::NoSizeOrMachine => Error::bad_request("give a size (to pick from the pool) or a machine"),
+            PlanError::LayoutNotFound(id) => Error::not_found("layout", id),
+            PlanError::LayoutDoesNotFit { layout, size, image } => {
+                Error::bad_request(format!("layout {layout} does not allow size {size} with image {image}; pick another layout"))
+            }
+            PlanError::NoLayoutFits { size, image } => Error::bad_request(format!(
+                "no filesystem layout fits size {size} and image {image}; create one with POST /v1/layouts"
+            )),
+        }
+    }
 }
 
 impl From<JsonRejection> for Error {

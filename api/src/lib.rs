@@ -1,8 +1,12 @@
 //! The allocation API of the bare-metal cloud.
 //!
-//! - [`store`]: the persistent store (sqlx `Any`: SQLite file or PostgreSQL), numbered migrations.
+//! - [`store`]: the persistent store (sqlx `Any`: SQLite file or PostgreSQL), split by concern
+//!   (catalog, tokens, machines, events, allocation), with its own error type.
+//! - [`clock`]: where every timestamp comes from (a manual clock in tests).
 //! - [`fsm`]: the provisioning event state machine (pure, table-driven).
-//! - [`policy`]: pure decisions: size matching, machine pick, layout and image version choice.
+//! - [`allocation`]: the allocation planner (a request and a catalog snapshot → a plan, no I/O).
+//! - [`policy`]: pure decisions: size matching, the eligibility rules and machine pick, layout
+//!   and image version choice, the boot decision ([`policy::boot`]).
 //! - [`auth`]: tokens (stored hashed) and the caller's identity; [`enrolment`]: the stateless,
 //!   signed enrolment tokens of boot decisions.
 //! - [`http`]: the axum routes; [`error`]: the one place errors become HTTP responses.
@@ -11,7 +15,9 @@
 //!
 //! [`start`] binds a listener and serves; the binary and the tests both use it.
 
+pub mod allocation;
 pub mod auth;
+pub mod clock;
 pub mod enrolment;
 pub mod error;
 pub mod fsm;
@@ -60,6 +66,8 @@ pub struct Config {
     pub tls: Option<serve::TlsFiles>,
     /// Timeouts and the connection limit of the HTTP server.
     pub limits: serve::Limits,
+    /// Where the API's time comes from (the system clock; a `clock::ManualClock` in tests).
+    pub clock: clock::ClockRef,
 }
 
 impl Default for Config {
@@ -75,6 +83,7 @@ impl Default for Config {
             phone_home_ttl_s: 7 * 86_400,
             tls: None,
             limits: serve::Limits::default(),
+            clock: clock::ClockRef::default(),
         }
     }
 }
@@ -120,6 +129,11 @@ impl App {
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         self.waker.wake_all();
+    }
+
+    /// Now, by the API's clock ([`Config::clock`]).
+    pub fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms()
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -185,14 +199,19 @@ impl App {
                 )));
             }
         }
-        let mut store = store::Store::open(&config.db, config.sqlite_sync_normal, cache_ttl).await?;
-        store.set_dead_after_ms(config.dead_after_s as i64 * 1000);
+        let opts = store::Options {
+            sqlite_sync_normal: config.sqlite_sync_normal,
+            cache_ttl,
+            dead_after_ms: config.dead_after_s as i64 * 1000,
+            clock: config.clock.clone(),
+        };
+        let store = store::Store::open(&config.db, opts).await?;
         if let Some(token) = &config.admin_token {
-            let mut row = auth::row(token, "admin");
+            let mut row = auth::row(token, metal_types::Role::Admin);
             row.description = "bootstrap admin token (--admin-token)".into();
             store.ensure_token(&row).await?;
         }
-        let dropped = store.drop_expired_stored_enrolments(now_ms()).await?;
+        let dropped = store.drop_expired_stored_enrolments().await?;
         if dropped > 0 {
             tracing::info!(dropped, "dropped expired enrolment tokens stored by an earlier version");
         }

@@ -135,6 +135,7 @@ async fn run() -> anyhow::Result<()> {
         phone_home_ttl_s: args.phone_home_ttl_s,
         tls,
         limits,
+        clock: Default::default(),
     };
     let mut running = metal_api::start(config, &args.listen).await.context("starting the API")?;
     tracing::info!(addr = %running.addr, url = %running.base_url(), db = %redact(&args.db), "listening on {}", running.addr);

@@ -5,7 +5,7 @@ use metal_types::{ConstraintKind, FilesystemLayout, Inventory, MachineId, Provis
 use std::cmp::Ordering;
 
 /// The size id of a machine that matches no size, or more than one.
-pub const UNKNOWN_SIZE: &str = "unknown";
+pub use metal_types::catalog::UNKNOWN_SIZE;
 
 /// Whether every constraint of `size` holds for `inv`.
 pub fn size_matches(size: &Size, inv: &Inventory) -> bool {
@@ -29,42 +29,7 @@ pub fn match_size(sizes: &[Size], inv: &Inventory) -> String {
     }
 }
 
-/// Checks a size before it is stored.
-pub fn validate_size(size: &Size) -> Result<(), String> {
-    validate_id("size", &size.id)?;
-    if size.id == UNKNOWN_SIZE {
-        return Err("size id `unknown` is reserved for machines that match no size; pick another id".into());
-    }
-    if size.constraints.is_empty() {
-        return Err("a size needs at least one constraint (cores, memory or storage)".into());
-    }
-    for c in &size.constraints {
-        if c.min > c.max {
-            return Err(format!("constraint {:?} has min {} > max {}; swap them", c.kind, c.min, c.max));
-        }
-    }
-    let mut kinds: Vec<_> = size.constraints.iter().map(|c| c.kind as u8).collect();
-    kinds.sort_unstable();
-    if kinds.windows(2).any(|w| w[0] == w[1]) {
-        return Err("a size has at most one constraint per kind".into());
-    }
-    Ok(())
-}
-
-/// Ids of catalog objects: 1–63 characters of `a-z 0-9 - _ .`, starting with a letter or digit.
-pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} id {id:?} is invalid: use 1-63 characters a-z, 0-9, '-', '_', '.', starting with a letter or digit"
-        ))
-    }
-}
+pub use metal_types::catalog::{validate_id, validate_size};
 
 /// A machine as the pick sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,15 +41,94 @@ pub struct Candidate {
     pub last_seen_ms: Option<i64>,
 }
 
-impl Candidate {
-    /// Waiting, not allocated, not crash-looping, and heard from within `dead_after_ms`.
-    pub fn eligible(&self, now_ms: i64, dead_after_ms: i64) -> bool {
-        self.state == Some(ProvisioningEvent::Waiting)
-            && !self.allocated
-            && !self.crash_loop
-            && self.last_seen_ms.is_some_and(|t| now_ms - t < dead_after_ms)
+/// One rule a machine must meet to be picked for an allocation. [`ELIGIBLE`] lists them all; the
+/// store's pre-filter, its re-check inside the allocation's transaction, [`Candidate::eligible`]
+/// and the explanation of a refusal ([`why_not`]) are all rendered from that one list, so they
+/// cannot disagree (`api/tests/eligibility.rs` checks SQL and Rust against each other on both
+/// backends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Its last event is `Waiting`: metal-hammer wiped it and waits in the pool.
+    Waiting,
+    /// No allocation holds it.
+    Unallocated,
+    /// Not flagged as crash-looping.
+    NotCrashLooping,
+    /// Heard from within the dead-after window.
+    Alive,
+}
+
+/// Every rule, in the order a refusal names the first one broken.
+pub const ELIGIBLE: [Rule; 4] = [Rule::Waiting, Rule::Unallocated, Rule::NotCrashLooping, Rule::Alive];
+
+/// Why a machine cannot be picked: the first rule of [`ELIGIBLE`] it breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ineligible {
+    #[error("it is not Waiting (state: {})", .0.map_or("none", |e| e.as_str()))]
+    NotWaiting(Option<ProvisioningEvent>),
+    #[error("it is already allocated")]
+    Allocated,
+    #[error("it is crash-looping")]
+    CrashLooping,
+    #[error("it has not been heard from in {} s", .dead_after_ms / 1000)]
+    Silent { dead_after_ms: i64 },
+    /// Every rule held when it was read, but another allocation took it first.
+    #[error("it was taken concurrently")]
+    Taken,
+}
+
+impl Rule {
+    /// The rule as a condition on the `machines` table; `cutoff` is the SQL placeholder that
+    /// will hold `now - dead_after` (the oldest `last_seen_ms` that still counts as alive). The
+    /// first three are written exactly as the partial index `machines_free` is, so SQLite uses it.
+    pub fn sql(self, cutoff: &str) -> String {
+        match self {
+            Rule::Waiting => "state = 'Waiting'".into(),
+            Rule::Unallocated => "allocation IS NULL".into(),
+            Rule::NotCrashLooping => "crash_loop = 0".into(),
+            Rule::Alive => format!("last_seen_ms > {cutoff}"),
+        }
+    }
+
+    /// Whether `c` meets the rule at `now_ms`.
+    pub fn holds(self, c: &Candidate, now_ms: i64, dead_after_ms: i64) -> bool {
+        match self {
+            Rule::Waiting => c.state == Some(ProvisioningEvent::Waiting),
+            Rule::Unallocated => !c.allocated,
+            Rule::NotCrashLooping => !c.crash_loop,
+            Rule::Alive => c.last_seen_ms.is_some_and(|t| t > now_ms - dead_after_ms),
+        }
+    }
+
+    fn broken_by(self, c: &Candidate, dead_after_ms: i64) -> Ineligible {
+        match self {
+            Rule::Waiting => Ineligible::NotWaiting(c.state),
+            Rule::Unallocated => Ineligible::Allocated,
+            Rule::NotCrashLooping => Ineligible::CrashLooping,
+            Rule::Alive => Ineligible::Silent { dead_after_ms },
+        }
     }
 }
+
+/// All of [`ELIGIBLE`] as one SQL condition (see [`Rule::sql`]).
+pub fn eligible_sql(cutoff: &str) -> String {
+    ELIGIBLE.iter().map(|r| r.sql(cutoff)).collect::<Vec<_>>().join(" AND ")
+}
+
+/// The first rule `c` breaks at `now_ms`, or `None` when it may be picked.
+pub fn why_not(c: &Candidate, now_ms: i64, dead_after_ms: i64) -> Option<Ineligible> {
+    ELIGIBLE.iter().find(|r| !r.holds(c, now_ms, dead_after_ms)).map(|r| r.broken_by(c, dead_after_ms))
+}
+
+impl Candidate {
+    /// Whether every rule of [`ELIGIBLE`] holds at `now_ms`.
+    pub fn eligible(&self, now_ms: i64, dead_after_ms: i64) -> bool {
+        why_not(self, now_ms, dead_after_ms).is_none()
+    }
+}
+
+/// How many of the newest eligible machines a pick chooses among, on every backend.
+pub const CANDIDATE_WINDOW: usize = 16;
 
 /// Picks one eligible machine. `spread` (any number, e.g. random) chooses among several, so
 /// concurrent requests on different replicas tend not to fight over the same row.
@@ -129,6 +173,47 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
                 }
             }
         }
+    }
+}
+
+/// What a machine that PXE boots gets: the installed OS from its disk, or metal-hammer with an
+/// enrolment token bound to what the boot request showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootPlan {
+    /// Its allocation's OS phoned home: boot that from the local disk.
+    LocalDisk,
+    /// Boot metal-hammer; the caller signs `claims` into the token of `metal.token`.
+    Hammer { claims: crate::enrolment::Claims, kernel_url: String, initrd_url: String, api_url: String, cmdline: String },
+}
+
+/// The machine a boot request belongs to, as the store found it (by UUID or by MAC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootMachine {
+    pub id: MachineId,
+    /// Its current allocation's OS has phoned home.
+    pub phoned_home: bool,
+}
+
+/// The boot decision. The token is bound to the partition, the MAC the request came from and
+/// the machine: the known one, else the UUID the request named (`enrolment` module doc).
+pub fn boot(
+    machine: Option<BootMachine>,
+    partition: &metal_types::Partition,
+    mac: Option<metal_types::Mac>,
+    uuid: Option<MachineId>,
+    token_expires_ms: i64,
+) -> BootPlan {
+    if machine.is_some_and(|m| m.phoned_home) {
+        return BootPlan::LocalDisk;
+    }
+    let claims =
+        crate::enrolment::Claims::new(&partition.id, mac.map(|m| m.to_string()), machine.map(|m| m.id).or(uuid), token_expires_ms);
+    BootPlan::Hammer {
+        claims,
+        kernel_url: partition.boot.kernel_url.clone(),
+        initrd_url: partition.boot.initrd_url.clone(),
+        api_url: partition.boot.api_url.trim_end_matches('/').to_string(),
+        cmdline: partition.boot.cmdline.clone(),
     }
 }
 
@@ -255,5 +340,44 @@ mod tests {
             let hits: Vec<&Size> = sizes.iter().filter(|s| size_matches(s, &i)).collect();
             if hits.len() == 1 { prop_assert_eq!(&got, &hits[0].id); } else { prop_assert_eq!(got, UNKNOWN_SIZE); }
         }
+    }
+
+    fn partition() -> metal_types::Partition {
+        metal_types::Partition {
+            id: "lab".into(),
+            description: String::new(),
+            boot: metal_types::PartitionBoot {
+                kernel_url: "http://10.0.0.1/vmlinuz".into(),
+                initrd_url: "http://10.0.0.1/initrd.img".into(),
+                api_url: "https://10.0.0.1:8080/".into(),
+                cmdline: "console=ttyS0".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn boot_plans() {
+        let p = partition();
+        let mac: metal_types::Mac = "52:54:00:00:00:01".parse().unwrap();
+        let known = MachineId::new_random();
+        let named = MachineId::new_random();
+        // A machine whose OS phoned home boots from its disk.
+        let done = BootMachine { id: known, phoned_home: true };
+        assert_eq!(boot(Some(done), &p, Some(mac), None, 1), BootPlan::LocalDisk);
+        // A known machine gets a token for itself, even when the request names another UUID.
+        let BootPlan::Hammer { claims, api_url, cmdline, .. } =
+            boot(Some(BootMachine { id: known, phoned_home: false }), &p, Some(mac), Some(named), 99)
+        else {
+            panic!("hammer expected")
+        };
+        assert_eq!((claims.machine, claims.mac.as_deref(), claims.expires_ms), (Some(known), Some("52:54:00:00:00:01"), 99));
+        assert_eq!(claims.partition, "lab");
+        assert_eq!(api_url, "https://10.0.0.1:8080", "no trailing slash");
+        assert_eq!(cmdline, "console=ttyS0");
+        // An unknown machine: bound to the UUID it named, or to nothing but the MAC.
+        let BootPlan::Hammer { claims, .. } = boot(None, &p, Some(mac), Some(named), 99) else { panic!() };
+        assert_eq!(claims.machine, Some(named));
+        let BootPlan::Hammer { claims, .. } = boot(None, &p, None, None, 99) else { panic!() };
+        assert_eq!((claims.machine, claims.mac), (None, None));
     }
 }

@@ -223,15 +223,16 @@ async fn stored_enrolment_tokens_of_earlier_versions() {
     let agent = Agent::new(5);
     let now = metal_api::now_ms();
     let stored = |token: &str, expires_ms: i64| {
-        let mut row = metal_api::auth::row(token, "enrolment");
+        let mut row = metal_api::auth::row(token, metal_types::Role::Machine);
+        row.kind = metal_api::store::tokens::TokenKind::LegacyEnrolment;
         row.partition = Some("lab".into());
         row.mac = Some(agent.mac.clone());
         row.expires_ms = Some(expires_ms);
         row
     };
-    let live = metal_api::auth::generate("enr");
+    let live = format!("enr_{}", metal_api::auth::generate(metal_types::Role::Machine));
     app.store.insert_token(&stored(&live, now + 3_600_000)).await.unwrap();
-    let expired = metal_api::auth::generate("enr");
+    let expired = format!("enr_{}", metal_api::auth::generate(metal_types::Role::Machine));
     app.store.insert_token(&stored(&expired, now - 1)).await.unwrap();
     let (s, v) = register_with(&api, &expired, &agent).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");

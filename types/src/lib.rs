@@ -7,6 +7,7 @@
 //! With the `openapi` feature every type also implements `utoipa::ToSchema`, which the API uses
 //! to generate its OpenAPI document.
 
+pub mod catalog;
 pub mod cmdline;
 pub mod event;
 pub mod ids;
@@ -15,6 +16,7 @@ pub mod url;
 
 pub use event::{Liveliness, ProvisioningEvent};
 pub use ids::{AllocationId, ImageId, MachineId, ParseIdError};
+pub use catalog::CatalogObject;
 pub use mac::{Mac, ParseMacError};
 
 use serde::{Deserialize, Serialize};
@@ -293,6 +295,72 @@ pub enum TokenRole {
     Tenant,
     /// A pixie instance: boot decisions and PXE events.
     Pixie,
+}
+
+/// Who a stored token speaks for: the three roles [`TokenRole`] issues, a machine's credential
+/// (from registering) and an allocation's phone-home token (from the install instructions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Tenant,
+    Pixie,
+    Machine,
+    PhoneHome,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Admin, Role::Tenant, Role::Pixie, Role::Machine, Role::PhoneHome];
+
+    /// As stored and as shown: `admin`, `tenant`, `pixie`, `machine`, `phone_home`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Tenant => "tenant",
+            Role::Pixie => "pixie",
+            Role::Machine => "machine",
+            Role::PhoneHome => "phone_home",
+        }
+    }
+
+    /// The prefix of its tokens: `adm_…`, `ten_…`, `pix_…`, `mch_…`, `phh_…`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Role::Admin => "adm",
+            Role::Tenant => "ten",
+            Role::Pixie => "pix",
+            Role::Machine => "mch",
+            Role::PhoneHome => "phh",
+        }
+    }
+
+    /// Long-lived roles an operator creates and revokes (`POST`/`DELETE /v1/tokens`).
+    pub fn issued(self) -> Option<TokenRole> {
+        match self {
+            Role::Admin => Some(TokenRole::Admin),
+            Role::Tenant => Some(TokenRole::Tenant),
+            Role::Pixie => Some(TokenRole::Pixie),
+            Role::Machine | Role::PhoneHome => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("{s:?} is not a token role"))
+    }
+}
+
+impl From<TokenRole> for Role {
+    fn from(r: TokenRole) -> Role {
+        match r {
+            TokenRole::Admin => Role::Admin,
+            TokenRole::Tenant => Role::Tenant,
+            TokenRole::Pixie => Role::Pixie,
+        }
+    }
 }
 
 /// `POST /v1/tokens` (admin only).
@@ -777,6 +845,18 @@ pub struct ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_round_trip() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+            assert_eq!(serde_json::to_value(r).unwrap(), serde_json::Value::String(r.as_str().into()));
+            if let Some(t) = r.issued() {
+                assert_eq!(Role::from(t), r);
+            }
+        }
+        assert!("enrolment".parse::<Role>().is_err());
+    }
 
     #[test]
     fn messages_are_bounded_at_a_char_boundary() {
