@@ -133,7 +133,7 @@ fn hammer_initramfs_has_init_modules_tools_and_certificates() {
     assert_eq!(files["usr/sbin/mkfs.ext4"].data, b"mke2fs");
 
     // The tools run inside the initramfs with only what it carries.
-    if common::is_root() {
+    if metal_testkit::require(metal_testkit::is_root(), "running the initramfs tools in a chroot needs root") {
         let root = tempfile::tempdir().unwrap();
         common::extract_cpio(&members, root.path());
         for (tool, arg) in [("/usr/sbin/mke2fs", "-V"), ("/usr/sbin/mkfs.fat", "--help"), ("/usr/sbin/mkswap", "--version")] {
@@ -269,8 +269,7 @@ fn missing_kernel_says_how_to_get_it() {
 /// A full disk is reported with the path being written.
 #[test]
 fn full_disk_names_the_path() {
-    if !common::is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !metal_testkit::require(metal_testkit::is_root(), "mounting a small tmpfs needs root") {
         return;
     }
     struct Mount(tempfile::TempDir);

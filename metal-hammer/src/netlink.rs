@@ -219,8 +219,7 @@ mod tests {
     /// Real netlink in a private network namespace (needs root; skipped otherwise).
     #[test]
     fn configures_loopback_in_a_private_namespace() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
             return;
         }
         let h = std::thread::spawn(|| {

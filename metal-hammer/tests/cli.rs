@@ -8,11 +8,6 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_metal-hammer");
 const MIB: u64 = 1 << 20;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn inventory_prints_valid_json_and_touches_nothing() {
     let mounts_before = std::fs::read_to_string("/proc/self/mounts").unwrap();
@@ -85,8 +80,7 @@ fn read_at(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn wipe_clears_a_loop_device_with_gpt_filesystem_and_data() {
-    if !is_root() {
-        eprintln!("skipped: needs root for loop devices");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root for loop devices") {
         return;
     }
     let size = 96 * MIB;

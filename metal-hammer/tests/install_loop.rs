@@ -16,10 +16,6 @@ use metal_types::{
     InstallInstructions, LayoutDisk, MachineId, PhoneHomeConfig,
 };
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// A loop device over a sparse file, detached on drop.
 struct Loop {
     device: PathBuf,
@@ -248,8 +244,7 @@ fn check_installed(disk: &Loop, boot: &BootInfo, root: &Path, instr: &InstallIns
 
 #[test]
 fn tar_image_on_a_loop_device() {
-    if !is_root() {
-        eprintln!("skipped: needs root for loop devices");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root for loop devices") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -259,7 +254,7 @@ fn tar_image_on_a_loop_device() {
 
 #[test]
 fn tar_image_resumes_after_dropped_connections() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +264,7 @@ fn tar_image_resumes_after_dropped_connections() {
 
 #[test]
 fn tar_image_in_frames_decompressed_in_parallel_resumes_after_dropped_connections() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -280,7 +275,7 @@ fn tar_image_in_frames_decompressed_in_parallel_resumes_after_dropped_connection
 
 #[test]
 fn corrupted_tar_image_fails_with_checksum_error_and_unmounts() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -307,8 +302,7 @@ fn probe_at(dev: &Path, offset: u64) -> String {
 #[test]
 fn tar_image_with_a_wrong_checksum_leaves_no_partition_table_and_no_filesystem() {
     use std::os::unix::fs::FileExt;
-    if !is_root() {
-        eprintln!("skipped: needs root for loop devices");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root for loop devices") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -347,7 +341,7 @@ fn tar_image_with_a_wrong_checksum_leaves_no_partition_table_and_no_filesystem()
 
 #[test]
 fn raw_image_on_a_loop_device() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -382,7 +376,7 @@ fn raw_image_on_a_loop_device() {
 
 #[test]
 fn corrupted_raw_image_fails_and_clears_the_partition_table() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -407,7 +401,7 @@ fn corrupted_raw_image_fails_and_clears_the_partition_table() {
 
 #[test]
 fn bootloader_hook_runs_in_the_installed_root() {
-    if !is_root() || !Path::new("/bin/busybox").exists() {
+    if !metal_testkit::require(metal_testkit::is_root() && Path::new("/bin/busybox").exists(), "needs root and /bin/busybox") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -451,7 +445,7 @@ fn bootloader_hook_runs_in_the_installed_root() {
 
 #[test]
 fn failing_bootloader_hook_fails_the_install() {
-    if !is_root() || !Path::new("/bin/busybox").exists() {
+    if !metal_testkit::require(metal_testkit::is_root() && Path::new("/bin/busybox").exists(), "needs root and /bin/busybox") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -486,7 +480,7 @@ fn failing_bootloader_hook_fails_the_install() {
 
 #[test]
 fn tar_image_on_a_4k_sector_disk() {
-    if !is_root() {
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -12,11 +12,6 @@ use std::time::Duration;
 
 use metal_hammer::{dhcp, lldp, net, netlink::Netlink};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn sh(args: &[&str]) {
     let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(st.success(), "{args:?} failed");
@@ -94,8 +89,7 @@ fn with_dnsmasq<T: Send + 'static>(state: std::path::PathBuf, f: impl FnOnce(&st
 
 #[test]
 fn dhcp_lease_from_dnsmasq_configures_the_interface() {
-    if !is_root() || Command::new("dnsmasq").arg("--version").output().is_err() {
-        eprintln!("skipped: needs root and dnsmasq");
+    if !metal_testkit::require(metal_testkit::is_root() && Command::new("dnsmasq").arg("--version").output().is_ok(), "needs root and dnsmasq") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -169,8 +163,7 @@ fn scripted_servers(sock: &std::net::UdpSocket, stop: &std::sync::atomic::Atomic
 fn a_nak_from_another_server_neither_ends_the_request_nor_the_renewal() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
@@ -227,8 +220,7 @@ fn a_nak_from_another_server_neither_ends_the_request_nor_the_renewal() {
 
 #[test]
 fn no_server_means_no_offer_within_the_timeout() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let err = in_netns(|| {
@@ -244,8 +236,7 @@ fn no_server_means_no_offer_within_the_timeout() {
 
 #[test]
 fn lldp_frames_on_a_veth_are_heard() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !metal_testkit::require(metal_testkit::is_root(), "needs root") {
         return;
     }
     let heard = in_netns(|| {

@@ -89,10 +89,6 @@ pub fn extract_cpio(members: &[Member], dir: &Path) {
     }
 }
 
-pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
-}
-
 /// At most this many of our QEMU machines run at once, across test processes (nextest runs
 /// each test in its own process): software emulation on two cores slows to a crawl otherwise.
 const VM_SLOTS: usize = 2;

@@ -13,13 +13,10 @@ use std::time::{Duration, Instant};
 
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 
-/// Root is needed for namespaces; without it the netns tests say so and pass as skipped.
+/// Root is needed for namespaces: without it a netns test says SKIPPED and returns, or fails
+/// in a run that must run everything (`metal_testkit::require`).
 pub fn skip_unless_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root to create network namespaces");
-    true
+    !metal_testkit::require(metal_testkit::is_root(), &format!("{test}: needs root to create network namespaces"))
 }
 
 pub fn run(cmd: &mut Command) -> String {
