@@ -57,7 +57,14 @@ async fn bench(label: &str, db: &Db, replicas: usize, machines: usize, clients: 
         let mut row = metal_api::auth::row(&cred, metal_types::Role::Machine);
         row.machine = Some(id.to_string());
         let inv = inventory(id, &mac);
-        let reg = metal_api::store::Registration { id, partition: "lab", size: "small", inventory: &inv, credential: &row, token_mac: None };
+        let reg = metal_api::store::Registration {
+            id,
+            partition: "lab",
+            size: "small",
+            inventory: &inv,
+            credential: &row,
+            token_mac: None,
+        };
         app.store.register(&reg).await.unwrap();
         app.store.record_events(id, &[(ProvisioningEvent::Waiting, metal_api::now_ms(), String::new())]).await.unwrap();
     }

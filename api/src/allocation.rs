@@ -65,7 +65,11 @@ pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
 }
 
@@ -163,7 +167,13 @@ mod tests {
                 device: "first".into(),
                 partitions: vec![GptPartition { number: 1, label: "root".into(), size_mib: 0, gpt_type: GptType::Linux }],
             }],
-            filesystems: vec![metal_types::Filesystem { source: "first:1".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: None, options: None }],
+            filesystems: vec![metal_types::Filesystem {
+                source: "first:1".into(),
+                kind: FsKind::Ext4,
+                mount: Some("/".into()),
+                label: None,
+                options: None,
+            }],
             sizes: sizes.iter().map(|s| s.to_string()).collect(),
             images: images.iter().map(|s| s.to_string()).collect(),
         }
@@ -181,8 +191,10 @@ mod tests {
     }
 
     fn request() -> AllocationRequest {
-        serde_json::from_value(serde_json::json!({"project": "p1", "partition": "lab", "size": "small", "image": "test-os", "hostname": "web-1"}))
-            .unwrap()
+        serde_json::from_value(
+            serde_json::json!({"project": "p1", "partition": "lab", "size": "small", "image": "test-os", "hostname": "web-1"}),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -204,7 +216,10 @@ mod tests {
             (Box::new(|_, r| r.idempotency_key = Some(String::new())), PlanError::BadIdempotencyKey),
             (Box::new(|_, r| r.user_data = "x".repeat(MAX_USER_DATA + 1)), PlanError::UserDataTooLarge),
             (Box::new(|c, _| c.image = None), PlanError::ImageNotFound("test-os".into())),
-            (Box::new(|c, _| c.image = Some((image("test-os", "2"), Some(5)))), PlanError::ImageExpired { id: "test-os-2".into(), at_ms: 5 }),
+            (
+                Box::new(|c, _| c.image = Some((image("test-os", "2"), Some(5)))),
+                PlanError::ImageExpired { id: "test-os-2".into(), at_ms: 5 },
+            ),
             (Box::new(|c, _| c.size_exists = false), PlanError::SizeNotFound("small".into())),
             (Box::new(|_, r| r.size = None), PlanError::NoSizeOrMachine),
             (Box::new(|_, r| r.layout = Some("nope".into())), PlanError::LayoutNotFound("nope".into())),
@@ -212,7 +227,10 @@ mod tests {
                 Box::new(|_, r| r.layout = Some("a-debian".into())),
                 PlanError::LayoutDoesNotFit { layout: "a-debian".into(), size: "small".into(), image: "test-os".into() },
             ),
-            (Box::new(|c, _| c.layouts.retain(|l| l.id == "a-debian")), PlanError::NoLayoutFits { size: "small".into(), image: "test-os".into() }),
+            (
+                Box::new(|c, _| c.layouts.retain(|l| l.id == "a-debian")),
+                PlanError::NoLayoutFits { size: "small".into(), image: "test-os".into() },
+            ),
         ];
         for (i, (spoil, want)) in cases.into_iter().enumerate() {
             let (mut c, mut r) = (catalog(), request());

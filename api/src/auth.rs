@@ -22,16 +22,27 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Admin,
-    Tenant { project: String },
+    Tenant {
+        project: String,
+    },
     Pixie,
     /// A short-lived token from the kernel command line, for `POST /v1/agent/register`: the
     /// partition and MAC it was issued for, and the machine the boot request named or the MAC
     /// belonged to.
-    Enrolment { partition: Option<String>, mac: Option<Mac>, machine: Option<MachineId> },
+    Enrolment {
+        partition: Option<String>,
+        mac: Option<Mac>,
+        machine: Option<MachineId>,
+    },
     /// A machine's credential, bound to its UUID.
-    Machine { machine: MachineId },
+    Machine {
+        machine: MachineId,
+    },
     /// An installed OS phoning home for one allocation.
-    PhoneHome { machine: MachineId, allocation: AllocationId },
+    PhoneHome {
+        machine: MachineId,
+        allocation: AllocationId,
+    },
 }
 
 /// What a caller may see of projects' things.
@@ -206,7 +217,9 @@ pub async fn authenticate(app: &App, token: &str) -> Result<Principal> {
     }
     if let Some(e) = t.expires_ms.filter(|e| *e <= app.now_ms()) {
         let what = match t.kind {
-            TokenKind::LegacyEnrolment => "; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one",
+            TokenKind::LegacyEnrolment => {
+                "; an enrolment token lives for --enrolment-ttl-s: PXE boot the machine again for a fresh one"
+            }
             TokenKind::Role(Role::PhoneHome) => "; a phone-home token lives for --phone-home-ttl-s after its allocation was made",
             TokenKind::Role(_) => "; ask an operator for a new one",
         };
@@ -259,7 +272,12 @@ mod tests {
     #[test]
     fn token_strength_estimate() {
         assert!(estimated_bits(&generate(Role::Admin)) >= MIN_BOOTSTRAP_BITS);
-        assert!(estimated_bits(&hex::encode([0x5au8, 0x13, 0x99, 0xe0, 0x42, 0x7c, 0xd1, 0x08, 0x6b, 0xf3, 0x21, 0x84, 0x3e, 0xa7, 0x55, 0xc9])) >= MIN_BOOTSTRAP_BITS, "openssl rand -hex 16");
+        assert!(
+            estimated_bits(&hex::encode([
+                0x5au8, 0x13, 0x99, 0xe0, 0x42, 0x7c, 0xd1, 0x08, 0x6b, 0xf3, 0x21, 0x84, 0x3e, 0xa7, 0x55, 0xc9
+            ])) >= MIN_BOOTSTRAP_BITS,
+            "openssl rand -hex 16"
+        );
         for weak in ["changeme", "test-admin-token", "0123456789abcdef", &"a".repeat(100), "correct horse"] {
             assert!(estimated_bits(weak) < MIN_BOOTSTRAP_BITS, "{weak:?}");
         }

@@ -311,10 +311,7 @@ mod tests {
         // Key "Jefe" does not fit our 32-byte type; check the primitive the same way we call it.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(b"Jefe").unwrap();
         m.update(b"what do ya want for nothing?");
-        assert_eq!(
-            hex::encode(m.finalize().into_bytes()),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
+        assert_eq!(hex::encode(m.finalize().into_bytes()), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! Every 4xx carries a stable `code` and a message that says what to do; every 5xx says
 //! "internal error" to the client and logs the detail.
 
+use crate::allocation::PlanError;
+use crate::store::{Conflict, NoMachine, StoreError};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use crate::allocation::PlanError;
-use crate::store::{Conflict, NoMachine, StoreError};
 use metal_types::ApiError;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +54,7 @@ impl Error {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::NoMachineAvailable(_) => (StatusCode::CONFLICT, "no_machine_available"),
-            Error::Db(_) | Error::Corrupt { .. } | Error::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-            }
+            Error::Db(_) | Error::Corrupt { .. } | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 

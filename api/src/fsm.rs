@@ -32,14 +32,8 @@ pub const TRANSITIONS: &[(Option<Ev>, &[Ev])] = &[
     (None, &[Ev::PxeBooting, Ev::Preparing, Ev::Registering]),
     (Some(Ev::PxeBooting), &[Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PhonedHome, Ev::Crashed]),
     (Some(Ev::Preparing), &[Ev::Preparing, Ev::Registering, Ev::PxeBooting, Ev::PlannedReboot, Ev::Crashed]),
-    (
-        Some(Ev::Registering),
-        &[Ev::Registering, Ev::Waiting, Ev::PxeBooting, Ev::PlannedReboot, Ev::Crashed],
-    ),
-    (
-        Some(Ev::Waiting),
-        &[Ev::Waiting, Ev::Installing, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
-    ),
+    (Some(Ev::Registering), &[Ev::Registering, Ev::Waiting, Ev::PxeBooting, Ev::PlannedReboot, Ev::Crashed]),
+    (Some(Ev::Waiting), &[Ev::Waiting, Ev::Installing, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed]),
     (
         Some(Ev::Installing),
         &[
@@ -57,22 +51,13 @@ pub const TRANSITIONS: &[(Option<Ev>, &[Ev])] = &[
         Some(Ev::BootingNewKernel),
         &[Ev::PhonedHome, Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
     ),
-    (
-        Some(Ev::PhonedHome),
-        &[Ev::PhonedHome, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed],
-    ),
-    (
-        Some(Ev::PlannedReboot),
-        &[Ev::PxeBooting, Ev::Preparing, Ev::PhonedHome, Ev::MachineReclaim, Ev::Crashed],
-    ),
+    (Some(Ev::PhonedHome), &[Ev::PhonedHome, Ev::PxeBooting, Ev::PlannedReboot, Ev::MachineReclaim, Ev::Crashed]),
+    (Some(Ev::PlannedReboot), &[Ev::PxeBooting, Ev::Preparing, Ev::PhonedHome, Ev::MachineReclaim, Ev::Crashed]),
     (
         Some(Ev::MachineReclaim),
         &[Ev::MachineReclaim, Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PlannedReboot, Ev::Crashed],
     ),
-    (
-        Some(Ev::Crashed),
-        &[Ev::Crashed, Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PlannedReboot, Ev::MachineReclaim],
-    ),
+    (Some(Ev::Crashed), &[Ev::Crashed, Ev::PxeBooting, Ev::Preparing, Ev::Registering, Ev::PlannedReboot, Ev::MachineReclaim]),
 ];
 
 /// Whether `to` may follow `from`. `Alive` may follow anything (it is a heartbeat).
@@ -273,8 +258,17 @@ mod tests {
     fn happy_path_is_all_expected() {
         use Ev::*;
         let (s, records) = run(&[
-            PxeBooting, Preparing, Registering, Waiting, Installing, BootingNewKernel, PhonedHome,
-            MachineReclaim, PxeBooting, Registering, Waiting,
+            PxeBooting,
+            Preparing,
+            Registering,
+            Waiting,
+            Installing,
+            BootingNewKernel,
+            PhonedHome,
+            MachineReclaim,
+            PxeBooting,
+            Registering,
+            Waiting,
         ]);
         assert!(records.iter().all(|r| *r == Record::Store { unexpected: false }), "{records:?}");
         assert_eq!(s.state, Some(Waiting));
@@ -355,7 +349,8 @@ mod tests {
     #[test]
     fn failed_reclaim_when_old_os_phones_home_or_timeout() {
         use Ev::*;
-        let (s, records) = run(&[Registering, Waiting, Installing, BootingNewKernel, PhonedHome, MachineReclaim, PxeBooting, PhonedHome]);
+        let (s, records) =
+            run(&[Registering, Waiting, Installing, BootingNewKernel, PhonedHome, MachineReclaim, PxeBooting, PhonedHome]);
         assert!(s.failed_reclaim);
         assert_eq!(*records.last().unwrap(), Record::Store { unexpected: false }); // PXE → Phoned Home is normal per se
         let (s, _) = run(&[Registering, Waiting, MachineReclaim]);

@@ -324,9 +324,8 @@ pub async fn start(config: Config, listen: &str) -> Result<Running, StartError> 
     let tls = config.tls.as_ref().map(serve::load_tls).transpose().map_err(StartError::Tls)?;
     let limits = config.limits.clone();
     let app = App::open(config).await.map_err(StartError::Db)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen.to_string(), source })?;
     let router = http::router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -339,16 +338,13 @@ pub async fn start(config: Config, listen: &str) -> Result<Running, StartError> 
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// RFC 3339 (UTC, milliseconds) of a millisecond timestamp.
 pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 

@@ -29,10 +29,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
-            responses: Family::default(),
-        }
+        Metrics { latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)), responses: Family::default() }
     }
 }
 

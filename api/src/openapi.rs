@@ -17,12 +17,57 @@ use utoipa::OpenApi;
         description = "The allocation API of the bare-metal cloud: partitions, sizes, images, layouts, projects, machines, allocations and the agent/boot contract."
     ),
     components(schemas(
-        Partition, PartitionBoot, Size, SizeConstraint, ConstraintKind, ImageFormat, ImageClassification,
-        ImageManifest, Image, GptType, GptPartition, LayoutDisk, FsKind, Filesystem, FilesystemLayout, Project,
-        TokenRole, TokenRequest, TokenResponse, TokenInfo, Inventory, Cpu, Disk, Nic, Dmi, LldpNeighbor, RegisterRequest,
-        RegisterResponse, EventReport, EventBatch, WipeReport, DiskWipe, InstallInstructions, PhoneHomeConfig,
-        InstallReport, BootInfo, PhoneHome, Arch, BootRequest, BootDecision, PxeEvent, AllocationRequest,
-        Allocation, Machine, MachineEvent, EventSource, ApiError, ProvisioningEvent, Liveliness, MachineId, AllocationId
+        Partition,
+        PartitionBoot,
+        Size,
+        SizeConstraint,
+        ConstraintKind,
+        ImageFormat,
+        ImageClassification,
+        ImageManifest,
+        Image,
+        GptType,
+        GptPartition,
+        LayoutDisk,
+        FsKind,
+        Filesystem,
+        FilesystemLayout,
+        Project,
+        TokenRole,
+        TokenRequest,
+        TokenResponse,
+        TokenInfo,
+        Inventory,
+        Cpu,
+        Disk,
+        Nic,
+        Dmi,
+        LldpNeighbor,
+        RegisterRequest,
+        RegisterResponse,
+        EventReport,
+        EventBatch,
+        WipeReport,
+        DiskWipe,
+        InstallInstructions,
+        PhoneHomeConfig,
+        InstallReport,
+        BootInfo,
+        PhoneHome,
+        Arch,
+        BootRequest,
+        BootDecision,
+        PxeEvent,
+        AllocationRequest,
+        Allocation,
+        Machine,
+        MachineEvent,
+        EventSource,
+        ApiError,
+        ProvisioningEvent,
+        Liveliness,
+        MachineId,
+        AllocationId
     ))
 )]
 struct Schemas;
@@ -76,33 +121,137 @@ fn routes() -> Vec<Route> {
     {
         let base: &'static str = Box::leak(format!("/v1/{plural}").into_boxed_str());
         let one: &'static str = Box::leak(format!("/v1/{plural}/{{id}}").into_boxed_str());
-        v.push(r(Post, base, "Create (201), or 200 when an identical one exists; 409 when it differs", ADMIN, Some(schema), "201", Out::One(schema)));
+        v.push(r(
+            Post,
+            base,
+            "Create (201), or 200 when an identical one exists; 409 when it differs",
+            ADMIN,
+            Some(schema),
+            "201",
+            Out::One(schema),
+        ));
         v.push(r(Get, base, "List", READ, None, "200", Out::Many(schema)));
         v.push(r(Get, one, "Get one", READ, None, "200", Out::One(schema)));
         v.push(r(Delete, one, "Delete", ADMIN, None, "204", Out::Empty));
     }
     v.extend([
-        r(Post, "/v1/images", "Add an image; its id is <name>-<version> from the manifest", ADMIN, Some("Image"), "201", Out::One("Image")),
+        r(
+            Post,
+            "/v1/images",
+            "Add an image; its id is <name>-<version> from the manifest",
+            ADMIN,
+            Some("Image"),
+            "201",
+            Out::One("Image"),
+        ),
         r(Get, "/v1/images", "List images", READ, None, "200", Out::Many("Image")),
-        r(Get, "/v1/images/{id}", "An image by id, or by name: the newest version that has not expired", READ, None, "200", Out::One("Image")),
+        r(
+            Get,
+            "/v1/images/{id}",
+            "An image by id, or by name: the newest version that has not expired",
+            READ,
+            None,
+            "200",
+            Out::One("Image"),
+        ),
         r(Delete, "/v1/images/{id}", "Delete an image", ADMIN, None, "204", Out::Empty),
-        r(Post, "/v1/tokens", "Create a token (shown once), optionally expiring", ADMIN, Some("TokenRequest"), "201", Out::One("TokenResponse")),
-        r(Get, "/v1/tokens", "Admin, tenant and pixie tokens (never the tokens themselves)", ADMIN, None, "200", Out::Many("TokenInfo")),
+        r(
+            Post,
+            "/v1/tokens",
+            "Create a token (shown once), optionally expiring",
+            ADMIN,
+            Some("TokenRequest"),
+            "201",
+            Out::One("TokenResponse"),
+        ),
+        r(
+            Get,
+            "/v1/tokens",
+            "Admin, tenant and pixie tokens (never the tokens themselves)",
+            ADMIN,
+            None,
+            "200",
+            Out::Many("TokenInfo"),
+        ),
         r(Delete, "/v1/tokens/{id}", "Revoke a token (409 for the last admin token)", ADMIN, None, "204", Out::Empty),
         r(Get, "/v1/machines", "Machines (tenants: those allocated to their project)", READ, None, "200", Out::Many("Machine")),
         r(Get, "/v1/machines/{id}", "One machine", READ, None, "200", Out::One("Machine")),
-        r(Get, "/v1/machines/{id}/events", "A machine's provisioning events (tenants: from their allocation on)", READ, None, "200", Out::Many("MachineEvent")),
-        r(Delete, "/v1/machines/{id}/allocation", "Free a machine: records Machine Reclaim", READ, None, "200", Out::One("Machine")),
-        r(Post, "/v1/allocations", "Allocate a machine (201; 200 for a repeated idempotency key; 409 no_machine_available)", READ, Some("AllocationRequest"), "201", Out::One("Allocation")),
+        r(
+            Get,
+            "/v1/machines/{id}/events",
+            "A machine's provisioning events (tenants: from their allocation on)",
+            READ,
+            None,
+            "200",
+            Out::Many("MachineEvent"),
+        ),
+        r(
+            Delete,
+            "/v1/machines/{id}/allocation",
+            "Free a machine: records Machine Reclaim",
+            READ,
+            None,
+            "200",
+            Out::One("Machine"),
+        ),
+        r(
+            Post,
+            "/v1/allocations",
+            "Allocate a machine (201; 200 for a repeated idempotency key; 409 no_machine_available)",
+            READ,
+            Some("AllocationRequest"),
+            "201",
+            Out::One("Allocation"),
+        ),
         r(Get, "/v1/allocations", "Active allocations", READ, None, "200", Out::Many("Allocation")),
-        r(Post, "/v1/agent/register", "Register a machine with its inventory", Some("enrolment token"), Some("RegisterRequest"), "200", Out::One("RegisterResponse")),
+        r(
+            Post,
+            "/v1/agent/register",
+            "Register a machine with its inventory",
+            Some("enrolment token"),
+            Some("RegisterRequest"),
+            "200",
+            Out::One("RegisterResponse"),
+        ),
         r(Post, "/v1/agent/events", "Report provisioning events", MACHINE, Some("EventBatch"), "204", Out::Empty),
         r(Post, "/v1/agent/wipe-report", "Report how the disks were wiped", MACHINE, Some("WipeReport"), "204", Out::Empty),
-        r(Get, "/v1/agent/wait", "Long-poll for an allocation (200 with instructions, 204 after timeout_s); a heartbeat", MACHINE, None, "200", Out::One("InstallInstructions")),
+        r(
+            Get,
+            "/v1/agent/wait",
+            "Long-poll for an allocation (200 with instructions, 204 after timeout_s); a heartbeat",
+            MACHINE,
+            None,
+            "200",
+            Out::One("InstallInstructions"),
+        ),
         r(Post, "/v1/agent/install-report", "Report the result of an install", MACHINE, Some("InstallReport"), "204", Out::Empty),
-        r(Post, "/v1/agent/phone-home", "The installed OS reports it booted", Some("phone-home token"), Some("PhoneHome"), "204", Out::Empty),
-        r(Post, "/v1/boot/decide", "What a machine boots", Some("pixie or admin"), Some("BootRequest"), "200", Out::One("BootDecision")),
-        r(Post, "/v1/boot/pxe-event", "pixie saw a PXE request: records PXE Booting for the registered machine that owns the MAC", Some("pixie or admin"), Some("PxeEvent"), "204", Out::Empty),
+        r(
+            Post,
+            "/v1/agent/phone-home",
+            "The installed OS reports it booted",
+            Some("phone-home token"),
+            Some("PhoneHome"),
+            "204",
+            Out::Empty,
+        ),
+        r(
+            Post,
+            "/v1/boot/decide",
+            "What a machine boots",
+            Some("pixie or admin"),
+            Some("BootRequest"),
+            "200",
+            Out::One("BootDecision"),
+        ),
+        r(
+            Post,
+            "/v1/boot/pxe-event",
+            "pixie saw a PXE request: records PXE Booting for the registered machine that owns the MAC",
+            Some("pixie or admin"),
+            Some("PxeEvent"),
+            "204",
+            Out::Empty,
+        ),
     ]);
     v
 }
@@ -122,10 +271,7 @@ fn error_response(what: &str) -> utoipa::openapi::Response {
 pub fn document() -> Doc {
     let mut doc = Schemas::openapi();
     let components = doc.components.get_or_insert_with(Default::default);
-    components.add_security_scheme(
-        "bearer",
-        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-    );
+    components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
     for route in routes() {
         let method = match route.method {
             Get => "get",
@@ -174,12 +320,10 @@ pub fn document() -> Doc {
                 "application/json",
                 ContentBuilder::new().schema(Some(ArrayBuilder::new().items(schema_ref(s)).build())).build(),
             ),
-            Out::Text => ResponseBuilder::new()
-                .description("success")
-                .content("text/plain", ContentBuilder::new().build()),
-            Out::Object => ResponseBuilder::new()
-                .description("success")
-                .content("application/json", ContentBuilder::new().build()),
+            Out::Text => ResponseBuilder::new().description("success").content("text/plain", ContentBuilder::new().build()),
+            Out::Object => {
+                ResponseBuilder::new().description("success").content("application/json", ContentBuilder::new().build())
+            }
             Out::Empty => ResponseBuilder::new().description("success, no content"),
         };
         op = op.response(route.status, ok.build());

@@ -206,8 +206,12 @@ pub fn boot(
     if machine.is_some_and(|m| m.phoned_home) {
         return BootPlan::LocalDisk;
     }
-    let claims =
-        crate::enrolment::Claims::new(&partition.id, mac.map(|m| m.to_string()), machine.map(|m| m.id).or(uuid), token_expires_ms);
+    let claims = crate::enrolment::Claims::new(
+        &partition.id,
+        mac.map(|m| m.to_string()),
+        machine.map(|m| m.id).or(uuid),
+        token_expires_ms,
+    );
     BootPlan::Hammer {
         claims,
         kernel_url: partition.boot.kernel_url.clone(),
@@ -249,8 +253,8 @@ mod tests {
         let cases = [
             (inv(1, 2, 10), "small"),
             (inv(8, 16, 10), "big"),
-            (inv(3, 2, 10), "unknown"),   // no size has 3 cores with 2 GiB
-            (inv(2, 4, 10), "unknown"),   // small and odd both match: ambiguous
+            (inv(3, 2, 10), "unknown"),    // no size has 3 cores with 2 GiB
+            (inv(2, 4, 10), "unknown"),    // small and odd both match: ambiguous
             (inv(128, 16, 10), "unknown"), // too many cores
             (inv(2, 3, 10), "small"),
         ];
@@ -299,14 +303,15 @@ mod tests {
     }
 
     fn arb_candidate() -> impl Strategy<Value = Candidate> {
-        (any::<u128>(), arb_state(), any::<bool>(), any::<bool>(), proptest::option::of(0i64..2_000))
-            .prop_map(|(id, state, allocated, crash_loop, last_seen_ms)| Candidate {
+        (any::<u128>(), arb_state(), any::<bool>(), any::<bool>(), proptest::option::of(0i64..2_000)).prop_map(
+            |(id, state, allocated, crash_loop, last_seen_ms)| Candidate {
                 id: MachineId(uuid::Uuid::from_u128(id)),
                 state,
                 allocated,
                 crash_loop,
                 last_seen_ms,
-            })
+            },
+        )
     }
 
     proptest! {

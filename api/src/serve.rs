@@ -276,7 +276,10 @@ struct Activity {
 
 impl Activity {
     fn new() -> Activity {
-        Activity { state: Mutex::new(ActivityState { phase: Phase::Head, since: Instant::now(), in_flight: 0 }), changed: Notify::new() }
+        Activity {
+            state: Mutex::new(ActivityState { phase: Phase::Head, since: Instant::now(), in_flight: 0 }),
+            changed: Notify::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -311,7 +314,9 @@ impl Activity {
         match s.phase {
             Phase::Head => Some((s.since + limits.header_read_timeout, "no complete request head within the header timeout")),
             Phase::Handling => None,
-            Phase::Responding => Some((s.since + limits.idle_timeout, "the client did not read the response within the idle timeout")),
+            Phase::Responding => {
+                Some((s.since + limits.idle_timeout, "the client did not read the response within the idle timeout"))
+            }
             Phase::Idle => Some((s.since + limits.idle_timeout, "idle for the idle timeout")),
         }
     }

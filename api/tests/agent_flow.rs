@@ -32,12 +32,8 @@ async fn machine_lifecycle(db: &Db) {
         let (base, cred) = (api.base.clone(), agent.credential.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let r = reqwest::Client::new()
-                .get(format!("{base}/v1/agent/wait?timeout_s=30"))
-                .bearer_auth(cred)
-                .send()
-                .await
-                .unwrap();
+            let r =
+                reqwest::Client::new().get(format!("{base}/v1/agent/wait?timeout_s=30")).bearer_auth(cred).send().await.unwrap();
             (r.status(), r.json::<InstallInstructions>().await.ok(), t.elapsed())
         })
     };
@@ -83,7 +79,12 @@ async fn machine_lifecycle(db: &Db) {
     let (s, v) = api.post("/v1/agent/phone-home", &instr.phone_home.token, ph).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let d: BootDecision = api
-        .ok(Method::POST, "/v1/boot/decide", &cat.pixie, Some(json!({"partition": "lab", "mac": agent.mac, "uuid": agent.machine, "arch": "uefi_x64"})))
+        .ok(
+            Method::POST,
+            "/v1/boot/decide",
+            &cat.pixie,
+            Some(json!({"partition": "lab", "mac": agent.mac, "uuid": agent.machine, "arch": "uefi_x64"})),
+        )
         .await;
     assert_eq!(d, BootDecision::LocalDisk);
     let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), &cat.tenant1, None).await;
@@ -112,8 +113,17 @@ async fn machine_lifecycle(db: &Db) {
         // The first PXE boot is no event: pixie's sighting of a MAC no machine has registered yet
         // creates nothing (anyone can send a DHCP request with any MAC).
         [
-            "Preparing", "Registering", "Waiting", "Installing", "Booting New Kernel", "Phoned Home",
-            "Machine Reclaim", "PXE Booting", "Preparing", "Registering", "Waiting"
+            "Preparing",
+            "Registering",
+            "Waiting",
+            "Installing",
+            "Booting New Kernel",
+            "Phoned Home",
+            "Machine Reclaim",
+            "PXE Booting",
+            "Preparing",
+            "Registering",
+            "Waiting"
         ]
     );
     assert!(events.iter().all(|e| !e.unexpected), "{events:?}");
@@ -137,7 +147,8 @@ async fn machine_lifecycle(db: &Db) {
     assert_eq!(before[0].inventory, after[0].inventory);
     let allocs_after: Vec<Allocation> = api.ok(Method::GET, "/v1/allocations", ADMIN, None).await;
     assert_eq!(allocs_before, allocs_after);
-    let events_after: Vec<MachineEvent> = api.ok(Method::GET, &format!("/v1/machines/{}/events", agent.machine), ADMIN, None).await;
+    let events_after: Vec<MachineEvent> =
+        api.ok(Method::GET, &format!("/v1/machines/{}/events", agent.machine), ADMIN, None).await;
     assert_eq!(events_after.len(), events.len(), "the stale phone home changed nothing");
     // Tokens survive: the tenant token still works, and so does the machine credential.
     let _: Vec<Machine> = api.ok(Method::GET, "/v1/machines", &cat.tenant1, None).await;

@@ -41,8 +41,13 @@ async fn fingerprint(db: &Db) -> Vec<i64> {
 }
 
 async fn decide(api: &Api, pixie: &str, mac: &str, uuid: Option<MachineId>) -> BootDecision {
-    api.ok(Method::POST, "/v1/boot/decide", pixie, Some(json!({"partition": "lab", "mac": mac, "uuid": uuid, "arch": "bios_x86"})))
-        .await
+    api.ok(
+        Method::POST,
+        "/v1/boot/decide",
+        pixie,
+        Some(json!({"partition": "lab", "mac": mac, "uuid": uuid, "arch": "bios_x86"})),
+    )
+    .await
 }
 
 fn token_of(d: &BootDecision) -> String {

@@ -87,7 +87,9 @@ async fn crash_during_allocations(db: &Db) {
                 sent.lock().unwrap().push(key.clone());
                 let body = json!({"project": "p1", "partition": "lab", "size": "small", "image": "test-os",
                                   "hostname": format!("c{w}-{n}"), "idempotency_key": key});
-                let Ok(r) = http.post(format!("{base}/v1/allocations")).bearer_auth(&tenant).json(&body).send().await else { return };
+                let Ok(r) = http.post(format!("{base}/v1/allocations")).bearer_auth(&tenant).json(&body).send().await else {
+                    return;
+                };
                 let status = r.status();
                 let Ok(v) = r.json::<serde_json::Value>().await else { return };
                 match status {

@@ -28,10 +28,7 @@ async fn healthz_and_metrics() {
     assert!(text.contains("metal_machines{state=\"Waiting\"} 3"), "{text}");
     assert!(text.contains("metal_allocations_total 1"), "{text}");
     assert!(text.contains("metal_allocations_active 1"), "{text}");
-    assert!(
-        text.contains("metal_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/allocations\"} 1"),
-        "{text}"
-    );
+    assert!(text.contains("metal_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/allocations\"} 1"), "{text}");
     assert!(text.contains("metal_http_requests_total{method=\"POST\",route=\"/v1/agent/register\",status=\"200\"} 3"), "{text}");
     api.stop().await;
 }

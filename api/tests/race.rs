@@ -106,7 +106,13 @@ async fn same_key_allocates_once(replicas: &[&Api], tenant: &str) {
         tasks.push(tokio::spawn(async move {
             let body = json!({"project": "p1", "partition": "lab", "size": "small", "image": "test-os",
                               "hostname": "once", "idempotency_key": "the-key"});
-            let r = reqwest::Client::new().post(format!("{base}/v1/allocations")).bearer_auth(tenant).json(&body).send().await.unwrap();
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/allocations"))
+                .bearer_auth(tenant)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             (r.status(), r.json::<Allocation>().await.unwrap())
         }));
     }

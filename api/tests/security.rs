@@ -18,8 +18,13 @@ fn alloc_body(hostname: &str) -> Value {
 
 /// What `GET /ipxe?mac=…[&uuid=…]` on pixie hands anyone: a boot decision for that MAC.
 async fn decide(api: &Api, pixie: &str, mac: &str, uuid: Option<MachineId>) -> BootDecision {
-    api.ok(Method::POST, "/v1/boot/decide", pixie, Some(json!({"partition": "lab", "mac": mac, "uuid": uuid, "arch": "bios_x86"})))
-        .await
+    api.ok(
+        Method::POST,
+        "/v1/boot/decide",
+        pixie,
+        Some(json!({"partition": "lab", "mac": mac, "uuid": uuid, "arch": "bios_x86"})),
+    )
+    .await
 }
 
 fn enrolment_token(d: &BootDecision) -> String {
@@ -71,7 +76,13 @@ async fn registering_as_another_machine_is_refused() {
     // Both of the attacker's NICs: one of them the victim's does not make the token's MAC the
     // victim's.
     let mut inv = inventory(victim.machine, attacker_mac);
-    inv.nics.push(Nic { name: "eth1".into(), mac: victim.mac.clone(), driver: "virtio_net".into(), speed_mbps: None, carrier: true });
+    inv.nics.push(Nic {
+        name: "eth1".into(),
+        mac: victim.mac.clone(),
+        driver: "virtio_net".into(),
+        speed_mbps: None,
+        carrier: true,
+    });
     let (s, v) = api.post("/v1/agent/register", &token, json!({"partition": "lab", "inventory": inv})).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 
@@ -179,7 +190,13 @@ async fn phone_home_tokens_are_per_allocation_and_die_with_it() {
     let m = machine(&api, agent.machine).await;
     assert_eq!(m.state, Some(Ev::Waiting), "still in the pool");
     assert_eq!(events(&api, agent.machine, ADMIN).await.len(), events_before);
-    let (s, v) = api.post("/v1/allocations", &cat.tenant2, json!({"project": "p2", "partition": "lab", "size": "small", "image": "test-os", "hostname": "next"})).await;
+    let (s, v) = api
+        .post(
+            "/v1/allocations",
+            &cat.tenant2,
+            json!({"project": "p2", "partition": "lab", "size": "small", "image": "test-os", "hostname": "next"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "the machine is still allocatable: {v}");
     api.stop().await;
 }
@@ -298,7 +315,12 @@ async fn tenants_see_only_their_own() {
     again.register(&api, &d).await;
     again.events(&api, &[Ev::Waiting]).await;
     let b: Allocation = api
-        .ok(Method::POST, "/v1/allocations", &cat.tenant2, Some(json!({"project": "p2", "partition": "lab", "size": "small", "image": "test-os", "hostname": "next"})))
+        .ok(
+            Method::POST,
+            "/v1/allocations",
+            &cat.tenant2,
+            Some(json!({"project": "p2", "partition": "lab", "size": "small", "image": "test-os", "hostname": "next"})),
+        )
         .await;
     assert_eq!(b.machine, victim.machine);
     assert_ne!(b.id, a.id);
@@ -318,7 +340,11 @@ async fn deleting_a_project_revokes_its_tokens_for_good() {
     assert_eq!(api.delete("/v1/projects/p2", ADMIN).await.0, StatusCode::NO_CONTENT);
     assert_eq!(api.get("/v1/allocations", &cat.tenant2).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(api.post("/v1/projects", ADMIN, json!({"id": "p2"})).await.0, StatusCode::CREATED);
-    assert_eq!(api.get("/v1/allocations", &cat.tenant2).await.0, StatusCode::UNAUTHORIZED, "a re-created project does not revive old tokens");
+    assert_eq!(
+        api.get("/v1/allocations", &cat.tenant2).await.0,
+        StatusCode::UNAUTHORIZED,
+        "a re-created project does not revive old tokens"
+    );
     assert_eq!(api.get("/v1/allocations", &cat.tenant1).await.0, StatusCode::OK, "other projects' tokens are untouched");
     api.stop().await;
 }
@@ -329,8 +355,14 @@ async fn token_lifecycle() {
     let db = Db::sqlite();
     let mut api = Api::start(&db).await;
     let _cat = api.catalog().await;
-    let t: TokenResponse =
-        api.ok(Method::POST, "/v1/tokens", ADMIN, Some(json!({"role": "tenant", "project": "p1", "description": "ci", "expires_in_s": 1}))).await;
+    let t: TokenResponse = api
+        .ok(
+            Method::POST,
+            "/v1/tokens",
+            ADMIN,
+            Some(json!({"role": "tenant", "project": "p1", "description": "ci", "expires_in_s": 1})),
+        )
+        .await;
     assert!(t.expires_at.is_some());
     let list: Vec<TokenInfo> = api.ok(Method::GET, "/v1/tokens", ADMIN, None).await;
     let row = list.iter().find(|i| i.id == t.id).expect("listed");
@@ -339,7 +371,10 @@ async fn token_lifecycle() {
     assert_eq!(row.description, "ci");
     let text = serde_json::to_string(&list).unwrap();
     assert!(!text.contains(&t.token) && !text.contains(&t.token[4..]), "a listing never shows a token");
-    assert!(list.iter().all(|i| matches!(i.role, TokenRole::Admin | TokenRole::Tenant | TokenRole::Pixie)), "machine credentials are not listed");
+    assert!(
+        list.iter().all(|i| matches!(i.role, TokenRole::Admin | TokenRole::Tenant | TokenRole::Pixie)),
+        "machine credentials are not listed"
+    );
     assert_eq!(api.get("/v1/tokens", &t.token).await.0, StatusCode::FORBIDDEN, "tenants do not list tokens");
     assert_eq!(api.get("/v1/allocations", &t.token).await.0, StatusCode::OK);
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
@@ -347,9 +382,19 @@ async fn token_lifecycle() {
     assert_eq!(s, StatusCode::UNAUTHORIZED, "expired: {v}");
 
     let t: TokenResponse = api.ok(Method::POST, "/v1/tokens", ADMIN, Some(json!({"role": "pixie"}))).await;
-    assert_eq!(api.post("/v1/boot/decide", &t.token, json!({"partition": "lab", "mac": "52:54:00:00:00:01", "arch": "bios_x86"})).await.0, StatusCode::OK);
+    assert_eq!(
+        api.post("/v1/boot/decide", &t.token, json!({"partition": "lab", "mac": "52:54:00:00:00:01", "arch": "bios_x86"}))
+            .await
+            .0,
+        StatusCode::OK
+    );
     assert_eq!(api.delete(&format!("/v1/tokens/{}", t.id), ADMIN).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(api.post("/v1/boot/decide", &t.token, json!({"partition": "lab", "mac": "52:54:00:00:00:01", "arch": "bios_x86"})).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.post("/v1/boot/decide", &t.token, json!({"partition": "lab", "mac": "52:54:00:00:00:01", "arch": "bios_x86"}))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(api.delete(&format!("/v1/tokens/{}", t.id), ADMIN).await.0, StatusCode::NOT_FOUND);
 
     // The last admin token is not revoked: nobody could administer the API any more.
@@ -387,7 +432,14 @@ async fn concurrent_events_lose_nothing(db: &Db) {
         let (base, cred) = (api.base.clone(), agent.credential.clone());
         tasks.push(tokio::spawn(async move {
             let body = json!({"events": [{"event": "Installing", "time_ms": 1}, {"event": "Preparing", "time_ms": 2}]});
-            reqwest::Client::new().post(format!("{base}/v1/agent/events")).bearer_auth(cred).json(&body).send().await.unwrap().status()
+            reqwest::Client::new()
+                .post(format!("{base}/v1/agent/events"))
+                .bearer_auth(cred)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
         }));
     }
     for t in tasks {

@@ -56,7 +56,8 @@ async fn read_response(s: &mut TcpStream, within: Duration) -> Option<String> {
     loop {
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+            let len: usize =
+                head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
             if got.len() >= end + 4 + len {
                 return Some(String::from_utf8_lossy(&got).into_owned());
             }
@@ -145,7 +146,11 @@ async fn connections_beyond_the_limit_wait_until_a_slot_is_free() {
     }
     let mut third = TcpStream::connect(addr).await.unwrap();
     third.write_all(HEALTHZ).await.unwrap();
-    assert_eq!(read_response(&mut third, Duration::from_millis(1500)).await, None, "a third connection was served beyond the limit of 2");
+    assert_eq!(
+        read_response(&mut third, Duration::from_millis(1500)).await,
+        None,
+        "a third connection was served beyond the limit of 2"
+    );
     drop(held.pop());
     let r = read_response(&mut third, PATIENCE).await.expect("the waiting connection is served once a slot is free");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
@@ -170,7 +175,8 @@ async fn a_long_poll_outlives_the_header_idle_and_body_timeouts() {
     let mut agent = Agent::new(1);
     agent.join_pool(&api, &cat.pixie).await;
     let mut s = TcpStream::connect(api.running.as_ref().unwrap().addr).await.unwrap();
-    let wait = format!("GET /v1/agent/wait?timeout_s=3 HTTP/1.1\r\nHost: metal\r\nAuthorization: Bearer {}\r\n\r\n", agent.credential);
+    let wait =
+        format!("GET /v1/agent/wait?timeout_s=3 HTTP/1.1\r\nHost: metal\r\nAuthorization: Bearer {}\r\n\r\n", agent.credential);
     let started = Instant::now();
     s.write_all(wait.as_bytes()).await.unwrap();
     let r = read_response(&mut s, PATIENCE).await.expect("the long-poll answers");

@@ -107,7 +107,8 @@ mod tests {
     /// One HTTPS answer per connection from a rustls server on a plain std socket.
     fn https_server(cert: &crate::ca::ServerCert, connections: usize) -> (u16, std::thread::JoinHandle<()>) {
         use rustls::pki_types::pem::PemObject;
-        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let chain =
+            rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()

@@ -137,8 +137,12 @@ mod tests {
         let cases: [(&str, String, IsKind); 4] = [
             ("empty.pem", String::new(), |e| matches!(e, CaError::Empty { .. })),
             ("key-only.pem", rcgen::KeyPair::generate().unwrap().serialize_pem(), |e| matches!(e, CaError::Empty { .. })),
-            ("garbage.pem", "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(), |e| matches!(e, CaError::Pem { .. })),
-            ("not-x509.pem", "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n".into(), |e| matches!(e, CaError::Anchor { index: 1, .. })),
+            ("garbage.pem", "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(), |e| {
+                matches!(e, CaError::Pem { .. })
+            }),
+            ("not-x509.pem", "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n".into(), |e| {
+                matches!(e, CaError::Anchor { index: 1, .. })
+            }),
         ];
         for (name, text, kind) in cases {
             let p = dir.path().join(name);

@@ -216,11 +216,22 @@ pub fn write_zst(path: &Path, level: i32, label: &str, fill: impl FnOnce(&mut dy
 
 /// Writes an OS image: like [`write_zst`], but as independent frames of [`IMAGE_FRAME`]
 /// uncompressed bytes, each with its content size and checksum. `zstd -d` reads it as usual.
-pub fn write_image_zst(path: &Path, level: i32, label: &str, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<Written> {
+pub fn write_image_zst(
+    path: &Path,
+    level: i32,
+    label: &str,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Written> {
     write_zst_as(path, level, label, Some(IMAGE_FRAME), fill)
 }
 
-fn write_zst_as(path: &Path, level: i32, label: &str, frame: Option<usize>, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<Written> {
+fn write_zst_as(
+    path: &Path,
+    level: i32,
+    label: &str,
+    frame: Option<usize>,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Written> {
     let tmp = tmp_path(path);
     let result = (|| -> io::Result<Written> {
         let file = File::create(&tmp)?;
@@ -233,14 +244,20 @@ fn write_zst_as(path: &Path, level: i32, label: &str, frame: Option<usize>, fill
                 Enc::Single(enc)
             }
         };
-        let mut counter = Counter { inner: enc, count: 0, label: Some(label.to_string()), next_report: REPORT_EVERY, started: Instant::now() };
+        let mut counter =
+            Counter { inner: enc, count: 0, label: Some(label.to_string()), next_report: REPORT_EVERY, started: Instant::now() };
         fill(&mut counter)?;
         let uncompressed_size = counter.count;
         let mut hasher = counter.inner.finish()?;
         hasher.flush()?;
         let file = hasher.inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(Written { path: path.to_path_buf(), compressed_size: hasher.count, uncompressed_size, sha256: hex::encode(hasher.sha.finalize()) })
+        Ok(Written {
+            path: path.to_path_buf(),
+            compressed_size: hasher.count,
+            uncompressed_size,
+            sha256: hex::encode(hasher.sha.finalize()),
+        })
     })();
     match result {
         Ok(w) => {
@@ -316,7 +333,10 @@ pub fn sha256sum_line(sha256: &str, file_name: &str) -> String {
 /// Writes `<image>.json` (the manifest) and `<image>.sha256` next to the image file.
 /// Returns the manifest path.
 pub fn write_manifest(image: &Path, manifest: &ImageManifest) -> Result<PathBuf> {
-    let name = image.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::Invalid(format!("bad image path {}", image.display())))?;
+    let name = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Invalid(format!("bad image path {}", image.display())))?;
     let json_path = image.with_file_name(format!("{name}.json"));
     let mut json = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     json.push(b'\n');

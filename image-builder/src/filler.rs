@@ -81,7 +81,10 @@ pub fn plan(total: u64, seed: u64) -> Vec<FillerFile> {
 pub fn add(tree: &mut Tree, total: u64, seed: u64) -> Result<usize> {
     let files = plan(total, seed);
     for f in &files {
-        tree.insert(&f.path, Entry { mode: 0o644, uid: 0, gid: 0, kind: Kind::File { data: Data::Filler { seed: f.seed }, size: f.size } })?;
+        tree.insert(
+            &f.path,
+            Entry { mode: 0o644, uid: 0, gid: 0, kind: Kind::File { data: Data::Filler { seed: f.seed }, size: f.size } },
+        )?;
     }
     Ok(files.len())
 }
@@ -210,7 +213,8 @@ mod tests {
         add(&mut t, total, 11).unwrap();
         let mut tar_bytes = Vec::new();
         crate::archive::write_tar(&t, &mut tar_bytes, 0).unwrap();
-        let want: std::collections::BTreeMap<String, FillerFile> = plan(total, 11).into_iter().map(|f| (f.path.clone(), f)).collect();
+        let want: std::collections::BTreeMap<String, FillerFile> =
+            plan(total, 11).into_iter().map(|f| (f.path.clone(), f)).collect();
         let mut seen = 0;
         for entry in tar::Archive::new(tar_bytes.as_slice()).entries().unwrap() {
             let mut entry = entry.unwrap();

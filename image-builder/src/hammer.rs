@@ -21,18 +21,56 @@ use crate::tree::Tree;
 
 /// Storage controllers and disks.
 pub const STORAGE_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_blk", "virtio_scsi", "nvme", "ahci", "ata_piix", "sd_mod", "sr_mod",
-    "megaraid_sas", "mpt3sas", "smartpqi", "hpsa", "xhci_pci", "ehci_pci", "usb_storage", "uas",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "nvme",
+    "ahci",
+    "ata_piix",
+    "sd_mod",
+    "sr_mod",
+    "megaraid_sas",
+    "mpt3sas",
+    "smartpqi",
+    "hpsa",
+    "xhci_pci",
+    "ehci_pci",
+    "usb_storage",
+    "uas",
 ];
 /// Network cards.
 pub const NET_MODULES: &[&str] = &[
-    "virtio_net", "e1000", "e1000e", "igb", "igc", "ixgbe", "i40e", "ice", "mlx4_en", "mlx5_core",
-    "bnxt_en", "tg3", "r8169", "vmxnet3", "af_packet", "8021q", "bonding",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "ixgbe",
+    "i40e",
+    "ice",
+    "mlx4_en",
+    "mlx5_core",
+    "bnxt_en",
+    "tg3",
+    "r8169",
+    "vmxnet3",
+    "af_packet",
+    "8021q",
+    "bonding",
 ];
 /// Filesystems and what mounting them needs (ext4 wants a crc32c implementation).
 pub const FS_MODULES: &[&str] = &[
-    "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "nls_utf8", "crc32c_generic", "crc32c_intel",
-    "efivarfs", "loop", "dm_mod",
+    "ext4",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_iso8859_1",
+    "nls_utf8",
+    "crc32c_generic",
+    "crc32c_intel",
+    "efivarfs",
+    "loop",
+    "dm_mod",
 ];
 
 /// Tools metal-hammer runs, with the Debian package each comes from.
@@ -104,7 +142,13 @@ pub fn tree(kernel: &KernelDir, hammer_bin: &Path, extra_modules: &[String]) -> 
     }
     tools::add_program(&mut tree, "init", hammer_bin)?;
 
-    let names: Vec<String> = STORAGE_MODULES.iter().chain(NET_MODULES).chain(FS_MODULES).map(|s| s.to_string()).chain(extra_modules.iter().cloned()).collect();
+    let names: Vec<String> = STORAGE_MODULES
+        .iter()
+        .chain(NET_MODULES)
+        .chain(FS_MODULES)
+        .map(|s| s.to_string())
+        .chain(extra_modules.iter().cloned())
+        .collect();
     let order = add_modules(&mut tree, kernel, &names, false)?;
 
     for (tool, package) in TOOLS {
@@ -170,7 +214,13 @@ pub fn build(opts: &HammerOptions) -> Result<HammerOutput> {
         tree.bytes(&HOST_CA_BUNDLE[1..], 0o644, bundle)?;
         eprintln!("hammer: CA bundle with {} operator CA file(s) appended", opts.ca_files.len());
     }
-    eprintln!("hammer: {} entries, {} modules, {} MiB uncompressed; compressing (zstd -{})…", tree.len(), modules, tree.file_bytes() >> 20, opts.zstd_level);
+    eprintln!(
+        "hammer: {} entries, {} modules, {} MiB uncompressed; compressing (zstd -{})…",
+        tree.len(),
+        modules,
+        tree.file_bytes() >> 20,
+        opts.zstd_level
+    );
     let initrd_path = opts.out.join("initrd.img");
     let initrd = archive::write_zst(&initrd_path, opts.zstd_level, "initrd.img", |w| cpio::write(&tree, w))?;
     let vmlinuz = opts.out.join("vmlinuz");

@@ -53,7 +53,8 @@ pub fn decode_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
     let code = parts.next()?.parse().ok()?;
     let body = &raw[head_end + 4..];
     let chunked = head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked"))
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked"))
     });
     Some((code, if chunked { dechunk(body)? } else { body.to_vec() }))
 }
@@ -86,7 +87,11 @@ pub fn get(url: &str, token: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> 
 fn request(method: &str, url: &str, token: &str, body: &[u8], timeout: Duration) -> Result<(u16, Vec<u8>)> {
     let err = |message: String| Error::Http { url: url.to_string(), message };
     let (host, port, path) = parse_url(url).ok_or_else(|| err("only http://host[:port]/path URLs are supported".into()))?;
-    let addr = (host.as_str(), port).to_socket_addrs().map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("no address".into()))?;
+    let addr = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))?;
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(format!("connect: {e}")))?;
     stream.set_read_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
     stream.set_write_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;

@@ -36,9 +36,8 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
         None => {
             let apt_cache = tools::require("apt-cache", "apt")?;
             let out = tools::run(Command::new(apt_cache).args(["show", "--no-all-versions", package]))?;
-            concrete_package(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
-                Error::Invalid(format!("`apt-cache show {package}` names no linux-image-<version> dependency"))
-            })?
+            concrete_package(&String::from_utf8_lossy(&out.stdout))
+                .ok_or_else(|| Error::Invalid(format!("`apt-cache show {package}` names no linux-image-<version> dependency")))?
         }
     };
     let version = package_version(&concrete).unwrap_or_default().to_string();
@@ -63,11 +62,13 @@ pub fn ensure(cache: &Path, package: &str) -> Result<KernelDir> {
     fs::create_dir_all(&root).map_err(at(&root))?;
 
     eprintln!("kernel {version}: downloading {concrete} (apt-get download)…");
-    tools::run_writing(Command::new(apt_get).arg("download").arg(&concrete).current_dir(&download), &download).map_err(|e| match e {
-        Error::NoSpace { .. } => e,
-        e => Error::Invalid(format!(
+    tools::run_writing(Command::new(apt_get).arg("download").arg(&concrete).current_dir(&download), &download).map_err(|e| {
+        match e {
+            Error::NoSpace { .. } => e,
+            e => Error::Invalid(format!(
             "could not download {concrete}: {e}\n(it needs a Debian mirror in /etc/apt/sources.list and a fresh `apt-get update`)"
-        ))
+        )),
+        }
     })?;
     let deb = find_deb(&download, &concrete)?;
     let deb_version = deb.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('_').nth(1)).unwrap_or("").to_string();
@@ -116,8 +117,10 @@ mod tests {
         let show = "Package: linux-image-amd64\nSource: linux-signed-amd64 (6.1.192+2)\n\
                     Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)\nDescription: x\n";
         assert_eq!(concrete_package(show).as_deref(), Some("linux-image-6.1.0-56-amd64"));
-        assert_eq!(concrete_package("Depends: linux-image-amd64-signed-template | linux-image-6.1.0-9-amd64-unsigned\n").as_deref(),
-            Some("linux-image-6.1.0-9-amd64-unsigned"));
+        assert_eq!(
+            concrete_package("Depends: linux-image-amd64-signed-template | linux-image-6.1.0-9-amd64-unsigned\n").as_deref(),
+            Some("linux-image-6.1.0-9-amd64-unsigned")
+        );
         assert_eq!(concrete_package("Package: x\n"), None);
     }
 

@@ -56,8 +56,7 @@ impl ModuleIndex {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (module, rest) =
-                line.split_once(':').ok_or_else(|| format!("line {}: no `:` in {line:?}", n + 1))?;
+            let (module, rest) = line.split_once(':').ok_or_else(|| format!("line {}: no `:` in {line:?}", n + 1))?;
             let module = module.trim().to_string();
             let deps = rest.split_whitespace().map(str::to_string).collect();
             index.by_name.insert(module_name(&module), module.clone());

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use image_builder::{archive, hammer, kernel, publish, serve, testos};
 
 #[derive(Parser)]
-#[command(name = "image-builder", version, about = "Builds what bare-metal machines boot: kernel cache, metal-hammer initramfs, test OS, OS images")]
+#[command(
+    name = "image-builder",
+    version,
+    about = "Builds what bare-metal machines boot: kernel cache, metal-hammer initramfs, test OS, OS images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -114,13 +118,21 @@ fn run(cli: Cli) -> image_builder::Result<()> {
             println!("{}", k.root.display());
         }
         Cmd::Hammer { kernel_dir, hammer_bin, out, modules, zstd_level, ca_files } => {
-            let o = hammer::build(&hammer::HammerOptions { kernel_dir, hammer_bin, out, extra_modules: modules, zstd_level, ca_files })?;
+            let o = hammer::build(&hammer::HammerOptions {
+                kernel_dir,
+                hammer_bin,
+                out,
+                extra_modules: modules,
+                zstd_level,
+                ca_files,
+            })?;
             println!("{}", o.vmlinuz.display());
             println!("{}", o.initrd.path.display());
         }
         Cmd::TestOs { kernel_dir, phone_home_bin, out, version, zstd_level, busybox, filler_mib, filler_name, filler_seed } => {
             let version = version.unwrap_or_else(image_builder::today);
-            let filler = (filler_mib > 0).then_some(testos::Filler { name: filler_name, bytes: filler_mib << 20, seed: filler_seed });
+            let filler =
+                (filler_mib > 0).then_some(testos::Filler { name: filler_name, bytes: filler_mib << 20, seed: filler_seed });
             let opts = testos::TestOsOptions { kernel_dir, phone_home_bin, out, version, zstd_level, busybox };
             let (file, _) = testos::build_with(&opts, filler.as_ref())?;
             println!("{}", file.display());

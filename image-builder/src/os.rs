@@ -83,8 +83,19 @@ pub struct OsArgs {
 
 /// Packages every Debian image gets.
 pub const DEBIAN_PACKAGES: &[&str] = &[
-    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "initramfs-tools", "zstd",
-    "iproute2", "ca-certificates", "systemd-boot-efi", "less", "procps",
+    "linux-image-amd64",
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "initramfs-tools",
+    "zstd",
+    "iproute2",
+    "ca-certificates",
+    "systemd-boot-efi",
+    "less",
+    "procps",
 ];
 
 pub const PHONE_HOME_UNIT: &str = "\
@@ -209,7 +220,8 @@ pub fn sources(suite: &str, mirror: &str, updates: bool) -> Vec<String> {
 /// `boot/initrd.img-<v>`, or `boot/vmlinuz` with `boot/initrd.img`.
 pub fn find_kernel(tree: &Tree) -> Option<(String, String)> {
     let is_file = |p: &str| matches!(tree.get(p), Some(Entry { kind: Kind::File { .. }, .. }));
-    let mut versioned: Vec<&str> = tree.children("boot").into_iter().filter(|p| p.starts_with("boot/vmlinuz-") && is_file(p)).collect();
+    let mut versioned: Vec<&str> =
+        tree.children("boot").into_iter().filter(|p| p.starts_with("boot/vmlinuz-") && is_file(p)).collect();
     versioned.sort_by(|a, b| version_cmp(a, b));
     if let Some(kernel) = versioned.last() {
         let v = &kernel["boot/vmlinuz-".len()..];
@@ -286,7 +298,10 @@ pub fn customize(tree: &mut Tree, phone_home: Option<&Path>, boot: Option<&Boot>
         tree.host_file("usr/local/sbin/metal-phone-home", 0o755, bin)?;
         if systemd {
             tree.bytes("etc/systemd/system/metal-phone-home.service", 0o644, PHONE_HOME_UNIT)?;
-            tree.symlink("etc/systemd/system/multi-user.target.wants/metal-phone-home.service", "/etc/systemd/system/metal-phone-home.service")?;
+            tree.symlink(
+                "etc/systemd/system/multi-user.target.wants/metal-phone-home.service",
+                "/etc/systemd/system/metal-phone-home.service",
+            )?;
             notes.push("phone-home binary and metal-phone-home.service".to_string());
         } else {
             notes.push("phone-home binary (no systemd: start it from the OS's init)".to_string());
@@ -302,7 +317,10 @@ pub fn customize(tree: &mut Tree, phone_home: Option<&Path>, boot: Option<&Boot>
             let target = format!("/{unit}");
             tree.symlink("etc/systemd/system/multi-user.target.wants/systemd-networkd.service", &target)?;
             tree.symlink("etc/systemd/system/dbus-org.freedesktop.network1.service", &target)?;
-            tree.symlink("etc/systemd/system/sockets.target.wants/systemd-networkd.socket", &target.replace(".service", ".socket"))?;
+            tree.symlink(
+                "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
+                &target.replace(".service", ".socket"),
+            )?;
             let wait = target.replace("systemd-networkd.service", "systemd-networkd-wait-online.service");
             tree.symlink("etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service", &wait)?;
             notes.push("systemd-networkd enabled, DHCP on every Ethernet link".to_string());
@@ -356,7 +374,10 @@ fn packages(rootfs: &Path) -> Vec<String> {
     if !admin.join("status").is_file() {
         return Vec::new();
     }
-    let out = Command::new("dpkg-query").arg(format!("--admindir={}", admin.display())).args(["-W", "-f", "${Package} ${Version}\\n"]).output();
+    let out = Command::new("dpkg-query")
+        .arg(format!("--admindir={}", admin.display()))
+        .args(["-W", "-f", "${Package} ${Version}\\n"])
+        .output();
     match out {
         Ok(o) if o.status.success() => {
             let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
@@ -381,7 +402,8 @@ fn mmdebstrap(args: &OsArgs, rootfs: &Path) -> Result<()> {
     let mmdebstrap = tools::require("mmdebstrap", "mmdebstrap")?;
     let mirror = match &args.mirror {
         Some(m) => m.clone(),
-        None => default_mirror().ok_or_else(|| Error::Invalid("no Debian mirror in /etc/apt/sources.list(.d): pass --mirror URL".into()))?,
+        None => default_mirror()
+            .ok_or_else(|| Error::Invalid("no Debian mirror in /etc/apt/sources.list(.d): pass --mirror URL".into()))?,
     };
     let packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|s| s.to_string()).chain(args.include.iter().cloned()).collect();
     eprintln!("os: mmdebstrap {} from {mirror} with {} (several minutes)…", args.suite, packages.join(","));
@@ -435,7 +457,10 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
         eprintln!("os: reading {}…", rootfs.display());
         let mut tree = Tree::from_dir(&rootfs)?;
         let (kernel, initrd) = find_kernel(&tree).ok_or_else(|| {
-            Error::Invalid(format!("no kernel in {} (boot/vmlinuz-<version> or boot/vmlinuz): install one in the root filesystem", rootfs.display()))
+            Error::Invalid(format!(
+                "no kernel in {} (boot/vmlinuz-<version> or boot/vmlinuz): install one in the root filesystem",
+                rootfs.display()
+            ))
         })?;
         let os = os_release(&rootfs).unwrap_or_default();
         let title = if os.is_empty() { id.clone() } else { os.clone() };
@@ -448,7 +473,13 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
         let mtime = archive::source_date_epoch();
 
         let tar_path = if want_tar { args.out.join(format!("{id}.tar.zst")) } else { work.join(format!("{id}.tar.zst")) };
-        eprintln!("os: writing {} ({} entries, {} MiB of files, zstd -{})…", tar_path.display(), tree.len(), tree.file_bytes() >> 20, args.zstd_level);
+        eprintln!(
+            "os: writing {} ({} entries, {} MiB of files, zstd -{})…",
+            tar_path.display(),
+            tree.len(),
+            tree.file_bytes() >> 20,
+            args.zstd_level
+        );
         let written = archive::write_image_zst(&tar_path, args.zstd_level, "tar", |w| archive::write_tar(&tree, w, mtime))?;
         let manifest = |format: ImageFormat, w: &archive::Written| ImageManifest {
             name: args.name.clone(),
@@ -471,7 +502,15 @@ pub fn build(args: &OsArgs) -> Result<Vec<PathBuf>> {
         }
         if want_raw {
             let raw_path = args.out.join(format!("{id}.raw.zst"));
-            let raw = RawSpec { id: &id, kernel: &kernel, initrd: &initrd, cmdline: &args.cmdline, root_size_mib: args.root_size_mib, level: args.zstd_level, mtime };
+            let raw = RawSpec {
+                id: &id,
+                kernel: &kernel,
+                initrd: &initrd,
+                cmdline: &args.cmdline,
+                root_size_mib: args.root_size_mib,
+                level: args.zstd_level,
+                mtime,
+            };
             let w = build_raw(&tar_path, &work, &raw_path, &raw)?;
             archive::write_manifest(&raw_path, &manifest(ImageFormat::RawZst, &w))?;
             report(&raw_path, &w);
@@ -558,7 +597,10 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     }
     fs::create_dir_all(&staging).map_err(at(&staging))?;
     eprintln!("raw: unpacking the root filesystem…");
-    tools::run_writing(Command::new(&tar).args(["--numeric-owner", "--zstd", "-xpf"]).arg(tar_path).arg("-C").arg(&staging), &staging)?;
+    tools::run_writing(
+        Command::new(&tar).args(["--numeric-owner", "--zstd", "-xpf"]).arg(tar_path).arg("-C").arg(&staging),
+        &staging,
+    )?;
 
     let root_uuid = derived_uuid(&format!("{}/root", spec.id));
     let esp_serial = &derived_uuid(&format!("{}/esp", spec.id)).replace('-', "")[..8];
@@ -574,10 +616,13 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     fs::create_dir_all(staging.join("boot/efi")).map_err(at(&staging))?;
 
     // ESP: systemd-boot as the removable-media loader, one entry, kernel and initrd.
-    let sdboot = [staging.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"), PathBuf::from("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingTool { tool: "systemd-bootx64.efi".into(), package: "systemd-boot-efi".into() })?;
+    let sdboot = [
+        staging.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+        PathBuf::from("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .ok_or_else(|| Error::MissingTool { tool: "systemd-bootx64.efi".into(), package: "systemd-boot-efi".into() })?;
     let esp_files = work.join("esp-files");
     fs::create_dir_all(&esp_files).map_err(at(&esp_files))?;
     let loader_conf = esp_files.join("loader.conf");
@@ -624,8 +669,12 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     c.arg("-i").arg(&esp_img).args(["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"]);
     mtools_env(&mut c);
     tools::run(&mut c)?;
-    let mut copies: Vec<(PathBuf, &str)> =
-        vec![(sdboot_copy, "::/EFI/BOOT/BOOTX64.EFI"), (loader_conf, "::/loader/loader.conf"), (entry, "::/loader/entries/metal.conf"), (kernel_copy, "::/vmlinuz")];
+    let mut copies: Vec<(PathBuf, &str)> = vec![
+        (sdboot_copy, "::/EFI/BOOT/BOOTX64.EFI"),
+        (loader_conf, "::/loader/loader.conf"),
+        (entry, "::/loader/entries/metal.conf"),
+        (kernel_copy, "::/vmlinuz"),
+    ];
     if !spec.initrd.is_empty() {
         copies.push((initrd_copy, "::/initrd.img"));
     }
@@ -661,7 +710,10 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     )
     .map_err(|e| match e {
         Error::Command { stderr, .. } if stderr.contains("Could not allocate block") || stderr.contains("No free space") => {
-            Error::Invalid(format!("a {root_mib} MiB root filesystem cannot hold the {} MiB of files: pass a larger --root-size-mib", content >> 20))
+            Error::Invalid(format!(
+                "a {root_mib} MiB root filesystem cannot hold the {} MiB of files: pass a larger --root-size-mib",
+                content >> 20
+            ))
         }
         e => e,
     })?;
@@ -689,7 +741,11 @@ pub fn build_raw(tar_path: &Path, work: &Path, out: &Path, spec: &RawSpec) -> Re
     child.stdin.take().unwrap().write_all(script.as_bytes()).map_err(at(&sfdisk))?;
     let sf = child.wait_with_output().map_err(at(&sfdisk))?;
     if !sf.status.success() {
-        return Err(Error::Command { command: "sfdisk".into(), status: sf.status.to_string(), stderr: String::from_utf8_lossy(&sf.stderr).into() });
+        return Err(Error::Command {
+            command: "sfdisk".into(),
+            status: sf.status.to_string(),
+            stderr: String::from_utf8_lossy(&sf.stderr).into(),
+        });
     }
     copy_into(&esp_img, &disk, 2048 * 512)?;
     copy_into(&root_img, &disk, (2048 + esp_sectors) * 512)?;
@@ -741,7 +797,9 @@ fn fix_inode_times(img: &Path, staging: &Path, work: &Path, mtime: u64) -> Resul
     let script_path = work.join("debugfs-times");
     fs::write(&script_path, script).map_err(at(&script_path))?;
     eprintln!("raw: fixing the times of {} inodes (debugfs)…", paths.len());
-    tools::run(Command::new(debugfs).arg("-w").arg("-f").arg(&script_path).arg(img).env("E2FSPROGS_FAKE_TIME", mtime.max(1).to_string()))?;
+    tools::run(
+        Command::new(debugfs).arg("-w").arg("-f").arg(&script_path).arg(img).env("E2FSPROGS_FAKE_TIME", mtime.max(1).to_string()),
+    )?;
     Ok(())
 }
 
@@ -791,9 +849,15 @@ mod tests {
     fn mirrors() {
         let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
                       Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
-        assert_eq!(mirror_from_sources(&[("debian.sources".into(), deb822.into())]).as_deref(), Some("http://deb.debian.org/debian"));
+        assert_eq!(
+            mirror_from_sources(&[("debian.sources".into(), deb822.into())]).as_deref(),
+            Some("http://deb.debian.org/debian")
+        );
         let list = "# x\ndeb http://security.debian.org/ bookworm-security main\ndeb [arch=amd64] http://ftp.de.debian.org/debian bookworm main\n";
-        assert_eq!(mirror_from_sources(&[("sources.list".into(), list.into())]).as_deref(), Some("http://ftp.de.debian.org/debian"));
+        assert_eq!(
+            mirror_from_sources(&[("sources.list".into(), list.into())]).as_deref(),
+            Some("http://ftp.de.debian.org/debian")
+        );
         assert_eq!(mirror_from_sources(&[]), None);
     }
 
@@ -833,14 +897,27 @@ mod tests {
         t.bytes("etc/machine-id", 0o444, b"0123456789abcdef0123456789abcdef\n".to_vec()).unwrap();
         t.bytes("var/log/dpkg.log", 0o644, b"x".to_vec()).unwrap();
         t.bytes(SYSTEMD_BOOT_EFI, 0o644, b"efi".to_vec()).unwrap();
-        let boot = Boot { title: "Debian", kernel: "boot/vmlinuz-6.1.0-9-amd64", initrd: "boot/initrd.img-6.1.0-9-amd64", cmdline: "console=ttyS0" };
+        let boot = Boot {
+            title: "Debian",
+            kernel: "boot/vmlinuz-6.1.0-9-amd64",
+            initrd: "boot/initrd.img-6.1.0-9-amd64",
+            cmdline: "console=ttyS0",
+        };
         customize(&mut t, None, Some(&boot)).unwrap();
-        let Kind::File { data: crate::tree::Data::Bytes(hook), .. } = &t.get("usr/local/sbin/metal-bootloader-hook").unwrap().kind else { panic!() };
+        let Kind::File { data: crate::tree::Data::Bytes(hook), .. } =
+            &t.get("usr/local/sbin/metal-bootloader-hook").unwrap().kind
+        else {
+            panic!()
+        };
         let hook = String::from_utf8(hook.clone()).unwrap();
         assert!(hook.contains("kernel=\"boot/vmlinuz-6.1.0-9-amd64\"") && !hook.contains('@'), "{hook}");
         assert!(t.get("etc/ssh/ssh_host_ed25519_key").is_none());
         assert!(t.get("etc/systemd/system/ssh.service.d/metal-hostkeys.conf").is_some());
-        let Kind::File { data: crate::tree::Data::Bytes(keys), .. } = &t.get("etc/ssh/sshd_config.d/metal-hostkeys.conf").unwrap().kind else { panic!() };
+        let Kind::File { data: crate::tree::Data::Bytes(keys), .. } =
+            &t.get("etc/ssh/sshd_config.d/metal-hostkeys.conf").unwrap().kind
+        else {
+            panic!()
+        };
         let keys = String::from_utf8(keys.clone()).unwrap();
         assert!(keys.contains("ssh_host_ed25519_key") && !keys.contains("rsa"), "{keys}");
         assert!(!SSH_HOSTKEYS_DROPIN.contains("-A") && SSH_HOSTKEYS_DROPIN.contains("-t ed25519"));

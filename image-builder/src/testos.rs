@@ -27,8 +27,17 @@ pub const CMDLINE: &str = "console=ttyS0 panic=10";
 
 /// What the test OS's initramfs loads: QEMU's disks and NICs, a few common real ones, ext4.
 pub const INITRD_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "nvme", "ahci", "sd_mod", "e1000",
-    "e1000e", "ext4", "crc32c_generic",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_net",
+    "nvme",
+    "ahci",
+    "sd_mod",
+    "e1000",
+    "e1000e",
+    "ext4",
+    "crc32c_generic",
 ];
 
 pub const INITRD_INIT: &str = include_str!("testos/initrd-init.sh");
@@ -129,7 +138,8 @@ pub fn add_uefi_boot(tree: &mut Tree, systemd_boot: &Path) -> Result<()> {
     }
     tree.host_file(crate::os::SYSTEMD_BOOT_EFI, 0o644, systemd_boot)?;
     let boot = crate::os::Boot { title: "metal test OS", kernel: "boot/vmlinuz", initrd: "boot/initrd.img", cmdline: CMDLINE };
-    let hook = crate::os::bootloader_hook(&boot).ok_or_else(|| Error::Invalid("test OS command line is not shell-safe".into()))?;
+    let hook =
+        crate::os::bootloader_hook(&boot).ok_or_else(|| Error::Invalid("test OS command line is not shell-safe".into()))?;
     tree.bytes("usr/local/sbin/metal-bootloader-hook", 0o755, hook)?;
     Ok(())
 }

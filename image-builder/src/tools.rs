@@ -43,7 +43,9 @@ fn describe(cmd: &Command) -> String {
 /// is [`Error::NoSpace`] naming `dest`.
 pub fn run_writing(cmd: &mut Command, dest: &Path) -> Result<Output> {
     run(cmd).map_err(|e| match e {
-        Error::Command { stderr, .. } if stderr.contains("No space left on device") => Error::NoSpace { path: dest.to_path_buf() },
+        Error::Command { stderr, .. } if stderr.contains("No space left on device") => {
+            Error::NoSpace { path: dest.to_path_buf() }
+        }
         other => other,
     })
 }
@@ -51,7 +53,11 @@ pub fn run_writing(cmd: &mut Command, dest: &Path) -> Result<Output> {
 /// Runs a command to completion; a non-zero exit is an error carrying the end of its stderr.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let command = describe(cmd);
-    let out = cmd.output().map_err(|e| Error::Command { command: command.clone(), status: "not started".into(), stderr: e.to_string() })?;
+    let out = cmd.output().map_err(|e| Error::Command {
+        command: command.clone(),
+        status: "not started".into(),
+        stderr: e.to_string(),
+    })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();

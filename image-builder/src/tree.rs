@@ -18,18 +18,29 @@ pub enum Data {
     /// Read from this host path when the archive is written (follows symlinks).
     Host(PathBuf),
     /// Generated when the archive is written ([`crate::filler::FillerReader`] with this seed).
-    Filler { seed: u64 },
+    Filler {
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     Dir,
-    File { data: Data, size: u64 },
+    File {
+        data: Data,
+        size: u64,
+    },
     Symlink(String),
     /// A hard link to an earlier entry of the tree (tar only).
     HardLink(String),
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -94,7 +105,9 @@ impl Tree {
     pub fn remove_where(&mut self, doomed: impl Fn(&str) -> bool) -> usize {
         let roots: Vec<String> = self.entries.keys().filter(|p| doomed(p)).cloned().collect();
         let before = self.entries.len();
-        self.entries.retain(|p, _| !roots.iter().any(|r| p == r || (p.starts_with(r.as_str()) && p.as_bytes().get(r.len()) == Some(&b'/'))));
+        self.entries.retain(|p, _| {
+            !roots.iter().any(|r| p == r || (p.starts_with(r.as_str()) && p.as_bytes().get(r.len()) == Some(&b'/')))
+        });
         before - self.entries.len()
     }
 
@@ -121,9 +134,7 @@ impl Tree {
             parent.push_str(part);
             match self.entries.get(&parent) {
                 Some(Entry { kind: Kind::Dir, .. }) => {}
-                Some(_) => {
-                    return Err(Error::Invalid(format!("{parent} is not a directory (adding {path})")))
-                }
+                Some(_) => return Err(Error::Invalid(format!("{parent} is not a directory (adding {path})"))),
                 None => {
                     self.entries.insert(parent.clone(), Entry { mode: 0o755, uid: 0, gid: 0, kind: Kind::Dir });
                 }
@@ -172,9 +183,9 @@ impl Tree {
             for item in fs::read_dir(&dir).map_err(at(&dir))? {
                 let item = item.map_err(at(&dir))?;
                 let name = item.file_name();
-                let name = name.to_str().ok_or_else(|| {
-                    Error::Invalid(format!("non-UTF-8 file name in {}: {:?}", dir.display(), name))
-                })?;
+                let name = name
+                    .to_str()
+                    .ok_or_else(|| Error::Invalid(format!("non-UTF-8 file name in {}: {:?}", dir.display(), name)))?;
                 let host = item.path();
                 let meta = fs::symlink_metadata(&host).map_err(at(&host))?;
                 let rel_path = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
@@ -192,7 +203,9 @@ impl Tree {
                 Kind::Dir
             } else if ft.is_symlink() {
                 let target = fs::read_link(&host).map_err(at(&host))?;
-                Kind::Symlink(target.to_str().ok_or_else(|| Error::Invalid(format!("non-UTF-8 link {}", host.display())))?.to_string())
+                Kind::Symlink(
+                    target.to_str().ok_or_else(|| Error::Invalid(format!("non-UTF-8 link {}", host.display())))?.to_string(),
+                )
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
                     if let Some(first) = seen.get(&(meta.dev(), meta.ino())) {

@@ -26,7 +26,14 @@ struct Built {
 
 fn build_hammer(out: &Path) {
     let (init, _) = common::hammer_init();
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.to_path_buf(), extra_modules: vec![], zstd_level: LEVEL, ca_files: vec![] };
+    let opts = hammer::HammerOptions {
+        kernel_dir: common::kernel().root,
+        hammer_bin: init,
+        out: out.to_path_buf(),
+        extra_modules: vec![],
+        zstd_level: LEVEL,
+        ca_files: vec![],
+    };
     hammer::build(&opts).expect("hammer build");
 }
 
@@ -65,7 +72,8 @@ fn check_modules(files: &BTreeMap<&str, &Member>, version: &str) -> BTreeSet<Str
     let base = format!("lib/modules/{version}");
     let dep = String::from_utf8(files[format!("{base}/modules.dep").as_str()].data.clone()).unwrap();
     let index = kmod::ModuleIndex::parse(&dep, "").unwrap();
-    let in_archive: BTreeSet<&str> = files.keys().filter_map(|n| n.strip_prefix(&format!("{base}/"))).filter(|n| n.ends_with(".ko")).collect();
+    let in_archive: BTreeSet<&str> =
+        files.keys().filter_map(|n| n.strip_prefix(&format!("{base}/"))).filter(|n| n.ends_with(".ko")).collect();
     for (module, deps) in &index.deps {
         assert!(in_archive.contains(module.as_str()), "modules.dep names {module}, not in the archive");
         for d in deps {
@@ -121,13 +129,42 @@ fn hammer_initramfs_has_init_modules_tools_and_certificates() {
     assert_eq!(names, sorted, "entries are sorted");
 
     let modules = check_modules(&files, &common::kernel().version);
-    for m in ["virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "nvme", "ahci", "ata_piix", "sd_mod", "e1000", "e1000e", "igb",
-        "ixgbe", "i40e", "ice", "mlx5_core", "bnxt_en", "tg3", "r8169", "ext4", "vfat", "jbd2", "crc32c_generic", "nls_cp437"]
-    {
+    for m in [
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_net",
+        "virtio_scsi",
+        "nvme",
+        "ahci",
+        "ata_piix",
+        "sd_mod",
+        "e1000",
+        "e1000e",
+        "igb",
+        "ixgbe",
+        "i40e",
+        "ice",
+        "mlx5_core",
+        "bnxt_en",
+        "tg3",
+        "r8169",
+        "ext4",
+        "vfat",
+        "jbd2",
+        "crc32c_generic",
+        "nls_cp437",
+    ] {
         assert!(modules.contains(m), "module {m} missing");
     }
 
-    for tool in ["usr/sbin/mke2fs", "usr/sbin/mkfs.fat", "usr/sbin/mkswap", "lib64/ld-linux-x86-64.so.2", "etc/mke2fs.conf", "etc/ssl/certs/ca-certificates.crt"] {
+    for tool in [
+        "usr/sbin/mke2fs",
+        "usr/sbin/mkfs.fat",
+        "usr/sbin/mkswap",
+        "lib64/ld-linux-x86-64.so.2",
+        "etc/mke2fs.conf",
+        "etc/ssl/certs/ca-certificates.crt",
+    ] {
         assert!(files.contains_key(tool), "{tool} missing");
     }
     assert_eq!(files["usr/sbin/mkfs.ext4"].data, b"mke2fs");
@@ -141,7 +178,11 @@ fn hammer_initramfs_has_init_modules_tools_and_certificates() {
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             assert!(!text.contains("error while loading shared libraries") && !text.contains("No such file"), "{tool}: {text}");
         }
-        let out = Command::new("chroot").arg(root.path()).args(["/usr/sbin/mkfs.ext4", "-q", "-F", "/tmp/fs.img", "8M"]).output().unwrap();
+        let out = Command::new("chroot")
+            .arg(root.path())
+            .args(["/usr/sbin/mkfs.ext4", "-q", "-F", "/tmp/fs.img", "8M"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "mkfs.ext4 in the initramfs: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -168,7 +209,10 @@ fn test_os_manifest_checksum_and_contents() {
     assert_eq!(&on_disk, m);
     let sums = fs::read_to_string(b.test_os.with_file_name("test-os-7.tar.zst.sha256")).unwrap();
     assert_eq!(sums, format!("{}  test-os-7.tar.zst\n", m.sha256));
-    assert_eq!((m.kernel.as_str(), m.initrd.as_str(), m.cmdline.as_str()), ("boot/vmlinuz", "boot/initrd.img", "console=ttyS0 panic=10"));
+    assert_eq!(
+        (m.kernel.as_str(), m.initrd.as_str(), m.cmdline.as_str()),
+        ("boot/vmlinuz", "boot/initrd.img", "console=ttyS0 panic=10")
+    );
 
     let tar_bytes = common::zstd_decode(&b.test_os);
     assert_eq!(tar_bytes.len() as u64, m.uncompressed_size);
@@ -184,7 +228,15 @@ fn test_os_manifest_checksum_and_contents() {
         std::io::Read::read_to_end(&mut e, &mut data).unwrap();
         entries.insert(path, (e.header().mode().unwrap(), link, data));
     }
-    for p in ["sbin/init", "usr/local/sbin/metal-phone-home", "usr/local/sbin/metal-verify", "bin/busybox", "boot/vmlinuz", "boot/initrd.img", "etc/udhcpc/default.script"] {
+    for p in [
+        "sbin/init",
+        "usr/local/sbin/metal-phone-home",
+        "usr/local/sbin/metal-verify",
+        "bin/busybox",
+        "boot/vmlinuz",
+        "boot/initrd.img",
+        "etc/udhcpc/default.script",
+    ] {
         let (mode, _, data) = entries.get(p).unwrap_or_else(|| panic!("{p} missing"));
         assert!(!data.is_empty(), "{p} empty");
         if p != "boot/vmlinuz" && p != "boot/initrd.img" {
@@ -242,7 +294,9 @@ fn test_os_with_filler_is_named_sized_and_reproducible() {
         paths.insert(path);
     }
     assert_eq!(filler_bytes, 6 << 20);
-    for p in ["sbin/init", "usr/local/sbin/metal-verify", "usr/local/sbin/metal-phone-home", "boot/vmlinuz", "opt/filler/big/000.bin"] {
+    for p in
+        ["sbin/init", "usr/local/sbin/metal-verify", "usr/local/sbin/metal-phone-home", "boot/vmlinuz", "opt/filler/big/000.bin"]
+    {
         assert!(paths.contains(p), "{p} missing");
     }
     let (again, m2) = build(&dir.path().join("b"));
@@ -261,7 +315,14 @@ fn test_os_build_is_reproducible() {
 #[test]
 fn missing_kernel_says_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = hammer::HammerOptions { kernel_dir: dir.path().to_path_buf(), hammer_bin: "/bin/true".into(), out: dir.path().join("o"), extra_modules: vec![], zstd_level: 1, ca_files: vec![] };
+    let opts = hammer::HammerOptions {
+        kernel_dir: dir.path().to_path_buf(),
+        hammer_bin: "/bin/true".into(),
+        out: dir.path().join("o"),
+        extra_modules: vec![],
+        zstd_level: 1,
+        ca_files: vec![],
+    };
     let err = hammer::build(&opts).unwrap_err().to_string();
     assert!(err.contains("image-builder kernel --cache"), "{err}");
 }
@@ -284,7 +345,14 @@ fn full_disk_names_the_path() {
     let mount = Mount(dir);
     let (init, _) = common::hammer_init();
     let out = mount.0.path().join("hammer");
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: out.clone(), extra_modules: vec![], zstd_level: 1, ca_files: vec![] };
+    let opts = hammer::HammerOptions {
+        kernel_dir: common::kernel().root,
+        hammer_bin: init,
+        out: out.clone(),
+        extra_modules: vec![],
+        zstd_level: 1,
+        ca_files: vec![],
+    };
     let err = hammer::build(&opts).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, image_builder::Error::NoSpace { .. }), "{text}");

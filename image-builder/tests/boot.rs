@@ -42,14 +42,28 @@ fn test_os() -> &'static (tempfile::TempDir, PathBuf) {
 fn hammer_initramfs_boots_to_init() {
     let dir = tempfile::tempdir().unwrap();
     let (init, marker) = common::hammer_init();
-    let opts = hammer::HammerOptions { kernel_dir: common::kernel().root, hammer_bin: init, out: dir.path().to_path_buf(), extra_modules: vec![], zstd_level: 3, ca_files: vec![] };
+    let opts = hammer::HammerOptions {
+        kernel_dir: common::kernel().root,
+        hammer_bin: init,
+        out: dir.path().to_path_buf(),
+        extra_modules: vec![],
+        zstd_level: 3,
+        ca_files: vec![],
+    };
     hammer::build(&opts).unwrap();
     let p = |n: &str| dir.path().join(n).display().to_string();
     let args: Vec<String> = [
-        "-kernel", &p("vmlinuz"), "-initrd", &p("initrd.img"),
+        "-kernel",
+        &p("vmlinuz"),
+        "-initrd",
+        &p("initrd.img"),
         // An API address nothing answers on: metal-hammer gets through modules and network.
-        "-append", "console=ttyS0 panic=-1 metal.api=http://10.0.2.2:9 metal.token=t metal.partition=lab",
-        "-netdev", "user,id=n,restrict=on", "-device", "virtio-net-pci,netdev=n",
+        "-append",
+        "console=ttyS0 panic=-1 metal.api=http://10.0.2.2:9 metal.token=t metal.partition=lab",
+        "-netdev",
+        "user,id=n,restrict=on",
+        "-device",
+        "virtio-net-pci,netdev=n",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -85,7 +99,10 @@ fn disk(dir: &Path, provision: &Provision) -> PathBuf {
     fs::write(root.join("root/.ssh/authorized_keys"), format!("{KEY}\n")).unwrap();
     fs::write(
         root.join("etc/metal/userdata"),
-        format!("{{\"expect\": {{\"hostname\": \"{}\", \"ssh_key\": \"{KEY}\", \"userdata_marker\": \"marker-42\"}}}}\n", provision.expect_hostname),
+        format!(
+            "{{\"expect\": {{\"hostname\": \"{}\", \"ssh_key\": \"{KEY}\", \"userdata_marker\": \"marker-42\"}}}}\n",
+            provision.expect_hostname
+        ),
     )
     .unwrap();
     fs::write(
@@ -94,7 +111,13 @@ fn disk(dir: &Path, provision: &Provision) -> PathBuf {
     )
     .unwrap();
     let img = dir.join("disk.img");
-    let out = Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-U", ROOT_UUID, "-d"]).arg(&root).arg(&img).arg("96M").output().unwrap();
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-U", ROOT_UUID, "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("96M")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "mke2fs: {}", String::from_utf8_lossy(&out.stderr));
     img
 }
@@ -165,7 +188,8 @@ fn test_os_phones_home() {
         String::from_utf8(got).unwrap()
     });
     let dir = tempfile::tempdir().unwrap();
-    let p = Provision { hostname: "web-1", expect_hostname: "web-1", phone_home_url: "http://10.0.2.100:8080/v1/agent/phone-home" };
+    let p =
+        Provision { hostname: "web-1", expect_hostname: "web-1", phone_home_url: "http://10.0.2.100:8080/v1/agent/phone-home" };
     let mut vm = boot_test_os(dir.path(), &p, &format!(",guestfwd=tcp:10.0.2.100:8080-tcp:127.0.0.1:{port}"));
     let deadline = Instant::now() + Duration::from_secs(240);
     let line = vm.wait_for_any(&["PHONE-HOME status="], deadline);

@@ -30,7 +30,11 @@ fn fresh_cache_then_idempotent() {
     let again = kernel::ensure(cache.path(), "linux-image-amd64").unwrap();
     assert_eq!(again, k);
     assert!(started.elapsed() < Duration::from_secs(20));
-    assert_eq!(fs::metadata(k.modules_dir().join("modules.dep")).unwrap().modified().unwrap(), stamp, "second run redid the work");
+    assert_eq!(
+        fs::metadata(k.modules_dir().join("modules.dep")).unwrap().modified().unwrap(),
+        stamp,
+        "second run redid the work"
+    );
 }
 
 fn image_builder() -> Command {

@@ -57,7 +57,11 @@ fn source() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         fs::create_dir_all(&root).unwrap();
         assert!(Command::new("tar").arg("--zstd").arg("-xpf").arg(&tar).arg("-C").arg(&root).status().unwrap().success());
         // `os` resets the hostname to localhost; the raw image's fstab names its root by UUID.
-        fs::write(root.join("etc/metal/userdata"), "{\"expect\": {\"hostname\": \"localhost\", \"userdata_marker\": \"raw-disk\"}}\n").unwrap();
+        fs::write(
+            root.join("etc/metal/userdata"),
+            "{\"expect\": {\"hostname\": \"localhost\", \"userdata_marker\": \"raw-disk\"}}\n",
+        )
+        .unwrap();
         (dir, tar, root)
     })
 }
@@ -100,7 +104,11 @@ fn os_images_are_reproducible() {
     let fa = build_from_dir(a.path());
     let fb = build_from_dir(b.path());
     for (x, y) in fa.iter().zip(&fb) {
-        assert!(fs::read(x).unwrap() == fs::read(y).unwrap(), "{} differs between builds", x.file_name().unwrap().to_string_lossy());
+        assert!(
+            fs::read(x).unwrap() == fs::read(y).unwrap(),
+            "{} differs between builds",
+            x.file_name().unwrap().to_string_lossy()
+        );
     }
 }
 
@@ -195,7 +203,13 @@ fn debian_image_builds_and_boots() {
     fs::write(&root_img, &disk[start..end]).unwrap();
     let config = out.path().join("phone-home.json");
     fs::write(&config, "{\"url\": \"http://10.0.2.100:8080/v1/agent/phone-home\", \"token\": \"t0k\", \"machine\": \"0e3b3a52-3f5e-4b8e-a0a5-6b0c3f9d2e11\"}\n").unwrap();
-    let st = Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} /etc/metal/phone-home.json", config.display())).arg(&root_img).output().unwrap();
+    let st = Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} /etc/metal/phone-home.json", config.display()))
+        .arg(&root_img)
+        .output()
+        .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     disk[start..end].copy_from_slice(&fs::read(&root_img).unwrap());
     fs::write(&raw, disk).unwrap();
@@ -227,5 +241,5 @@ fn debian_image_builds_and_boots() {
     }
     assert!(server.join().unwrap().contains("Authorization: Bearer t0k"));
     let log = vm.log.join("\n");
-    assert!(!log.contains("Failed to start") , "a unit failed:\n{log}");
+    assert!(!log.contains("Failed to start"), "a unit failed:\n{log}");
 }

@@ -32,7 +32,11 @@ fn metal_api_bin() -> PathBuf {
     let bin = target.join("debug/metal-api");
     if !bin.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo).args(["build", "-p", "metal-api", "--bin", "metal-api"]).current_dir(common::workspace()).status().unwrap();
+        let st = Command::new(cargo)
+            .args(["build", "-p", "metal-api", "--bin", "metal-api"])
+            .current_dir(common::workspace())
+            .status()
+            .unwrap();
         assert!(st.success(), "cargo build -p metal-api failed");
     }
     bin
@@ -53,7 +57,9 @@ fn start_api() -> Api {
     // Owned by `Api` from here on, so a failed start still kills it.
     let mut api = Api { child, url: String::new(), _dir: dir };
     let (tx, rx) = mpsc::channel();
-    for s in [Box::new(api.child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(api.child.stderr.take().unwrap())] {
+    for s in
+        [Box::new(api.child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(api.child.stderr.take().unwrap())]
+    {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
@@ -68,7 +74,11 @@ fn start_api() -> Api {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("metal-api did not say `listening on`:\n{}", log.join("\n")));
         if let Some(addr) = line.split("listening on ").nth(1) {
-            let addr = addr.split_whitespace().next().unwrap().trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != ':');
+            let addr = addr
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != ':');
             api.url = format!("http://{addr}");
             return api;
         }

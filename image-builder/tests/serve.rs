@@ -131,7 +131,14 @@ fn serves_files_ranges_and_head() {
 fn traversal_is_refused() {
     let srv = start(b"image");
     assert!(srv.dir.path().join("secret").is_file());
-    for target in ["/../secret", "/%2e%2e/secret", "/%2E%2E%2fsecret", "/./../secret", "/escape", &format!("/{}", srv.dir.path().join("secret").display())] {
+    for target in [
+        "/../secret",
+        "/%2e%2e/secret",
+        "/%2E%2E%2fsecret",
+        "/./../secret",
+        "/escape",
+        &format!("/{}", srv.dir.path().join("secret").display()),
+    ] {
         let r = request(&srv.addr, "GET", target, "");
         assert!(matches!(r.status, 403 | 404), "{target}: {}", r.status);
         assert!(!String::from_utf8_lossy(&r.body).contains("SECRET"), "{target}");

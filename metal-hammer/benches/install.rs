@@ -12,8 +12,8 @@ use std::time::Instant;
 use metal_hammer::install::{install, testing::ImageServer, Progress};
 use metal_hammer::sys::{LinuxSys, Sys};
 use metal_types::{
-    AllocationId, Filesystem, FilesystemLayout, FsKind, GptPartition, GptType, Image, ImageFormat, ImageManifest, InstallInstructions,
-    LayoutDisk, MachineId, PhoneHomeConfig,
+    AllocationId, Filesystem, FilesystemLayout, FsKind, GptPartition, GptType, Image, ImageFormat, ImageManifest,
+    InstallInstructions, LayoutDisk, MachineId, PhoneHomeConfig,
 };
 
 fn main() {
@@ -29,7 +29,10 @@ fn main() {
 
 /// Only download + SHA-256 + zstd, into nothing.
 fn fetch(url: &str, size: u64) {
-    use metal_hammer::install::{decode::Decoded, fetch::{Download, FetchOptions}};
+    use metal_hammer::install::{
+        decode::Decoded,
+        fetch::{Download, FetchOptions},
+    };
     let start = Instant::now();
     let dl = Download::start(url, size, FetchOptions::default()).expect("start");
     let mut decoded = Decoded::start(dl).expect("zstd");
@@ -83,8 +86,17 @@ fn run(a: &[String]) {
         layout: FilesystemLayout {
             id: "bench".into(),
             description: String::new(),
-            disks: vec![LayoutDisk { device: "first".into(), partitions: vec![GptPartition { number: 1, label: "root".into(), size_mib: 0, gpt_type: GptType::Linux }] }],
-            filesystems: vec![Filesystem { source: "first:1".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: None, options: None }],
+            disks: vec![LayoutDisk {
+                device: "first".into(),
+                partitions: vec![GptPartition { number: 1, label: "root".into(), size_mib: 0, gpt_type: GptType::Linux }],
+            }],
+            filesystems: vec![Filesystem {
+                source: "first:1".into(),
+                kind: FsKind::Ext4,
+                mount: Some("/".into()),
+                label: None,
+                options: None,
+            }],
             sizes: vec![],
             images: vec![],
         },
@@ -95,14 +107,12 @@ fn run(a: &[String]) {
     let mount_root = PathBuf::from(mount_root);
     let start = Instant::now();
     let mut written = 0;
-    let r = install(&LinuxSys, &instr, &[PathBuf::from(device)], &mount_root, &mut |p| {
-        match p {
-            Progress::Stream(s) => written = s.written,
-            Progress::Stage { stage, status, .. } if std::env::var_os("BENCH_STAGES").is_some() => {
-                eprintln!("{:8.3}s {} {}", start.elapsed().as_secs_f64(), stage.as_str(), status.as_str())
-            }
-            _ => {}
+    let r = install(&LinuxSys, &instr, &[PathBuf::from(device)], &mount_root, &mut |p| match p {
+        Progress::Stream(s) => written = s.written,
+        Progress::Stage { stage, status, .. } if std::env::var_os("BENCH_STAGES").is_some() => {
+            eprintln!("{:8.3}s {} {}", start.elapsed().as_secs_f64(), stage.as_str(), status.as_str())
         }
+        _ => {}
     });
     if let Err(e) = r {
         let mut msg = e.to_string();

@@ -9,11 +9,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use metal_client::http::Options;
+use metal_client::tls::Roots;
 use metal_types::{
     EventBatch, EventReport, InstallInstructions, InstallReport, ProvisioningEvent, RegisterRequest, RegisterResponse, WipeReport,
 };
-use metal_client::http::Options;
-use metal_client::tls::Roots;
 use reqwest::StatusCode;
 
 use crate::tls::Trust;
@@ -35,7 +35,9 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Http { .. } => true,
-            ApiError::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS || *status == StatusCode::REQUEST_TIMEOUT,
+            ApiError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS || *status == StatusCode::REQUEST_TIMEOUT
+            }
             _ => false,
         }
     }
@@ -176,14 +178,28 @@ impl ApiClient {
     pub async fn wipe_report(&self, report: &WipeReport) -> Result<(), ApiError> {
         const ROUTE: &str = "wipe-report";
         let cred = self.credential(ROUTE)?;
-        let resp = self.http.post(format!("{}/v1/agent/wipe-report", self.base)).bearer_auth(cred).timeout(Duration::from_secs(15)).json(report).send().await;
+        let resp = self
+            .http
+            .post(format!("{}/v1/agent/wipe-report", self.base))
+            .bearer_auth(cred)
+            .timeout(Duration::from_secs(15))
+            .json(report)
+            .send()
+            .await;
         Self::check(ROUTE, resp).await.map(|_| ())
     }
 
     pub async fn install_report(&self, report: &InstallReport) -> Result<(), ApiError> {
         const ROUTE: &str = "install-report";
         let cred = self.credential(ROUTE)?;
-        let resp = self.http.post(format!("{}/v1/agent/install-report", self.base)).bearer_auth(cred).timeout(Duration::from_secs(15)).json(report).send().await;
+        let resp = self
+            .http
+            .post(format!("{}/v1/agent/install-report", self.base))
+            .bearer_auth(cred)
+            .timeout(Duration::from_secs(15))
+            .json(report)
+            .send()
+            .await;
         Self::check(ROUTE, resp).await.map(|_| ())
     }
 
@@ -280,7 +296,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::generate("hammer test CA").unwrap();
         let server = ca.server_cert(&["127.0.0.1"]).unwrap();
-        let base = testing_https::serve(&server, "{\"machine\":\"00000000-0000-4000-8000-000000000001\",\"size\":\"s\",\"credential\":\"mch_x\"}");
+        let base = testing_https::serve(
+            &server,
+            "{\"machine\":\"00000000-0000-4000-8000-000000000001\",\"size\":\"s\",\"credential\":\"mch_x\"}",
+        );
         let files = Trust::files_under(dir.path());
         std::fs::create_dir_all(files[1].parent().unwrap()).unwrap();
         std::fs::write(&files[1], &ca.cert_pem).unwrap();
@@ -305,7 +324,8 @@ mod testing_https {
     /// Answers each request with 200 and `body`; returns `https://127.0.0.1:<port>`.
     pub fn serve(cert: &metal_client::ca::ServerCert, body: &'static str) -> String {
         use rustls::pki_types::pem::PemObject;
-        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let chain =
+            rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(metal_client::tls::provider())
             .with_safe_default_protocol_versions()
@@ -326,7 +346,11 @@ mod testing_https {
                 let complete = |got: &[u8]| {
                     let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
                     let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
                     got.len() >= end + 4 + len
                 };
                 while !complete(&got) {

@@ -28,7 +28,18 @@ impl Status {
 pub fn render_marker(stage: &str, status: Status, fields: &[(&str, &str)]) -> String {
     let mut line = format!("{} stage={stage} status={}", metal_types::HAMMER_MARKER, status.as_str());
     for (k, v) in fields {
-        let clean: String = v.chars().map(|c| if c == '"' { '\'' } else if c.is_control() { ' ' } else { c }).collect();
+        let clean: String = v
+            .chars()
+            .map(|c| {
+                if c == '"' {
+                    '\''
+                } else if c.is_control() {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
         if clean.is_empty() || clean.chars().any(|c| c.is_whitespace() || c == '\'') {
             let _ = write!(line, " {k}=\"{clean}\"");
         } else {

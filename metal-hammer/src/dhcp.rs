@@ -56,7 +56,14 @@ pub fn client_machine_id(uuid: &uuid::Uuid) -> Vec<u8> {
 }
 
 fn base(mac: [u8; 6], xid: u32, uuid: &uuid::Uuid, kind: MessageType) -> Message {
-    let mut m = Message::new_with_id(xid, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+    let mut m = Message::new_with_id(
+        xid,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac,
+    );
     m.set_flags(Flags::default().set_broadcast());
     let opts = m.opts_mut();
     opts.insert(DhcpOption::MessageType(kind));
@@ -217,15 +224,8 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6]) -> Option<(MessageType,
         Some(DhcpOption::AddressLeaseTime(t)) => *t,
         _ => 3600,
     };
-    let lease = Lease {
-        address: m.yiaddr(),
-        prefix_len: u32::from(mask).count_ones() as u8,
-        router,
-        dns,
-        domain,
-        server,
-        lease_seconds,
-    };
+    let lease =
+        Lease { address: m.yiaddr(), prefix_len: u32::from(mask).count_ones() as u8, router, dns, domain, server, lease_seconds };
     Some((kind, lease))
 }
 
@@ -260,7 +260,9 @@ fn client_socket(interface: &str) -> std::io::Result<UdpSocket> {
         sin_zero: [0; 8],
     };
     // SAFETY: addr is a valid sockaddr_in of the given length.
-    let rc = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t) };
+    let rc = unsafe {
+        libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -288,7 +290,14 @@ pub fn accepts(waiting: Waiting, kind: MessageType, lease: &Lease) -> bool {
 
 /// Sends `packet` every second until a reply that [`accepts`] takes comes or `timeout`
 /// passes. Other replies are logged and ignored.
-fn exchange(sock: &UdpSocket, packet: &[u8], xid: u32, mac: [u8; 6], waiting: Waiting, timeout: Duration) -> std::io::Result<Option<(MessageType, Lease)>> {
+fn exchange(
+    sock: &UdpSocket,
+    packet: &[u8],
+    xid: u32,
+    mac: [u8; 6],
+    waiting: Waiting,
+    timeout: Duration,
+) -> std::io::Result<Option<(MessageType, Lease)>> {
     let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, v4::SERVER_PORT);
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 1500];
@@ -315,7 +324,11 @@ fn exchange(sock: &UdpSocket, packet: &[u8], xid: u32, mac: [u8; 6], waiting: Wa
                         }
                     }
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -348,7 +361,13 @@ pub fn obtain_lease(interface: &str, mac: [u8; 6], uuid: &uuid::Uuid, timeout: D
 
 /// Renews `lease` on `interface`: the new lease on an ACK from the server that gave it, an
 /// error on its NAK or on silence (replies from other servers are ignored).
-pub fn renew_lease(interface: &str, mac: [u8; 6], uuid: &uuid::Uuid, lease: &Lease, timeout: Duration) -> Result<Lease, DhcpError> {
+pub fn renew_lease(
+    interface: &str,
+    mac: [u8; 6],
+    uuid: &uuid::Uuid,
+    lease: &Lease,
+    timeout: Duration,
+) -> Result<Lease, DhcpError> {
     let sock_err = |source| DhcpError::Socket { interface: interface.to_string(), source };
     let sock = client_socket(interface).map_err(sock_err)?;
     let xid = rand_xid(mac);
@@ -408,7 +427,14 @@ mod tests {
     }
 
     fn server_reply(kind: MessageType, xid: u32, mac: [u8; 6]) -> Vec<u8> {
-        let mut m = Message::new_with_id(xid, Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(10, 99, 0, 150), Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::UNSPECIFIED, &mac);
+        let mut m = Message::new_with_id(
+            xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(10, 99, 0, 150),
+            Ipv4Addr::new(10, 99, 0, 1),
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
         m.set_opcode(v4::Opcode::BootReply);
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(kind));
@@ -485,7 +511,15 @@ mod tests {
         // Option 81 (client FQDN) of length 1 and option 151 (status code) of length 0: dhcproto
         // computes `len - 3` / `len - 1` on them; 80 (rapid commit) must be empty; 53 and 54
         // repeated would be joined into an invalid length.
-        for opt in [&[81u8, 1, 0][..], &[151, 0], &[80, 1, 0], &[94, 1, 1], &[152, 1, 0], &[53, 1, 5, 53, 1, 5], &[54, 4, 10, 99, 0, 1, 54, 4, 10, 99, 0, 1]] {
+        for opt in [
+            &[81u8, 1, 0][..],
+            &[151, 0],
+            &[80, 1, 0],
+            &[94, 1, 1],
+            &[152, 1, 0],
+            &[53, 1, 5, 53, 1, 5],
+            &[54, 4, 10, 99, 0, 1, 54, 4, 10, 99, 0, 1],
+        ] {
             let mut bytes = server_reply(MessageType::Ack, 7, MAC);
             let end = bytes.iter().rposition(|&b| b == 255).unwrap();
             bytes.splice(end..end, opt.iter().copied());
@@ -494,7 +528,15 @@ mod tests {
     }
 
     fn lease_from(server: [u8; 4]) -> Lease {
-        Lease { address: Ipv4Addr::new(10, 99, 0, 150), prefix_len: 24, router: None, dns: vec![], domain: None, server: server.into(), lease_seconds: 600 }
+        Lease {
+            address: Ipv4Addr::new(10, 99, 0, 150),
+            prefix_len: 24,
+            router: None,
+            dns: vec![],
+            domain: None,
+            server: server.into(),
+            lease_seconds: 600,
+        }
     }
 
     #[test]

@@ -131,7 +131,13 @@ where
     (err, api_slot)
 }
 
-async fn run_inner<I>(sys: &dyn Sys, paths: &Paths, cmdline: &str, install: I, api_slot: &mut Option<ApiClient>) -> Result<std::convert::Infallible, StageError>
+async fn run_inner<I>(
+    sys: &dyn Sys,
+    paths: &Paths,
+    cmdline: &str,
+    install: I,
+    api_slot: &mut Option<ApiClient>,
+) -> Result<std::convert::Infallible, StageError>
 where
     I: AsyncFnOnce(&dyn Sys, &InstallInstructions, &[PathBuf], &Path) -> Result<BootInfo, BoxError>,
 {
@@ -161,7 +167,11 @@ where
         Ok::<_, BoxError>(summary)
     })
     .await?;
-    marker("modules", Status::Ok, &[("loaded", &summary.loaded.len().to_string()), ("failed", &summary.failed.len().to_string())]);
+    marker(
+        "modules",
+        Status::Ok,
+        &[("loaded", &summary.loaded.len().to_string()), ("failed", &summary.failed.len().to_string())],
+    );
 
     // Network: DHCP needs our UUID (option 97) before the full inventory.
     let sysfs = paths.root.join("sys");
@@ -171,10 +181,20 @@ where
     let dhcp_timeout = tun.dhcp_timeout;
     let uuid = machine.map(|m| m.0).unwrap_or_default();
     let configured = stage("network", async move {
-        tokio::task::spawn_blocking(move || net::bring_up(&root, &uuid, dhcp_timeout)).await.map_err(blocking_err)?.map_err(Into::into)
+        tokio::task::spawn_blocking(move || net::bring_up(&root, &uuid, dhcp_timeout))
+            .await
+            .map_err(blocking_err)?
+            .map_err(Into::into)
     })
     .await?;
-    marker("network", Status::Ok, &[("interface", &configured.interface), ("address", &format!("{}/{}", configured.lease.address, configured.lease.prefix_len))]);
+    marker(
+        "network",
+        Status::Ok,
+        &[
+            ("interface", &configured.interface),
+            ("address", &format!("{}/{}", configured.lease.address, configured.lease.prefix_len)),
+        ],
+    );
     let lease = net::keep_lease(paths.root.clone(), uuid, configured.clone());
 
     // Inventory, with LLDP neighbours heard within metal.lldp seconds.
@@ -183,7 +203,8 @@ where
         tokio::task::spawn_blocking(move || -> Result<metal_types::Inventory, BoxError> {
             let mut inv = inventory::collect(&root, &[])?;
             if lldp_s > 0 {
-                let ifaces: Vec<(String, i32)> = inv.nics.iter().filter_map(|n| Some((n.name.clone(), net::ifindex(&n.name)?))).collect();
+                let ifaces: Vec<(String, i32)> =
+                    inv.nics.iter().filter_map(|n| Some((n.name.clone(), net::ifindex(&n.name)?))).collect();
                 match lldp::listen(&ifaces, Duration::from_secs(lldp_s.into())) {
                     Ok(n) => inv.lldp = n,
                     Err(e) => crate::log!("LLDP: {e}"),
@@ -195,7 +216,11 @@ where
         .map_err(blocking_err)?
     })
     .await?;
-    marker("inventory", Status::Ok, &[("uuid", &inv.uuid.to_string()), ("disks", &inv.disks.len().to_string()), ("nics", &inv.nics.len().to_string())]);
+    marker(
+        "inventory",
+        Status::Ok,
+        &[("uuid", &inv.uuid.to_string()), ("disks", &inv.disks.len().to_string()), ("nics", &inv.nics.len().to_string())],
+    );
 
     // Register with the enrolment token; events queue up until we hold the credential.
     let trust = crate::tls::Trust::load(&paths.ca_files).map_err(|e| stage_err("register")(e.into()))?;
@@ -215,18 +240,30 @@ where
     marker("register", Status::Ok, &[("machine", &reg.machine.to_string()), ("size", &reg.size)]);
 
     // Wipe every disk, in parallel.
-    let targets: Vec<wipe::WipeTarget> = inv.disks.iter().map(|d| wipe::WipeTarget { path: PathBuf::from("/dev").join(&d.name), size_bytes: d.size_bytes }).collect();
+    let targets: Vec<wipe::WipeTarget> = inv
+        .disks
+        .iter()
+        .map(|d| wipe::WipeTarget { path: PathBuf::from("/dev").join(&d.name), size_bytes: d.size_bytes })
+        .collect();
     let wiped = stage("wipe", while_leased(&lease, wipe_blocking(sys, targets))).await?;
     let methods: Vec<String> = wiped.iter().map(|w| format!("{}:{}:{}ms", w.disk, w.method, w.duration_ms)).collect();
     marker("wipe", Status::Ok, &[("disks", &methods.join(","))]);
     let report = WipeReport { disks: wiped };
-    api.retry("wipe-report", tun.register_timeout.max(Duration::from_secs(300)), Duration::from_secs(10), || api.wipe_report(&report))
-        .await
-        .map_err(|e| stage_err("wipe")(e.into()))?;
+    api.retry("wipe-report", tun.register_timeout.max(Duration::from_secs(300)), Duration::from_secs(10), || {
+        api.wipe_report(&report)
+    })
+    .await
+    .map_err(|e| stage_err("wipe")(e.into()))?;
 
     // Warm pool: Waiting, then long-poll for an allocation.
     api.event(ProvisioningEvent::Waiting, "");
-    let instr = stage("wait", while_leased(&lease, async { Ok::<_, BoxError>(api.wait_for_instructions(tun.wait_timeout_s, Duration::from_secs(10)).await?) })).await?;
+    let instr = stage(
+        "wait",
+        while_leased(&lease, async {
+            Ok::<_, BoxError>(api.wait_for_instructions(tun.wait_timeout_s, Duration::from_secs(10)).await?)
+        }),
+    )
+    .await?;
     marker("wait", Status::Ok, &[("allocation", &instr.allocation.to_string()), ("image", &instr.image.id)]);
 
     let disks = inventory::install_targets(&paths.root, &inv.disks);
@@ -237,7 +274,10 @@ where
 
 /// Runs `work` unless the DHCP lease is (or gets) lost first: then that is the stage's error,
 /// and the flow ends in [`fatal`] (a reboot, a fresh lease) instead of going on without one.
-async fn while_leased<T>(lease: &net::LeaseKeeper, work: impl std::future::Future<Output = Result<T, BoxError>>) -> Result<T, BoxError> {
+async fn while_leased<T>(
+    lease: &net::LeaseKeeper,
+    work: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
     lease.check()?;
     tokio::select! {
         r = work => r,
@@ -259,20 +299,33 @@ async fn wipe_blocking(sys: &dyn Sys, targets: Vec<wipe::WipeTarget>) -> Result<
 
 /// Install, report, and kexec into the installed kernel. No kexec unless the install
 /// succeeded; a failed install is reported (`success: false`) and returned as an error.
-pub async fn install_and_boot<I>(sys: &dyn Sys, api: &ApiClient, instr: &InstallInstructions, disks: &[PathBuf], mount_root: &Path, install: I) -> Result<(), StageError>
+pub async fn install_and_boot<I>(
+    sys: &dyn Sys,
+    api: &ApiClient,
+    instr: &InstallInstructions,
+    disks: &[PathBuf],
+    mount_root: &Path,
+    install: I,
+) -> Result<(), StageError>
 where
     I: AsyncFnOnce(&dyn Sys, &InstallInstructions, &[PathBuf], &Path) -> Result<BootInfo, BoxError>,
 {
-    api.event(ProvisioningEvent::Installing, format!("image {} on {}", instr.image.id, disks.first().map(|d| d.display().to_string()).unwrap_or_default()));
+    api.event(
+        ProvisioningEvent::Installing,
+        format!("image {} on {}", instr.image.id, disks.first().map(|d| d.display().to_string()).unwrap_or_default()),
+    );
     if let Err(e) = api.flush().await {
         crate::log!("events: {} (kept, sent later)", chain(&e));
     }
     let result = install(sys, instr, disks, mount_root).await;
     let report = match &result {
-        Ok(boot) => InstallReport { allocation: instr.allocation, success: true, message: String::new(), boot: Some(boot.clone()) },
+        Ok(boot) => {
+            InstallReport { allocation: instr.allocation, success: true, message: String::new(), boot: Some(boot.clone()) }
+        }
         Err(e) => InstallReport { allocation: instr.allocation, success: false, message: chain(e.as_ref()), boot: None },
     };
-    let reported = api.retry("install-report", Duration::from_secs(60), Duration::from_secs(10), || api.install_report(&report)).await;
+    let reported =
+        api.retry("install-report", Duration::from_secs(60), Duration::from_secs(10), || api.install_report(&report)).await;
     let boot = result.map_err(stage_err("install"))?;
     reported.map_err(|e| stage_err("install")(e.into()))?;
 
@@ -438,7 +491,12 @@ mod tests {
     }
 
     fn boot_info() -> BootInfo {
-        BootInfo { root_uuid: "u".into(), kernel: "/mnt/target/boot/vmlinuz".into(), initrd: "/mnt/target/boot/initrd.img".into(), cmdline: "root=UUID=u console=ttyS0".into() }
+        BootInfo {
+            root_uuid: "u".into(),
+            kernel: "/mnt/target/boot/vmlinuz".into(),
+            initrd: "/mnt/target/boot/initrd.img".into(),
+            cmdline: "root=UUID=u console=ttyS0".into(),
+        }
     }
 
     #[tokio::test]
@@ -446,9 +504,16 @@ mod tests {
         let seen = Seen::default();
         let api = registered(&fake_api(seen.clone(), 0).await).await;
         let sys = RecordingSys::new();
-        let err = install_and_boot(&sys, &api, &instructions(), &[PathBuf::from("/dev/vda")], Path::new("/mnt/target"), async |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> {
-            Err("checksum mismatch".into())
-        })
+        let err = install_and_boot(
+            &sys,
+            &api,
+            &instructions(),
+            &[PathBuf::from("/dev/vda")],
+            Path::new("/mnt/target"),
+            async |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> {
+                Err("checksum mismatch".into())
+            },
+        )
         .await
         .unwrap_err();
         assert_eq!(err.stage, "install");
@@ -461,20 +526,34 @@ mod tests {
         let seen = Seen::default();
         let api = registered(&fake_api(seen.clone(), 0).await).await;
         let sys = RecordingSys::new();
-        install_and_boot(&sys, &api, &instructions(), &[PathBuf::from("/dev/vda")], Path::new("/nonexistent-mount-root"), async |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> {
-            Ok(boot_info())
-        })
+        install_and_boot(
+            &sys,
+            &api,
+            &instructions(),
+            &[PathBuf::from("/dev/vda")],
+            Path::new("/nonexistent-mount-root"),
+            async |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> {
+                Ok(boot_info())
+            },
+        )
         .await
         .unwrap();
         assert_eq!(
             sys.calls(),
             vec![
-                Call::KexecLoad { kernel: "/mnt/target/boot/vmlinuz".into(), initrd: Some("/mnt/target/boot/initrd.img".into()), cmdline: "root=UUID=u console=ttyS0".into() },
+                Call::KexecLoad {
+                    kernel: "/mnt/target/boot/vmlinuz".into(),
+                    initrd: Some("/mnt/target/boot/initrd.img".into()),
+                    cmdline: "root=UUID=u console=ttyS0".into()
+                },
                 Call::Sync,
                 Call::KexecReboot,
             ]
         );
-        assert_eq!(seen.all(), vec!["register lab", "event Installing", "install-report success=true", "event Booting New Kernel"]);
+        assert_eq!(
+            seen.all(),
+            vec!["register lab", "event Installing", "install-report success=true", "event Booting New Kernel"]
+        );
     }
 
     #[tokio::test]
@@ -485,13 +564,25 @@ mod tests {
         sys.fail_when(|c| matches!(c, Call::KexecLoad { .. }));
         let mut b = boot_info();
         b.initrd.clear();
-        let err = install_and_boot(&sys, &api, &instructions(), &[], Path::new("/nonexistent"), async move |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> {
-            Ok(b)
-        })
+        let err = install_and_boot(
+            &sys,
+            &api,
+            &instructions(),
+            &[],
+            Path::new("/nonexistent"),
+            async move |_: &dyn Sys, _: &InstallInstructions, _: &[PathBuf], _: &Path| -> Result<BootInfo, BoxError> { Ok(b) },
+        )
         .await
         .unwrap_err();
         assert_eq!(err.stage, "kexec");
-        assert_eq!(sys.calls(), vec![Call::KexecLoad { kernel: "/mnt/target/boot/vmlinuz".into(), initrd: None, cmdline: "root=UUID=u console=ttyS0".into() }]);
+        assert_eq!(
+            sys.calls(),
+            vec![Call::KexecLoad {
+                kernel: "/mnt/target/boot/vmlinuz".into(),
+                initrd: None,
+                cmdline: "root=UUID=u console=ttyS0".into()
+            }]
+        );
     }
 
     #[tokio::test]
@@ -542,7 +633,10 @@ mod tests {
             serve_fake_api(listener, seen2, 0);
         });
         let start = std::time::Instant::now();
-        let instr = tokio::time::timeout(Duration::from_secs(20), moved.wait_for_instructions(1, Duration::from_millis(400))).await.expect("came back").unwrap();
+        let instr = tokio::time::timeout(Duration::from_secs(20), moved.wait_for_instructions(1, Duration::from_millis(400)))
+            .await
+            .expect("came back")
+            .unwrap();
         assert!(start.elapsed() >= Duration::from_millis(1200));
         assert_eq!(instr.hostname, "web-1");
         assert_eq!(seen.all(), vec!["register lab", "event Waiting", "wait"]);
@@ -571,7 +665,12 @@ mod tests {
     }
 
     fn fake_paths(root: &Path) -> Paths {
-        Paths { root: root.into(), modules_dir: root.join("lib/modules/test"), mount_root: root.join("mnt/target"), ca_files: vec![root.join("none")] }
+        Paths {
+            root: root.into(),
+            modules_dir: root.join("lib/modules/test"),
+            mount_root: root.join("mnt/target"),
+            ca_files: vec![root.join("none")],
+        }
     }
 
     #[tokio::test]
@@ -600,9 +699,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_lease_ends_the_stage_that_waits() {
-        let lease = net::LeaseKeeper::supervise("eth0".into(), net::Restarts { max: 1, delay: Duration::ZERO }, || panic!("injected renewer bug"));
+        let lease = net::LeaseKeeper::supervise("eth0".into(), net::Restarts { max: 1, delay: Duration::ZERO }, || {
+            panic!("injected renewer bug")
+        });
         let waiting = while_leased(&lease, async { std::future::pending::<Result<(), BoxError>>().await });
-        let err = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the wait notices the lost lease").unwrap_err();
+        let err =
+            tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the wait notices the lost lease").unwrap_err();
         assert!(err.to_string().contains("lease on eth0") && err.to_string().contains("injected renewer bug"), "{err}");
         // And a stage that starts afterwards fails at once.
         assert!(while_leased(&lease, async { Ok(()) }).await.is_err());

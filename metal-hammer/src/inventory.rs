@@ -281,7 +281,8 @@ mod tests {
         write(r, &format!("{eth}/speed"), "-1\n");
         fs::create_dir_all(r.join("sys/bus/virtio/drivers/virtio_net")).unwrap();
         symlink(r.join("sys/devices/pci0000:00/0000:00:03.0/virtio0"), r.join(format!("{eth}/device"))).unwrap();
-        symlink(r.join("sys/bus/virtio/drivers/virtio_net"), r.join("sys/devices/pci0000:00/0000:00:03.0/virtio0/driver")).unwrap();
+        symlink(r.join("sys/bus/virtio/drivers/virtio_net"), r.join("sys/devices/pci0000:00/0000:00:03.0/virtio0/driver"))
+            .unwrap();
         write(r, "sys/devices/virtual/net/lo/address", "00:00:00:00:00:00\n");
         fs::create_dir_all(r.join("sys/class/net")).unwrap();
         symlink(r.join(eth), r.join("sys/class/net/eth0")).unwrap();
@@ -302,10 +303,16 @@ mod tests {
         assert_eq!(inv.disks.len(), 2, "{:?}", inv.disks);
         let nvme = &inv.disks[0];
         assert_eq!((nvme.name.as_str(), nvme.size_bytes, nvme.bus.as_str()), ("nvme0n1", 4194304 * 512, "nvme"));
-        assert_eq!((nvme.model.as_str(), nvme.serial.as_str(), nvme.wwn.as_str()), ("QEMU NVMe Ctrl", "nvme-serial", "eui.0011223344556677"));
+        assert_eq!(
+            (nvme.model.as_str(), nvme.serial.as_str(), nvme.wwn.as_str()),
+            ("QEMU NVMe Ctrl", "nvme-serial", "eui.0011223344556677")
+        );
         assert_eq!((nvme.logical_sector_size, nvme.rotational), (4096, false));
         let vda = &inv.disks[1];
-        assert_eq!((vda.name.as_str(), vda.bus.as_str(), vda.serial.as_str(), vda.rotational), ("vda", "virtio", "disk-one", true));
+        assert_eq!(
+            (vda.name.as_str(), vda.bus.as_str(), vda.serial.as_str(), vda.rotational),
+            ("vda", "virtio", "disk-one", true)
+        );
         assert_eq!((vda.logical_sector_size, vda.physical_sector_size), (512, 4096));
         assert_eq!(inv.nics.len(), 1);
         let nic = &inv.nics[0];

@@ -95,14 +95,27 @@ pub fn listen(interfaces: &[(String, i32)], window: Duration) -> std::io::Result
         let tv = libc::timeval { tv_sec: left.as_secs() as _, tv_usec: left.subsec_micros().max(1) as _ };
         // SAFETY: the option value is a timeval of the given size.
         unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
         }
         // SAFETY: sockaddr_ll is plain data.
         let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
         // SAFETY: buf and from are valid for the lengths given.
         let n = unsafe {
-            libc::recvfrom(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_ll).cast(), &mut from_len)
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut from_len,
+            )
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -154,7 +167,12 @@ mod tests {
         let n = parse_frame("eth0", &f).unwrap();
         assert_eq!(
             n,
-            LldpNeighbor { interface: "eth0".into(), chassis_id: "00:1b:21:aa:bb:cc".into(), port_id: "Eth1/7".into(), system_name: "leaf-01.fra".into() }
+            LldpNeighbor {
+                interface: "eth0".into(),
+                chassis_id: "00:1b:21:aa:bb:cc".into(),
+                port_id: "Eth1/7".into(),
+                system_name: "leaf-01.fra".into()
+            }
         );
     }
 

@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use metal_hammer::flow::{self, BoxError, Paths};
+use metal_hammer::install::{InstallOptions, Progress, Stage, StageStatus};
 use metal_hammer::sys::{LinuxSys, Sys};
 use metal_hammer::{console, destructive_allowed, inventory, lldp, net, wipe};
-use metal_hammer::install::{InstallOptions, Progress, Stage, StageStatus};
 use metal_types::{BootInfo, InstallInstructions};
 
 #[derive(Parser)]
-#[command(name = "metal-hammer", version, about = "The in-machine agent of the bare-metal cloud. With no subcommand, as PID 1: the whole provisioning flow.")]
+#[command(
+    name = "metal-hammer",
+    version,
+    about = "The in-machine agent of the bare-metal cloud. With no subcommand, as PID 1: the whole provisioning flow."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -51,7 +55,12 @@ enum Command {
 /// The install step: [`metal_hammer::install::install_with`] on a blocking thread, its stage
 /// progress printed as console markers. Image URLs are verified against what metal-hammer
 /// trusts for the API, and that goes into the installed OS for phone-home.
-async fn run_install(sys: &dyn Sys, instr: &InstallInstructions, disks: &[PathBuf], mount_root: &Path) -> Result<BootInfo, BoxError> {
+async fn run_install(
+    sys: &dyn Sys,
+    instr: &InstallInstructions,
+    disks: &[PathBuf],
+    mount_root: &Path,
+) -> Result<BootInfo, BoxError> {
     let trust = metal_hammer::tls::Trust::load(&Paths::production().ca_files)?;
     let mut opts = InstallOptions { ca_pem: Some(trust.pem), ..Default::default() };
     opts.fetch.roots = metal_client::tls::Roots::Only(trust.certs);
@@ -159,7 +168,8 @@ fn subcommand(cmd: Command) -> Result<(), BoxError> {
         Command::Inventory { root, lldp: lldp_s } => {
             let mut inv = inventory::collect(&root, &[])?;
             if lldp_s > 0 {
-                let ifaces: Vec<(String, i32)> = inv.nics.iter().filter_map(|n| Some((n.name.clone(), net::ifindex(&n.name)?))).collect();
+                let ifaces: Vec<(String, i32)> =
+                    inv.nics.iter().filter_map(|n| Some((n.name.clone(), net::ifindex(&n.name)?))).collect();
                 inv.lldp = lldp::listen(&ifaces, Duration::from_secs(lldp_s))?;
             }
             println!("{}", serde_json::to_string_pretty(&inv)?);
@@ -171,7 +181,12 @@ fn subcommand(cmd: Command) -> Result<(), BoxError> {
             }
             let targets = devices
                 .iter()
-                .map(|d| Ok(wipe::WipeTarget { path: d.clone(), size_bytes: wipe::device_size(d).map_err(|e| format!("{}: {e}", d.display()))? }))
+                .map(|d| {
+                    Ok(wipe::WipeTarget {
+                        path: d.clone(),
+                        size_bytes: wipe::device_size(d).map_err(|e| format!("{}: {e}", d.display()))?,
+                    })
+                })
                 .collect::<Result<Vec<_>, BoxError>>()?;
             let report = wipe::wipe_all(&LinuxSys, &targets)?;
             println!("{}", serde_json::to_string_pretty(&metal_types::WipeReport { disks: report })?);
@@ -182,12 +197,14 @@ fn subcommand(cmd: Command) -> Result<(), BoxError> {
                 return Err("refusing to install: name the devices with --device".into());
             }
             let text = std::fs::read_to_string(&instructions).map_err(|e| format!("{}: {e}", instructions.display()))?;
-            let instr: InstallInstructions = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", instructions.display()))?;
+            let instr: InstallInstructions =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", instructions.display()))?;
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let boot = rt.block_on(run_install(&LinuxSys, &instr, &devices, &mount_root))?;
             println!("{}", serde_json::to_string_pretty(&boot)?);
             // No kexec here: unmount the root that install leaves mounted for it.
-            metal_hammer::install::release(&LinuxSys, &mount_root).map_err(|e| format!("unmounting {}: {e}", mount_root.display()))?;
+            metal_hammer::install::release(&LinuxSys, &mount_root)
+                .map_err(|e| format!("unmounting {}: {e}", mount_root.display()))?;
             Ok(())
         }
     }
@@ -203,7 +220,11 @@ fn pid1_main() -> ! {
         // becomes that stage's error and ends in `flow::fatal`.
         let thread = std::thread::current();
         let stage = if thread.name() == Some("main") { "fatal" } else { "panic" };
-        console::marker(stage, console::Status::Error, &[("thread", thread.name().unwrap_or("unnamed")), ("error", &format!("panic: {info}"))]);
+        console::marker(
+            stage,
+            console::Status::Error,
+            &[("thread", thread.name().unwrap_or("unnamed")), ("error", &format!("panic: {info}"))],
+        );
     }));
     let sys = LinuxSys;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();

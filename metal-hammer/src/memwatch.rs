@@ -136,7 +136,13 @@ mod tests {
         set(700_000);
         std::thread::sleep(Duration::from_millis(50));
         let r = watch.finish();
-        assert_eq!(r, MemoryReport { peak_rss_kib: 4242, total_kib: 1_000_000, available_start_kib: 900_000, available_min_kib: 300_000 });
-        assert_eq!(r.marker_fields(), "peak_rss_kib=4242 mem_total_kib=1000000 mem_available_start_kib=900000 mem_available_min_kib=300000");
+        assert_eq!(
+            r,
+            MemoryReport { peak_rss_kib: 4242, total_kib: 1_000_000, available_start_kib: 900_000, available_min_kib: 300_000 }
+        );
+        assert_eq!(
+            r.marker_fields(),
+            "peak_rss_kib=4242 mem_total_kib=1000000 mem_available_start_kib=900000 mem_available_min_kib=300000"
+        );
     }
 }

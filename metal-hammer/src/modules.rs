@@ -425,7 +425,10 @@ kernel/drivers/usb/storage/usb-storage.ko:
         let idx = ModuleIndex::parse(ALIAS, DEP);
         let sys = RecordingSys::new();
         assert_eq!(modprobe(&sys, &idx, Path::new("/m"), "fs-ext4").unwrap(), 4);
-        assert_eq!(sys.calls().last(), Some(&Call::LoadModule { path: "/m/kernel/fs/ext4/ext4.ko".into(), params: String::new() }));
+        assert_eq!(
+            sys.calls().last(),
+            Some(&Call::LoadModule { path: "/m/kernel/fs/ext4/ext4.ko".into(), params: String::new() })
+        );
         assert!(modprobe(&sys, &idx, Path::new("/m"), "fs-zfs").is_err());
     }
 
@@ -455,7 +458,18 @@ kernel/drivers/usb/storage/usb-storage.ko:
         let names: Vec<String> = loaded.iter().map(|p| module_name(&p.to_string_lossy())).collect();
         assert_eq!(
             names,
-            vec!["crc16", "jbd2", "mbcache", "ext4", "virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk"]
+            vec![
+                "crc16",
+                "jbd2",
+                "mbcache",
+                "ext4",
+                "virtio",
+                "virtio_ring",
+                "virtio_pci_legacy_dev",
+                "virtio_pci_modern_dev",
+                "virtio_pci",
+                "virtio_blk"
+            ]
         );
         assert_eq!(loaded[3], Path::new("/lib/modules/x/kernel/fs/ext4/ext4.ko"));
         assert_eq!(summary.loaded.len(), 10);

@@ -158,7 +158,8 @@ pub fn renew_after(lease_seconds: u32) -> Duration {
 /// tells the flow when the lease is no longer kept.
 pub fn keep_lease(root: std::path::PathBuf, machine: uuid::Uuid, configured: Configured) -> LeaseKeeper {
     let Configured { interface, lease } = configured;
-    let mac = inventory::read_nics(&root.join("sys")).into_iter().find(|n| n.name == interface).and_then(|n| dhcp::parse_mac(&n.mac));
+    let mac =
+        inventory::read_nics(&root.join("sys")).into_iter().find(|n| n.name == interface).and_then(|n| dhcp::parse_mac(&n.mac));
     let mut held = (lease, Instant::now());
     let name = interface.clone();
     LeaseKeeper::supervise(interface, RENEWER_RESTARTS, move || {
@@ -171,7 +172,13 @@ pub fn keep_lease(root: std::path::PathBuf, machine: uuid::Uuid, configured: Con
 
 /// The renewal loop of [`keep_lease`]. `held` is the lease last applied and when it was
 /// obtained; it is updated after every renewal, so a restarted loop goes on from there.
-fn renew_forever(root: &Path, machine: &uuid::Uuid, interface: &str, mac: [u8; 6], held: &mut (Lease, Instant)) -> Result<std::convert::Infallible, String> {
+fn renew_forever(
+    root: &Path,
+    machine: &uuid::Uuid,
+    interface: &str,
+    mac: [u8; 6],
+    held: &mut (Lease, Instant),
+) -> Result<std::convert::Infallible, String> {
     loop {
         let (lease, since) = held.clone();
         let expires = since + Duration::from_secs(lease.lease_seconds.into());
@@ -187,7 +194,8 @@ fn renew_forever(root: &Path, machine: &uuid::Uuid, interface: &str, mac: [u8; 6
                     if new.address != lease.address || new.prefix_len != lease.prefix_len || new.router != lease.router {
                         crate::log!("DHCP: {interface} now {}/{}", new.address, new.prefix_len);
                     }
-                    match Netlink::open().map_err(NetError::Netlink).and_then(|mut nl| configure(&mut nl, root, interface, &new)) {
+                    match Netlink::open().map_err(NetError::Netlink).and_then(|mut nl| configure(&mut nl, root, interface, &new))
+                    {
                         Ok(()) => break (new, Instant::now()),
                         Err(e) => crate::log!("DHCP: {}", crate::console::chain(&e)),
                     }

@@ -224,7 +224,11 @@ mod tests {
         }
         let h = std::thread::spawn(|| {
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-            let ok = std::process::Command::new("ip").args(["link", "add", "mh0", "type", "veth", "peer", "name", "mh1"]).status().expect("ip").success();
+            let ok = std::process::Command::new("ip")
+                .args(["link", "add", "mh0", "type", "veth", "peer", "name", "mh1"])
+                .status()
+                .expect("ip")
+                .success();
             assert!(ok, "ip link add veth");
             let index = unsafe { libc::if_nametoindex(c"mh0".as_ptr()) } as i32;
             let mut nl = Netlink::open().unwrap();

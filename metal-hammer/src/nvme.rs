@@ -123,7 +123,15 @@ fn admin(file: &File, cmd: &mut PassthruCmd) -> io::Result<u32> {
 
 fn read_page(file: &File, opcode: u8, nsid: u32, cdw10: u32, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    let mut cmd = PassthruCmd { opcode, nsid, cdw10, addr: buf.as_mut_ptr() as u64, data_len: len as u32, timeout_ms: 10_000, ..Default::default() };
+    let mut cmd = PassthruCmd {
+        opcode,
+        nsid,
+        cdw10,
+        addr: buf.as_mut_ptr() as u64,
+        data_len: len as u32,
+        timeout_ms: 10_000,
+        ..Default::default()
+    };
     admin(file, &mut cmd)?;
     Ok(buf)
 }
@@ -145,7 +153,13 @@ pub fn identify(device: &Path) -> io::Result<NvmeInfo> {
 pub fn format(device: &Path, nsid: u32, lbaf: u8, ses: u8, timeout: Duration) -> io::Result<()> {
     let file = File::options().read(true).write(true).open(device)?;
     let cdw10 = u32::from(lbaf & 0x0f) | (u32::from(ses & 0x7) << 9) | (u32::from(lbaf & 0x30) << 8);
-    let mut cmd = PassthruCmd { opcode: OP_FORMAT_NVM, nsid, cdw10, timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32, ..Default::default() };
+    let mut cmd = PassthruCmd {
+        opcode: OP_FORMAT_NVM,
+        nsid,
+        cdw10,
+        timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+        ..Default::default()
+    };
     admin(&file, &mut cmd).map(|_| ())
 }
 

@@ -138,13 +138,21 @@ mod tests {
         let targets: Vec<_> = calls
             .iter()
             .map(|c| match c {
-                Call::Mount { target, fstype, .. } => (target.strip_prefix(dir.path()).unwrap().display().to_string(), fstype.clone()),
+                Call::Mount { target, fstype, .. } => {
+                    (target.strip_prefix(dir.path()).unwrap().display().to_string(), fstype.clone())
+                }
                 other => panic!("{other:?}"),
             })
             .collect();
         assert_eq!(
             targets,
-            vec![("proc".into(), "proc".into()), ("sys".into(), "sysfs".into()), ("dev".into(), "devtmpfs".into()), ("run".into(), "tmpfs".into()), ("tmp".into(), "tmpfs".into())]
+            vec![
+                ("proc".into(), "proc".into()),
+                ("sys".into(), "sysfs".into()),
+                ("dev".into(), "devtmpfs".into()),
+                ("run".into(), "tmpfs".into()),
+                ("tmp".into(), "tmpfs".into())
+            ]
         );
         assert!(matches!(&calls[2], Call::Mount { flags, data: Some(d), .. } if *flags == MS_NOSUID && d == "mode=0755"));
         assert!(dir.path().join("dev").is_dir());

@@ -173,7 +173,11 @@ impl Sys for RecordingSys {
         self.record(Call::RereadPartitions { device: disk.into() })
     }
     fn run_in_chroot(&self, root: &Path, program: &str, args: &[&str]) -> io::Result<()> {
-        self.record(Call::RunInChroot { root: root.into(), program: program.into(), args: args.iter().map(|a| a.to_string()).collect() })
+        self.record(Call::RunInChroot {
+            root: root.into(),
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
     }
     fn mount(&self, source: &str, target: &Path, fstype: &str, flags: u64, data: Option<&str>) -> io::Result<()> {
         self.record(Call::Mount {
@@ -272,7 +276,8 @@ impl Sys for LinuxSys {
 
     fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
         let file = File::open(path)?;
-        let params = CString::new(params).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "module parameters contain NUL"))?;
+        let params =
+            CString::new(params).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "module parameters contain NUL"))?;
         // SAFETY: finit_module(fd, const char *params, int flags); both outlive the call.
         let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc < 0 {
@@ -425,7 +430,8 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
         if Path::new("/sys/class/block").join(name).exists() {
             continue;
         }
-        let mut part = BlkpgPartition { start: p.start as _, length: p.len as _, pno: p.number as _, devname: [0; 64], volname: [0; 64] };
+        let mut part =
+            BlkpgPartition { start: p.start as _, length: p.len as _, pno: p.number as _, devname: [0; 64], volname: [0; 64] };
         let mut arg = BlkpgIoctlArg {
             op: BLKPG_ADD_PARTITION,
             flags: 0,
@@ -445,7 +451,10 @@ pub fn reread_partitions_and_wait(disk: &Path, parts: &[PartitionSpan]) -> io::R
     for p in parts {
         while !p.node.exists() {
             if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{} did not appear after re-reading the partition table", p.node.display())));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} did not appear after re-reading the partition table", p.node.display()),
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -467,7 +476,8 @@ pub fn run_in_chroot_timeout(root: &Path, program: &str, args: &[&str], timeout:
     use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
-    let croot = CString::new(root.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root contains NUL"))?;
+    let croot = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root contains NUL"))?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -484,7 +494,8 @@ pub fn run_in_chroot_timeout(root: &Path, program: &str, args: &[&str], timeout:
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot run {program} in {}: {e}", root.display())))?;
+    let mut child =
+        cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot run {program} in {}: {e}", root.display())))?;
     let mut pipe = child.stderr.take().expect("stderr is piped");
     let reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
@@ -509,6 +520,9 @@ pub fn run_in_chroot_timeout(root: &Path, program: &str, args: &[&str], timeout:
     match status {
         Some(s) if s.success() => Ok(()),
         Some(s) => Err(io::Error::other(format!("{program} {} failed ({s}): {}", args.join(" "), stderr.trim()))),
-        None => Err(io::Error::new(io::ErrorKind::TimedOut, format!("{program} {} did not finish within {timeout:?} and was killed: {}", args.join(" "), stderr.trim()))),
+        None => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{program} {} did not finish within {timeout:?} and was killed: {}", args.join(" "), stderr.trim()),
+        )),
     }
 }

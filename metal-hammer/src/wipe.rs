@@ -331,7 +331,11 @@ mod tests {
         let calls = no_canaries(&sys);
         assert_eq!(calls[0], Call::NvmeIdentify { device: dev.clone() });
         assert_eq!(calls[1], Call::NvmeFormat { device: dev.clone(), nsid: 1, lbaf: 2, ses: crate::nvme::SES_CRYPTO });
-        assert_eq!(calls[2], Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB }, "signatures cleared after a format too");
+        assert_eq!(
+            calls[2],
+            Call::ZeroRange { device: dev.clone(), offset: 0, len: MIB },
+            "signatures cleared after a format too"
+        );
 
         let sys = RecordingSys::new();
         sys.set_nvme(NvmeInfo { nsid: 1, sanitize_block: true, ..Default::default() });

@@ -87,7 +87,12 @@ fn wipe_clears_a_loop_device_with_gpt_filesystem_and_data() {
     let lo = Loop::new(size);
     // A GPT with two partitions, an ext4 on the whole device's second partition region and a
     // data pattern all over: everything must be gone afterwards.
-    let mut sfdisk = Command::new("sfdisk").args(["--quiet", "--wipe", "never"]).arg(&lo.dev).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", "--wipe", "never"])
+        .arg(&lo.dev)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     sfdisk.stdin.take().unwrap().write_all(b"label: gpt\n,32M,L\n,,L\n").unwrap();
     assert!(sfdisk.wait().unwrap().success());
     let pattern: Vec<u8> = b"METAL-OLD-DATA!!".repeat(4096);
@@ -95,7 +100,11 @@ fn wipe_clears_a_loop_device_with_gpt_filesystem_and_data() {
         write_at(&lo.dev, off, &pattern);
     }
     let blkid = Command::new("blkid").arg("-p").arg(&lo.dev).output().unwrap();
-    assert!(String::from_utf8_lossy(&blkid.stdout).contains("PTTYPE=\"gpt\""), "GPT before: {}", String::from_utf8_lossy(&blkid.stdout));
+    assert!(
+        String::from_utf8_lossy(&blkid.stdout).contains("PTTYPE=\"gpt\""),
+        "GPT before: {}",
+        String::from_utf8_lossy(&blkid.stdout)
+    );
 
     let out = Command::new(BIN).args(["wipe", "--device"]).arg(&lo.dev).output().unwrap();
     assert!(out.status.success(), "wipe: {}", String::from_utf8_lossy(&out.stderr));

@@ -94,9 +94,21 @@ fn layout() -> FilesystemLayout {
             ],
         }],
         filesystems: vec![
-            Filesystem { source: "first:1".into(), kind: FsKind::Vfat, mount: esp_mount, label: Some("EFI".into()), options: Some("umask=0077".into()) },
+            Filesystem {
+                source: "first:1".into(),
+                kind: FsKind::Vfat,
+                mount: esp_mount,
+                label: Some("EFI".into()),
+                options: Some("umask=0077".into()),
+            },
             Filesystem { source: "first:3".into(), kind: FsKind::Swap, mount: None, label: None, options: None },
-            Filesystem { source: "first:2".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()), options: None },
+            Filesystem {
+                source: "first:2".into(),
+                kind: FsKind::Ext4,
+                mount: Some("/".into()),
+                label: Some("root".into()),
+                options: None,
+            },
         ],
         sizes: vec![],
         images: vec![],
@@ -129,7 +141,11 @@ fn instructions(url: String, sha256: String, size: u64, format: ImageFormat) -> 
         layout: layout(),
         ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITest test@lab".into()],
         user_data: "{\"expect\":{\"hostname\":\"machine-7\"}}".into(),
-        phone_home: PhoneHomeConfig { url: "http://10.99.0.1:8080/v1/agent/phone-home".into(), token: "t0ken".into(), machine: MachineId::new_random() },
+        phone_home: PhoneHomeConfig {
+            url: "http://10.99.0.1:8080/v1/agent/phone-home".into(),
+            token: "t0ken".into(),
+            machine: MachineId::new_random(),
+        },
     }
 }
 
@@ -226,7 +242,8 @@ fn check_installed(disk: &Loop, boot: &BootInfo, root: &Path, instr: &InstallIns
     assert_eq!(std::fs::metadata(root.join("root/.ssh")).unwrap().mode() & 0o777, 0o700);
     assert_eq!(std::fs::metadata(root.join("etc/machine-id")).unwrap().len(), 0);
     assert_eq!(std::fs::read_to_string(root.join("etc/metal/userdata")).unwrap(), instr.user_data);
-    let ph: PhoneHomeConfig = serde_json::from_str(&std::fs::read_to_string(root.join("etc/metal/phone-home.json")).unwrap()).unwrap();
+    let ph: PhoneHomeConfig =
+        serde_json::from_str(&std::fs::read_to_string(root.join("etc/metal/phone-home.json")).unwrap()).unwrap();
     assert_eq!(ph, instr.phone_home);
     assert!(root.join("etc/systemd/network/10-metal.network").is_file());
 
@@ -296,7 +313,12 @@ fn corrupted_tar_image_fails_with_checksum_error_and_unmounts() {
 /// nothing.
 fn probe_at(dev: &Path, offset: u64) -> String {
     let out = Command::new("blkid").args(["-p", "-o", "export", "-O", &offset.to_string()]).arg(dev).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().lines().filter(|l| l.starts_with("TYPE=") || l.starts_with("PTTYPE=")).collect::<Vec<_>>().join(" ")
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("TYPE=") || l.starts_with("PTTYPE="))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -359,7 +381,8 @@ fn raw_image_on_a_loop_device() {
     let mut instr = instructions(server.url("test-os-1.raw.zst"), sha, z.len() as u64, ImageFormat::RawZst);
     instr.hostname = "raw-machine".into();
     let root = dir.path().join("raw-target");
-    let boot = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).expect("raw install");
+    let boot =
+        install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &root, &opts(), &mut |_| {}).expect("raw install");
     // The filesystems are the image's own, found by their superblocks.
     assert_eq!(boot.root_uuid, src_boot.root_uuid);
     assert_eq!(boot.root_uuid, blkid(&disk.part(2), "UUID"));
@@ -392,7 +415,8 @@ fn corrupted_raw_image_fails_and_clears_the_partition_table() {
     z[last] ^= 1;
     let server = ImageServer::start(z.clone()).unwrap();
     let instr = instructions(server.url("bad.raw.zst"), sha, z.len() as u64, ImageFormat::RawZst);
-    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &dir.path().join("t"), &opts(), &mut |_| {}).unwrap_err();
+    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &dir.path().join("t"), &opts(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(err, InstallError::Checksum { .. }), "{err:?}");
     let head = std::fs::read(&disk.device).unwrap();
     assert!(head[..1 << 20].iter().all(|b| *b == 0), "the partition table was cleared");
@@ -471,7 +495,8 @@ fn failing_bootloader_hook_fails_the_install() {
     let (z, sha) = compress(&b.into_inner().unwrap());
     let server = ImageServer::start(z.clone()).unwrap();
     let instr = instructions(server.url("hook.tar.zst"), sha, z.len() as u64, ImageFormat::TarZst);
-    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &dir.path().join("t"), &opts(), &mut |_| {}).unwrap_err();
+    let err = install_with(&LinuxSys, &instr, std::slice::from_ref(&disk.device), &dir.path().join("t"), &opts(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(&err, InstallError::Hook { hook, .. } if hook == "/etc/metal/bootloader-hook"), "{err:?}");
     let chain = format!("{:?}", std::error::Error::source(&err));
     assert!(chain.contains("grub-install failed"), "{chain}");

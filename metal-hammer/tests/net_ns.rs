@@ -63,8 +63,19 @@ fn with_dnsmasq<T: Send + 'static>(state: std::path::PathBuf, f: impl FnOnce(&st
             sh(&["ip", "link", "set", "mh1", "up"]);
             let _dnsmasq = KillOnDrop(
                 Command::new("dnsmasq")
-                    .args(["--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=mh1", "--bind-interfaces", "--log-dhcp"])
-                    .args(["--dhcp-range=10.88.0.100,10.88.0.110,255.255.255.0,2m", "--dhcp-option=3,10.88.0.1", "--dhcp-option=6,10.88.0.53"])
+                    .args([
+                        "--no-daemon",
+                        "--conf-file=/dev/null",
+                        "--port=0",
+                        "--interface=mh1",
+                        "--bind-interfaces",
+                        "--log-dhcp",
+                    ])
+                    .args([
+                        "--dhcp-range=10.88.0.100,10.88.0.110,255.255.255.0,2m",
+                        "--dhcp-option=3,10.88.0.1",
+                        "--dhcp-option=6,10.88.0.53",
+                    ])
                     .arg(format!("--dhcp-leasefile={}", state.join("leases").display()))
                     .arg(format!("--log-facility={}", log.display()))
                     .arg("--pid-file")
@@ -89,7 +100,10 @@ fn with_dnsmasq<T: Send + 'static>(state: std::path::PathBuf, f: impl FnOnce(&st
 
 #[test]
 fn dhcp_lease_from_dnsmasq_configures_the_interface() {
-    if !metal_testkit::require(metal_testkit::is_root() && Command::new("dnsmasq").arg("--version").output().is_ok(), "needs root and dnsmasq") {
+    if !metal_testkit::require(
+        metal_testkit::is_root() && Command::new("dnsmasq").arg("--version").output().is_ok(),
+        "needs root and dnsmasq",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -102,7 +116,8 @@ fn dhcp_lease_from_dnsmasq_configures_the_interface() {
         let lease = dhcp::obtain_lease("mh0", [0x52, 0x54, 0, 0x12, 0x34, 0x56], &uuid, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e}; dnsmasq log:\n{}", std::fs::read_to_string(log_path).unwrap_or_default()));
         net::configure(&mut nl, &root, "mh0", &lease).expect("configure");
-        let renewed = dhcp::renew_lease("mh0", [0x52, 0x54, 0, 0x12, 0x34, 0x56], &uuid, &lease, Duration::from_secs(10)).expect("renew");
+        let renewed =
+            dhcp::renew_lease("mh0", [0x52, 0x54, 0, 0x12, 0x34, 0x56], &uuid, &lease, Duration::from_secs(10)).expect("renew");
         assert_eq!(renewed.address, lease.address, "renewal keeps the address");
         let routes = String::from_utf8(Command::new("ip").args(["-4", "route"]).output().unwrap().stdout).unwrap();
         let addrs = String::from_utf8(Command::new("ip").args(["-4", "addr", "show", "mh0"]).output().unwrap().stdout).unwrap();
@@ -129,7 +144,14 @@ fn scripted_servers(sock: &std::net::UdpSocket, stop: &std::sync::atomic::Atomic
     use std::sync::atomic::Ordering;
     let reply = |req: &Message, kind: MessageType, server: Ipv4Addr| {
         let yiaddr = if kind == MessageType::Nak { Ipv4Addr::UNSPECIFIED } else { Ipv4Addr::new(10, 88, 0, 150) };
-        let mut m = Message::new_with_id(req.xid(), Ipv4Addr::UNSPECIFIED, yiaddr, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, req.chaddr());
+        let mut m = Message::new_with_id(
+            req.xid(),
+            Ipv4Addr::UNSPECIFIED,
+            yiaddr,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            req.chaddr(),
+        );
         m.set_opcode(Opcode::BootReply);
         m.set_flags(req.flags());
         let o = m.opts_mut();
@@ -187,7 +209,13 @@ fn a_nak_from_another_server_neither_ends_the_request_nor_the_renewal() {
             let dev = b"mh1";
             // SAFETY: setsockopt with a valid buffer of the given length on an open socket.
             let rc = unsafe {
-                libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_ptr().cast(), dev.len() as u32)
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    dev.as_ptr().cast(),
+                    dev.len() as u32,
+                )
             };
             assert_eq!(rc, 0, "SO_BINDTODEVICE");
             ready_tx.send(()).unwrap();
@@ -202,7 +230,11 @@ fn a_nak_from_another_server_neither_ends_the_request_nor_the_renewal() {
             let renewed = obtained.as_ref().ok().map(|l| dhcp::renew_lease("mh0", mac, &uuid, l, Duration::from_secs(10)));
             own_nak.store(true, Ordering::SeqCst);
             let refused = obtained.as_ref().ok().map(|l| dhcp::renew_lease("mh0", mac, &uuid, l, Duration::from_secs(10)));
-            (obtained.map_err(|e| e.to_string()), renewed.map(|r| r.map_err(|e| e.to_string())), refused.map(|r| r.map_err(|e| e.to_string())))
+            (
+                obtained.map_err(|e| e.to_string()),
+                renewed.map(|r| r.map_err(|e| e.to_string())),
+                refused.map(|r| r.map_err(|e| e.to_string())),
+            )
         }));
         stop.store(true, Ordering::SeqCst);
         server.join().unwrap();
@@ -283,7 +315,14 @@ fn send_lldp(iface: &str) {
         addr.sll_ifindex = net::ifindex(iface).unwrap();
         addr.sll_halen = 6;
         addr.sll_addr[..6].copy_from_slice(&lldp::LLDP_MULTICAST);
-        let n = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
         assert_eq!(n as usize, frame.len(), "sendto: {}", std::io::Error::last_os_error());
         libc::close(fd);
     }

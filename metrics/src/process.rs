@@ -63,7 +63,14 @@ fn parse_stat(text: &str) -> Option<Stat> {
     // rest[0] is field 3 (state); field n is rest[n - 3].
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
-    Some(Stat { utime_ticks: num(14)?, stime_ticks: num(15)?, threads: num(20)?, start_ticks: num(22)?, vsize_bytes: num(23)?, rss_pages: num(24)? })
+    Some(Stat {
+        utime_ticks: num(14)?,
+        stime_ticks: num(15)?,
+        threads: num(20)?,
+        start_ticks: num(22)?,
+        vsize_bytes: num(23)?,
+        rss_pages: num(24)?,
+    })
 }
 
 /// The boot time (`btime`, Unix seconds) from `/proc/stat`.
@@ -129,7 +136,12 @@ impl Collector for ProcessCollector {
         if let Some(max) = s.max_fds {
             gauge(&mut enc, "process_max_fds", "Maximum number of open file descriptors.", max)?;
         }
-        gauge(&mut enc, "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", s.start_time_seconds)?;
+        gauge(
+            &mut enc,
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            s.start_time_seconds,
+        )?;
         gauge(&mut enc, "process_threads", "Number of OS threads in the process.", s.threads)
     }
 }
@@ -145,7 +157,10 @@ mod tests {
         // A command name with a space and a parenthesis of its own.
         let text = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 1500 0 0 0 250 75 0 0 20 0 7 0 123456 987654321 2048 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         let s = parse_stat(text).unwrap();
-        assert_eq!(s, Stat { utime_ticks: 250, stime_ticks: 75, threads: 7, start_ticks: 123456, vsize_bytes: 987654321, rss_pages: 2048 });
+        assert_eq!(
+            s,
+            Stat { utime_ticks: 250, stime_ticks: 75, threads: 7, start_ticks: 123456, vsize_bytes: 987654321, rss_pages: 2048 }
+        );
         assert_eq!(parse_stat("4242 (x) S 1 2"), None, "too few fields");
         assert_eq!(parse_stat("no parenthesis"), None);
     }

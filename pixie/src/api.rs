@@ -51,15 +51,14 @@ impl ApiClient {
 
     async fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<reqwest::Response, ApiError> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.token)
-            .timeout(self.timeout)
-            .json(body)
-            .send()
-            .await
-            .map_err(|source| if source.is_timeout() { ApiError::Timeout(self.timeout) } else { ApiError::Unreachable { url, source } })?;
+        let resp =
+            self.http.post(&url).bearer_auth(&self.token).timeout(self.timeout).json(body).send().await.map_err(|source| {
+                if source.is_timeout() {
+                    ApiError::Timeout(self.timeout)
+                } else {
+                    ApiError::Unreachable { url, source }
+                }
+            })?;
         let status = resp.status();
         if !status.is_success() {
             let mut body = resp.text().await.unwrap_or_default();
@@ -72,7 +71,11 @@ impl ApiClient {
     pub async fn decide(&self, req: &BootRequest) -> Result<BootDecision, ApiError> {
         let resp = self.post("/v1/boot/decide", req).await?;
         resp.json::<BootDecision>().await.map_err(|source| {
-            if source.is_timeout() { ApiError::Timeout(self.timeout) } else { ApiError::Body { source } }
+            if source.is_timeout() {
+                ApiError::Timeout(self.timeout)
+            } else {
+                ApiError::Body { source }
+            }
         })
     }
 
@@ -268,7 +271,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_identical_requests_make_one_call_and_the_answer_expires() {
         let api = fake_api(Duration::from_millis(200)).await;
-        let cache = Arc::new(DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::from_millis(1000)));
+        let cache =
+            Arc::new(DecisionCache::new(ApiClient::new(&api.url, "t", Duration::from_secs(5)), Duration::from_millis(1000)));
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let c = cache.clone();
@@ -323,7 +327,8 @@ mod tests {
         let second = tokio::spawn(async move { c.decide(&req("52:54:00:00:00:01")).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         first.abort();
-        let (answer, source) = tokio::time::timeout(Duration::from_secs(3), second).await.expect("the waiter is not stuck").unwrap();
+        let (answer, source) =
+            tokio::time::timeout(Duration::from_secs(3), second).await.expect("the waiter is not stuck").unwrap();
         assert!(answer.is_ok());
         assert_eq!(source, Source::Api, "the waiter made the call itself");
     }

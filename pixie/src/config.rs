@@ -270,8 +270,7 @@ impl ApiConfig {
         match &self.token {
             TokenSource::Inline(t) => Ok(t.clone()),
             TokenSource::File(p) => {
-                let t = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+                let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
                 let t = t.trim().to_string();
                 if t.is_empty() {
                     return Err(invalid(format!("api.token_file {} is empty", p.display())));
@@ -404,9 +403,8 @@ pub const DEFAULT_PXE_EVENT_INTERVAL_S: u64 = 5;
 pub const DEFAULT_UEFI_FILE: &str = "snponly.efi";
 
 fn parse_subnet(s: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
-    let (addr, prefix) = s
-        .split_once('/')
-        .ok_or_else(|| invalid(format!("subnet {s:?}: expected address/prefix, e.g. 10.99.0.0/24")))?;
+    let (addr, prefix) =
+        s.split_once('/').ok_or_else(|| invalid(format!("subnet {s:?}: expected address/prefix, e.g. 10.99.0.0/24")))?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| invalid(format!("subnet {s:?}: bad address")))?;
     let prefix: u8 = prefix.parse().map_err(|_| invalid(format!("subnet {s:?}: bad prefix")))?;
     if prefix > 30 {
@@ -538,7 +536,9 @@ impl TryFrom<File> for Config {
                 }
                 let max_transfers_per_client = t.max_transfers_per_client.unwrap_or(DEFAULT_TFTP_MAX_PER_CLIENT);
                 if !(1..=max_transfers).contains(&max_transfers_per_client) {
-                    return Err(invalid(format!("tftp.max_transfers_per_client must be within 1..={max_transfers} (tftp.max_transfers)")));
+                    return Err(invalid(format!(
+                        "tftp.max_transfers_per_client must be within 1..={max_transfers} (tftp.max_transfers)"
+                    )));
                 }
                 let max_timeout_s = t.max_timeout_s.unwrap_or(5);
                 if !(1..=255).contains(&max_timeout_s) {
@@ -608,13 +608,7 @@ fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigErr
             return Err(invalid(format!("reservation for {mac} is listed twice")));
         }
     }
-    let b = d.boot.unwrap_or(FileBoot {
-        bios: None,
-        uefi: None,
-        uefi_arm64: None,
-        uefi_http_url: None,
-        tftp_server: None,
-    });
+    let b = d.boot.unwrap_or(FileBoot { bios: None, uefi: None, uefi_arm64: None, uefi_http_url: None, tftp_server: None });
     let uefi_file = check_file_name("dhcp.boot.uefi", b.uefi.as_deref().unwrap_or(DEFAULT_UEFI_FILE))?;
     let uefi_http_url = match b.uefi_http_url {
         Some(u) => check_http_url("dhcp.boot.uefi_http_url", &u)?,
@@ -637,7 +631,9 @@ fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigErr
         lease_file: d.lease_file,
         boot,
         pxe_event_interval: match d.pxe_event_interval_s.unwrap_or(DEFAULT_PXE_EVENT_INTERVAL_S) {
-            s if s > 3600 => return Err(invalid(format!("dhcp.pxe_event_interval_s {s} is above 3600: the API would miss real reboots"))),
+            s if s > 3600 => {
+                return Err(invalid(format!("dhcp.pxe_event_interval_s {s} is above 3600: the API would miss real reboots")))
+            }
             s => Duration::from_secs(s),
         },
     })
@@ -646,8 +642,8 @@ fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigErr
 impl Config {
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: File = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let file: File =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         Config::try_from(file).map_err(|e| match e {
             ConfigError::Value(message) => ConfigError::Invalid { path: path.to_path_buf(), message },
             other => other,
@@ -655,8 +651,7 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::from_toml(path, &text)
     }
 }
@@ -708,7 +703,12 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(d.reservations[&mac].ip, Ipv4Addr::new(10, 99, 0, 50));
         assert_eq!(c.tftp.unwrap().max_blksize, 65464);
         assert_eq!(c.http.decision_cache, Duration::from_millis(1000));
-        let off = parse(&LAB.replace("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 0")).unwrap();
+        let off =
+            parse(&LAB.replace(
+                "public_url = \"http://10.99.0.1:8081\"",
+                "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 0",
+            ))
+            .unwrap();
         assert_eq!(off.http.decision_cache, Duration::ZERO);
     }
 
@@ -728,13 +728,29 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!((t.max_timeout, t.max_session), (Duration::from_secs(5), Duration::from_secs(120)));
         let h = c.http;
         assert_eq!(h.max_connections, 1024);
-        assert_eq!((h.header_timeout, h.idle_timeout, h.body_timeout), (Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(60)));
+        assert_eq!(
+            (h.header_timeout, h.idle_timeout, h.body_timeout),
+            (Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(60))
+        );
         let set = |section: &str, line: &str| LAB.replace(section, &format!("{section}\n{line}"));
-        let c = parse(&set("[tftp]", "max_transfers = 8\nmax_transfers_per_client = 2\nmax_timeout_s = 3\nmax_session_s = 30")).unwrap();
+        let c = parse(&set("[tftp]", "max_transfers = 8\nmax_transfers_per_client = 2\nmax_timeout_s = 3\nmax_session_s = 30"))
+            .unwrap();
         let t = c.tftp.unwrap();
-        assert_eq!((t.max_transfers, t.max_transfers_per_client, t.max_timeout.as_secs(), t.max_session.as_secs()), (8, 2, 3, 30));
-        let c = parse(&set("[http]", "max_connections = 10\nheader_timeout_s = 1\nidle_timeout_s = 2\nbody_timeout_s = 3")).unwrap();
-        assert_eq!((c.http.max_connections, c.http.header_timeout.as_secs(), c.http.idle_timeout.as_secs(), c.http.body_timeout.as_secs()), (10, 1, 2, 3));
+        assert_eq!(
+            (t.max_transfers, t.max_transfers_per_client, t.max_timeout.as_secs(), t.max_session.as_secs()),
+            (8, 2, 3, 30)
+        );
+        let c =
+            parse(&set("[http]", "max_connections = 10\nheader_timeout_s = 1\nidle_timeout_s = 2\nbody_timeout_s = 3")).unwrap();
+        assert_eq!(
+            (
+                c.http.max_connections,
+                c.http.header_timeout.as_secs(),
+                c.http.idle_timeout.as_secs(),
+                c.http.body_timeout.as_secs()
+            ),
+            (10, 1, 2, 3)
+        );
         assert_eq!(parse(&set("[dhcp]", "pxe_event_interval_s = 0")).unwrap().dhcp.unwrap().pxe_event_interval, Duration::ZERO);
         for (section, line, needle) in [
             ("[dhcp]", "pxe_event_interval_s = 7200", "pxe_event_interval_s"),
@@ -768,8 +784,16 @@ public_url = "http://10.99.0.1:8081"
             ("token = \"secret\"", "", "token"),
             ("ip = \"10.99.0.50\"", "ip = \"10.1.0.50\"", "outside"),
             ("url = \"http://10.99.0.1:8080/\"", "url = \"ftp://x\"", "http://"),
-            ("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\nhammer_dir = \"/a\"\nhammer_url = \"http://b\"", "not both"),
-            ("public_url = \"http://10.99.0.1:8081\"", "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 5000", "decision_cache_ms 5000"),
+            (
+                "public_url = \"http://10.99.0.1:8081\"",
+                "public_url = \"http://10.99.0.1:8081\"\nhammer_dir = \"/a\"\nhammer_url = \"http://b\"",
+                "not both",
+            ),
+            (
+                "public_url = \"http://10.99.0.1:8081\"",
+                "public_url = \"http://10.99.0.1:8081\"\ndecision_cache_ms = 5000",
+                "decision_cache_ms 5000",
+            ),
         ] {
             let text = LAB.replace(from, to);
             let err = parse(&text).unwrap_err().to_string();

@@ -185,7 +185,8 @@ pub fn plan(range: Option<&str>, len: u64, head_only: bool, keep_alive: bool) ->
 
 /// A short plain-text answer (`404` and the like) with its body, for the zero-copy path.
 pub fn plain(status: u16, reason: &str, text: &str, head_only: bool, keep_alive: bool) -> String {
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", text.len());
+    let mut out =
+        format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", text.len());
     if !keep_alive {
         out.push_str("connection: close\r\n");
     }
@@ -245,7 +246,8 @@ impl Upstream {
     pub fn new(base: &str, ttl: Duration) -> Upstream {
         Upstream {
             base: base.trim_end_matches('/').to_string(),
-            http: metal_client::http::client(&metal_client::http::Options::default().connect_timeout(Duration::from_secs(5))).expect("static HTTP client settings"),
+            http: metal_client::http::client(&metal_client::http::Options::default().connect_timeout(Duration::from_secs(5)))
+                .expect("static HTTP client settings"),
             ttl,
             cache: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
@@ -313,7 +315,11 @@ mod tests {
                 let h = h.clone();
                 async move {
                     h.fetch_add(1, Ordering::SeqCst);
-                    if name == "vmlinuz" { Ok(vec![7u8; 1000]) } else { Err(StatusCode::NOT_FOUND) }
+                    if name == "vmlinuz" {
+                        Ok(vec![7u8; 1000])
+                    } else {
+                        Err(StatusCode::NOT_FOUND)
+                    }
                 }
             }),
         );
@@ -364,12 +370,28 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("ipxe.efi"), b"ipxe").unwrap();
         std::os::unix::fs::symlink(outside.path().join("ipxe.efi"), dir.path().join("ipxe.efi")).unwrap();
-        assert_eq!(LocalDir::new(dir.path(), Layout::Tree).open("ipxe.efi").err(), Some(StatusCode::NOT_FOUND), "symlink out of the root");
+        assert_eq!(
+            LocalDir::new(dir.path(), Layout::Tree).open("ipxe.efi").err(),
+            Some(StatusCode::NOT_FOUND),
+            "symlink out of the root"
+        );
         let d = LocalDir::new(dir.path(), Layout::Tree).allow(&[outside.path().to_path_buf()]);
         assert_eq!(d.open("ipxe.efi").unwrap().len, 4, "symlink into an allowed directory");
         assert_eq!(d.open("undionly.kpxe").unwrap().len, 4);
         assert_eq!(d.open("efi/snp%20only.efi").unwrap().len, 3);
-        for bad in ["", "efi", "efi/", "../etc/passwd", "efi/../undionly.kpxe", "%2e%2e/x", "..%2fetc", "./undionly.kpxe", "a%00b", "%zz", "a%5cb"] {
+        for bad in [
+            "",
+            "efi",
+            "efi/",
+            "../etc/passwd",
+            "efi/../undionly.kpxe",
+            "%2e%2e/x",
+            "..%2fetc",
+            "./undionly.kpxe",
+            "a%00b",
+            "%zz",
+            "a%5cb",
+        ] {
             assert_eq!(d.open(bad).err(), Some(StatusCode::NOT_FOUND), "{bad}");
         }
     }

@@ -390,7 +390,11 @@ async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router, open
                 Ok(Ok(_)) => {}
                 Err(_) => {
                     st.metrics.http_timeouts.inc([phase]);
-                    tracing::debug!(phase, waited_ms = wait.as_millis() as u64, "HTTP connection idle or head incomplete: closed");
+                    tracing::debug!(
+                        phase,
+                        waited_ms = wait.as_millis() as u64,
+                        "HTTP connection idle or head incomplete: closed"
+                    );
                     return;
                 }
             }
@@ -401,7 +405,9 @@ async fn connection(mut stream: TcpStream, st: Arc<HttpState>, app: Router, open
         buf.advance(head.len);
         let keep_alive = head.keep_alive();
         let result = match static_file(&st, &head) {
-            Some((dir, route, rel)) => send_file(&mut stream, &st.metrics, dir, route, rel, &head, keep_alive, limits.idle_timeout).await,
+            Some((dir, route, rel)) => {
+                send_file(&mut stream, &st.metrics, dir, route, rel, &head, keep_alive, limits.idle_timeout).await
+            }
             None => answer_with_router(&mut stream, &app, &head, keep_alive, limits.idle_timeout).await,
         };
         if let Err(e) = result {
@@ -472,7 +478,11 @@ async fn send_head(stream: &TcpStream, mut head: &[u8], more: bool, idle: Durati
         let sent = stream.try_io(Interest::WRITABLE, || {
             // SAFETY: the pointer and length describe `head`, which outlives the call.
             let n = unsafe { libc::send(stream.as_raw_fd(), head.as_ptr().cast(), head.len(), flags) };
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
         });
         match sent {
             Ok(n) => head = &head[n..],
@@ -494,7 +504,11 @@ async fn sendfile_all(stream: &TcpStream, file: &std::fs::File, mut offset: u64,
             let mut off = offset as libc::off64_t;
             // SAFETY: both descriptors are open for the call; `off` is a valid pointer.
             let n = unsafe { libc::sendfile64(stream.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as u64) }
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as u64)
+            }
         });
         match sent {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being sent")),
@@ -511,7 +525,13 @@ const SMALL_BODY: u64 = 64 * 1024;
 
 /// Passes a bodiless request to the router and writes its response (length-delimited, or
 /// chunked when the length is unknown).
-async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, keep_alive: bool, idle: Duration) -> io::Result<()> {
+async fn answer_with_router(
+    stream: &mut TcpStream,
+    app: &Router,
+    head: &Head,
+    keep_alive: bool,
+    idle: Duration,
+) -> io::Result<()> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut req = Request::builder()
         .method(Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?)
@@ -531,10 +551,15 @@ async fn answer_with_router(stream: &mut TcpStream, app: &Router, head: &Head, k
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // 1xx, 204 and 304 have no body at all; HTTP/1.0 clients get an unknown length as
     // "until close" (their connections close anyway), HTTP/1.1 clients get it chunked.
-    let no_body = head_only || parts.status.is_informational() || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    let no_body = head_only
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
     let chunked = length.is_none() && !no_body && head.minor == 1;
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", parts.status.as_u16(), parts.status.canonical_reason().unwrap_or("")).as_bytes());
+    out.extend_from_slice(
+        format!("HTTP/1.1 {} {}\r\n", parts.status.as_u16(), parts.status.canonical_reason().unwrap_or("")).as_bytes(),
+    );
     for (name, value) in &parts.headers {
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
             continue;

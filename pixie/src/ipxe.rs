@@ -5,9 +5,18 @@ use metal_types::{Arch, BootDecision};
 /// What the script is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScriptInput<'a> {
-    Decision { decision: &'a BootDecision, arch: Arch, retry_url: &'a str, attempt: u32 },
+    Decision {
+        decision: &'a BootDecision,
+        arch: Arch,
+        retry_url: &'a str,
+        attempt: u32,
+    },
     /// No usable decision: iPXE waits and asks again at `retry_url` (which carries `attempt + 1`).
-    Retry { reason: &'a str, retry_url: &'a str, attempt: u32 },
+    Retry {
+        reason: &'a str,
+        retry_url: &'a str,
+        attempt: u32,
+    },
 }
 
 /// Seconds to wait before attempt `attempt + 1`: 2, 4, 8, 16, 32, then 60.
@@ -133,7 +142,10 @@ mod tests {
         assert!(s.contains("\nsleep 8\n"));
         assert!(s.contains(&format!("chain --replace {URL}")));
         for l in s.lines() {
-            assert!(!l.starts_with("kernel") && !l.starts_with("boot") && !l.starts_with("sanboot") && !l.starts_with("exit"), "{l}");
+            assert!(
+                !l.starts_with("kernel") && !l.starts_with("boot") && !l.starts_with("sanboot") && !l.starts_with("exit"),
+                "{l}"
+            );
         }
         assert!(!s.contains("${"));
         assert_eq!(s.lines().filter(|l| l.starts_with("echo")).count(), 2, "{s}");
@@ -142,7 +154,11 @@ mod tests {
 
     #[test]
     fn unsafe_decision_turns_into_a_retry() {
-        let d = BootDecision::Hammer { kernel_url: "http://x/k\nshell".into(), initrd_url: "http://x/i".into(), cmdline: String::new() };
+        let d = BootDecision::Hammer {
+            kernel_url: "http://x/k\nshell".into(),
+            initrd_url: "http://x/i".into(),
+            cmdline: String::new(),
+        };
         let s = render(&ScriptInput::Decision { decision: &d, arch: Arch::BiosX86, retry_url: URL, attempt: 0 });
         assert!(!s.contains("kernel ") && s.contains("sleep"));
     }

@@ -112,7 +112,8 @@ async fn serve(cfg: Config, token: String, roots: metal_client::tls::Roots) -> R
         tracing::info!(%addr, "TFTP started");
     }
     if let Some(d) = &cfg.dhcp {
-        let handler = pixie::dhcp::server::Handler::new(Arc::new(d.clone()), cfg.partition.clone(), events.clone(), metrics.clone())?;
+        let handler =
+            pixie::dhcp::server::Handler::new(Arc::new(d.clone()), cfg.partition.clone(), events.clone(), metrics.clone())?;
         pixie::dhcp::server::start(Arc::new(handler))?;
     }
     let hammer = cfg.http.hammer_dir.as_deref().map(|d| LocalDir::new(d, Layout::Flat));
@@ -134,9 +135,8 @@ async fn serve(cfg: Config, token: String, roots: metal_client::tls::Roots) -> R
         },
     });
     let dirs = StaticDirs { images: cfg.http.images_dir.clone() };
-    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
-        .await
-        .with_context(|| format!("binding HTTP on {}", cfg.http.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(cfg.http.listen).await.with_context(|| format!("binding HTTP on {}", cfg.http.listen))?;
     tracing::info!(listen = %cfg.http.listen, public_url = %cfg.http.public_url, partition = %cfg.partition, decision_cache = ?cfg.http.decision_cache, "HTTP listening");
     pixie::http::serve(listener, state, &dirs, async {
         let _ = tokio::signal::ctrl_c().await;

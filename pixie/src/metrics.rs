@@ -103,18 +103,55 @@ impl Default for Metrics {
             g
         };
         Metrics {
-            dhcp_packets: Counters::register(&mut r, "pixie_dhcp_packets", "DHCP packets received, by message type and decision", ["type", "decision"]),
-            dhcp_invalid: Counters::register(&mut r, "pixie_dhcp_invalid", "DHCP packets dropped as malformed, by reason", ["reason"]),
-            dhcp_journal_syncs: counter(&mut r, "pixie_dhcp_journal_syncs", "fsyncs of the lease journal, each before the ACKs it covers leave"),
-            dhcp_journal_compactions: counter(&mut r, "pixie_dhcp_journal_compactions", "Rewrites of the lease journal down to the live leases"),
+            dhcp_packets: Counters::register(
+                &mut r,
+                "pixie_dhcp_packets",
+                "DHCP packets received, by message type and decision",
+                ["type", "decision"],
+            ),
+            dhcp_invalid: Counters::register(
+                &mut r,
+                "pixie_dhcp_invalid",
+                "DHCP packets dropped as malformed, by reason",
+                ["reason"],
+            ),
+            dhcp_journal_syncs: counter(
+                &mut r,
+                "pixie_dhcp_journal_syncs",
+                "fsyncs of the lease journal, each before the ACKs it covers leave",
+            ),
+            dhcp_journal_compactions: counter(
+                &mut r,
+                "pixie_dhcp_journal_compactions",
+                "Rewrites of the lease journal down to the live leases",
+            ),
             tftp_transfers: Counters::register(&mut r, "pixie_tftp_transfers", "TFTP transfers, by result", ["result"]),
-            tftp_refused: Counters::register(&mut r, "pixie_tftp_refused", "TFTP read requests dropped before a transfer started, by reason", ["reason"]),
+            tftp_refused: Counters::register(
+                &mut r,
+                "pixie_tftp_refused",
+                "TFTP read requests dropped before a transfer started, by reason",
+                ["reason"],
+            ),
             tftp_bytes: counter(&mut r, "pixie_tftp_bytes", "TFTP payload bytes sent"),
             tftp_active: gauge(&mut r, "pixie_tftp_transfers_active", "TFTP transfers running now"),
-            http_requests: Counters::register(&mut r, "pixie_http_requests", "HTTP requests, by route and status", ["route", "status"]),
+            http_requests: Counters::register(
+                &mut r,
+                "pixie_http_requests",
+                "HTTP requests, by route and status",
+                ["route", "status"],
+            ),
             http_connections: gauge(&mut r, "pixie_http_connections", "HTTP connections open now"),
-            http_connections_refused: counter(&mut r, "pixie_http_connections_refused", "HTTP connections closed at once because http.max_connections were open"),
-            http_timeouts: Counters::register(&mut r, "pixie_http_timeouts", "HTTP connections closed for a timeout, by phase", ["phase"]),
+            http_connections_refused: counter(
+                &mut r,
+                "pixie_http_connections_refused",
+                "HTTP connections closed at once because http.max_connections were open",
+            ),
+            http_timeouts: Counters::register(
+                &mut r,
+                "pixie_http_timeouts",
+                "HTTP connections closed for a timeout, by phase",
+                ["phase"],
+            ),
             boot_decisions: Counters::register(&mut r, "pixie_boot_decisions", "iPXE script requests, by outcome", ["outcome"]),
             boot_decision_source: Counters::register(
                 &mut r,
@@ -122,7 +159,12 @@ impl Default for Metrics {
                 "Boot decisions by where they came from: the API, or another request's call (cache)",
                 ["source"],
             ),
-            pxe_events: Counters::register(&mut r, "pixie_pxe_events", "PXE Booting events, by result (suppressed: rate limit per MAC)", ["result"]),
+            pxe_events: Counters::register(
+                &mut r,
+                "pixie_pxe_events",
+                "PXE Booting events, by result (suppressed: rate limit per MAC)",
+                ["result"],
+            ),
             registry: r,
         }
     }

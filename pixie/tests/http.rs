@@ -43,7 +43,10 @@ fn start_with(limits: HttpLimits) -> Server {
     std::os::unix::fs::symlink(dir.path().join("secret"), hammer.join("escape")).unwrap();
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(HttpState {
-        decisions: DecisionCache::new(ApiClient::new("http://127.0.0.1:9", "t", Duration::from_millis(500)), Duration::from_secs(1)),
+        decisions: DecisionCache::new(
+            ApiClient::new("http://127.0.0.1:9", "t", Duration::from_millis(500)),
+            Duration::from_secs(1),
+        ),
         hammer: Some(LocalDir::new(&hammer, Layout::Flat)),
         hammer_upstream: None,
         boot: Some(LocalDir::new(&boot, Layout::Tree)),
@@ -184,7 +187,8 @@ fn keep_alive_mixes_files_router_and_pipelined_requests() {
     let s = start();
     let mut c = connect(s.addr);
     // Three requests in one write: the loop answers them in order.
-    let pipelined = format!("{}{}{}", get("/healthz", ""), get("/hammer/initrd.img", "range: bytes=0-4\r\n"), get("/metrics", ""));
+    let pipelined =
+        format!("{}{}{}", get("/healthz", ""), get("/hammer/initrd.img", "range: bytes=0-4\r\n"), get("/metrics", ""));
     c.get_mut().write_all(pipelined.as_bytes()).unwrap();
     let a = read_answer(&mut c, false);
     assert_eq!((a.status, a.body.as_slice()), (200, &b"ok\n"[..]));

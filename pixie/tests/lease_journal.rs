@@ -77,7 +77,8 @@ fn a_torn_write_on_a_full_disk_does_not_swallow_the_next_record() {
 
     let mut again = empty_table();
     let (_, skipped) = Journal::open(&path, &mut again, now + 10).unwrap();
-    let found = again.get(ip).unwrap_or_else(|| panic!("the lease appended after the torn write was lost (skipped lines: {skipped})"));
+    let found =
+        again.get(ip).unwrap_or_else(|| panic!("the lease appended after the torn write was lost (skipped lines: {skipped})"));
     assert_eq!((found.mac, found.state), (Some(mac), State::Bound));
     for n in written {
         let (ip, mac) = lease(n);

@@ -141,7 +141,9 @@ fn netns_perfdhcp_dora_exchanges_complete() {
     }
     let p = pair("p");
     p.client.ip("addr add 10.99.0.2/24 dev vc");
-    let conf = server_config("vs", p.dir.path(), p.dir.path(), "").replace("10.99.0.0/24", "10.99.0.0/16").replace("10.99.0.199", "10.99.250.250");
+    let conf = server_config("vs", p.dir.path(), p.dir.path(), "")
+        .replace("10.99.0.0/24", "10.99.0.0/16")
+        .replace("10.99.0.199", "10.99.250.250");
     let pixie = start_pixie(&p.server, p.dir.path(), &conf.replace("debug", "info"), "1");
     // perfdhcp acts as a relay (giaddr = 10.99.0.2): this also exercises pixie's relay path.
     let out = p
@@ -153,11 +155,19 @@ fn netns_perfdhcp_dora_exchanges_complete() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let count = |label: &str| -> Vec<u64> {
-        text.lines().filter_map(|l| l.trim().strip_prefix(label)).filter_map(|v| v.split_whitespace().next()?.parse().ok()).collect()
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(label))
+            .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+            .collect()
     };
     let sent = count("sent packets:");
     let received = count("received packets:");
-    assert_eq!(sent.len(), 2, "perfdhcp output:\n{text}\npixie:\n{}", pixie.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        sent.len(),
+        2,
+        "perfdhcp output:\n{text}\npixie:\n{}",
+        pixie.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
     assert!(sent[0] >= 2000 && sent[1] >= 1990, "{text}");
     // Every DISCOVER and REQUEST answered.
     for (s, r) in sent.iter().zip(&received) {
@@ -194,7 +204,10 @@ fn netns_relay_gets_unicast_replies_with_option_82() {
     let Some(DhcpOption::RelayAgentInformation(info)) = offer.opts().get(OptionCode::RelayAgentInformation) else {
         panic!("option 82 not echoed: {offer:?}")
     };
-    assert_eq!(info.get(v4::relay::RelayCode::AgentCircuitId), Some(&v4::relay::RelayInfo::AgentCircuitId(b"rack1-port7".to_vec())));
+    assert_eq!(
+        info.get(v4::relay::RelayCode::AgentCircuitId),
+        Some(&v4::relay::RelayInfo::AgentCircuitId(b"rack1-port7".to_vec()))
+    );
 }
 
 /// Bad DHCP packets of every kind; pixie drops them and answers the good one after them.
@@ -271,7 +284,15 @@ fn netns_bad_packets_are_dropped_and_servers_keep_serving() {
         let sock = UdpSocket::bind("10.99.0.2:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let srv = SocketAddr::from((SERVER_IP, 69));
-        for junk in [&b""[..], b"\x00", b"\x00\x01", b"\x00\x01x", b"\x00\x07abc\x00", b"\x00\x03\x00\x01data", b"\x00\x01f\x00octet\x00blksize\x00"] {
+        for junk in [
+            &b""[..],
+            b"\x00",
+            b"\x00\x01",
+            b"\x00\x01x",
+            b"\x00\x07abc\x00",
+            b"\x00\x03\x00\x01data",
+            b"\x00\x01f\x00octet\x00blksize\x00",
+        ] {
             sock.send_to(junk, srv).unwrap();
         }
         let mut errors = Vec::new();
@@ -292,7 +313,13 @@ fn netns_bad_packets_are_dropped_and_servers_keep_serving() {
     let codes: Vec<u16> = answers.iter().map(|p| if let Packet::Error { code, .. } = p { *code } else { 999 }).collect();
     assert_eq!(codes, vec![code::ACCESS_VIOLATION, code::FILE_NOT_FOUND, code::ACCESS_VIOLATION, code::ILLEGAL_OPERATION]);
     let out = p.dir.path().join("fetched.bin");
-    run(p.client.cmd("curl").args(["-sf", "-m", "20", "--tftp-blksize", "65464"]).arg("-o").arg(&out).arg(format!("tftp://{SERVER_IP}/file.bin")));
+    run(p
+        .client
+        .cmd("curl")
+        .args(["-sf", "-m", "20", "--tftp-blksize", "65464"])
+        .arg("-o")
+        .arg(&out)
+        .arg(format!("tftp://{SERVER_IP}/file.bin")));
     assert_eq!(std::fs::read(&out).unwrap(), data);
     assert!(pixie.alive());
 }
@@ -368,10 +395,18 @@ fn netns_http_serves_ranges_and_a_retry_script_when_the_api_is_down() {
     let full = p.dir.path().join("full");
     run(p.client.cmd("curl").args(["-sf", &format!("{base}/hammer/initrd.img"), "-o"]).arg(&full));
     assert_eq!(std::fs::read(&full).unwrap(), data);
-    let status = run(p.client.cmd("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/hammer/..%2f..%2fetc%2fpasswd")]));
+    let status = run(p.client.cmd("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{base}/hammer/..%2f..%2fetc%2fpasswd"),
+    ]));
     assert!(status == "404" || status == "400", "traversal answered {status}");
     // No API listens: the script says why and chains the same URL again, with a back-off.
-    let script = run(p.client.cmd("curl").args(["-sf", "-m", "5", &format!("{base}/ipxe?mac=52:54:00:12:34:56&arch=bios_x86&attempt=3")]));
+    let script =
+        run(p.client.cmd("curl").args(["-sf", "-m", "5", &format!("{base}/ipxe?mac=52:54:00:12:34:56&arch=bios_x86&attempt=3")]));
     assert!(script.starts_with("#!ipxe\n"), "{script}");
     assert!(script.contains("sleep 16"), "{script}");
     assert!(script.contains(&format!("chain --replace {base}/ipxe?mac=52:54:00:12:34:56&arch=bios_x86&attempt=4")), "{script}");

@@ -112,7 +112,10 @@ fn lab(tag: &str, tftp_extra: &str) -> Lab {
     let mut api = Proc::spawn("metal-api", api_cmd, &dir.path().join("api.log"));
     wait_until("metal-api /healthz", Duration::from_secs(30), || {
         assert!(api.alive(), "metal-api exited:\n{}", api.log_text());
-        ns.cmd("curl").args(["-sf", "-m", "1", &format!("http://{SERVER_IP}:8080/healthz")]).output().is_ok_and(|o| o.status.success())
+        ns.cmd("curl")
+            .args(["-sf", "-m", "1", &format!("http://{SERVER_IP}:8080/healthz")])
+            .output()
+            .is_ok_and(|o| o.status.success())
     });
     let partition = serde_json::json!({
         "id": "lab",
@@ -186,7 +189,12 @@ fn boot(lab: &Lab, args: &[&str], timeout: Duration) {
             break;
         }
         if !qemu.alive() && !read().contains(MARKER) {
-            panic!("QEMU exited before the marker\nserial:\n{}\nqemu:\n{}\npixie:\n{}", read(), qemu.log_text(), lab.pixie.log_text());
+            panic!(
+                "QEMU exited before the marker\nserial:\n{}\nqemu:\n{}\npixie:\n{}",
+                read(),
+                qemu.log_text(),
+                lab.pixie.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -194,7 +202,12 @@ fn boot(lab: &Lab, args: &[&str], timeout: Duration) {
     assert!(text.contains(MARKER), "no `{MARKER}` within {timeout:?}\nserial:\n{text}\npixie:\n{}", lab.pixie.log_text());
     // The command line came from the API's decision: the partition's plus an enrolment token.
     let cmdline = text.lines().find(|l| l.starts_with("CMDLINE ")).unwrap_or_else(|| panic!("no CMDLINE line\n{text}"));
-    assert!(cmdline.contains("console=ttyS0") && cmdline.contains("metal.token=") && cmdline.contains("metal.api=http://10.99.0.1:8080"), "{cmdline}");
+    assert!(
+        cmdline.contains("console=ttyS0")
+            && cmdline.contains("metal.token=")
+            && cmdline.contains("metal.api=http://10.99.0.1:8080"),
+        "{cmdline}"
+    );
     qemu.stop();
 }
 

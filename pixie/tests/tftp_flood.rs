@@ -90,8 +90,12 @@ fn a_flood_of_stalled_rrqs_does_not_starve_a_real_client() {
 
     let out = dir.path().join("fetched");
     let started = Instant::now();
-    let atftp =
-        Command::new("timeout").args(["15", "atftp", "--get", "-r", "undionly.kpxe", "-l"]).arg(&out).args(["127.0.0.1", &tftp.to_string()]).output().unwrap();
+    let atftp = Command::new("timeout")
+        .args(["15", "atftp", "--get", "-r", "undionly.kpxe", "-l"])
+        .arg(&out)
+        .args(["127.0.0.1", &tftp.to_string()])
+        .output()
+        .unwrap();
     let took = started.elapsed();
     assert!(
         atftp.status.success(),
@@ -105,8 +109,12 @@ fn a_flood_of_stalled_rrqs_does_not_starve_a_real_client() {
     assert!(pixie.alive());
 
     let metrics = http_get(http, "/metrics").expect("/metrics");
-    let value =
-        |key: &str| -> u64 { metrics.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok()).unwrap_or_else(|| panic!("{key} missing in\n{metrics}")) };
+    let value = |key: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} missing in\n{metrics}"))
+    };
     // Some of the burst may have overflowed the socket's receive buffer; of the rest, at most
     // tftp.max_transfers_per_client (32) run and the others were dropped.
     let refused = value("pixie_tftp_refused_total{reason=\"client_limit\"}");

@@ -77,7 +77,8 @@ impl Lab {
         let hammer_dir = match &tls {
             Some(t) => {
                 let d = dir.join("hammer");
-                tls::lab_hammer_dir(&paths.hammer_dir, &d, &t.ca_pem).context("build the lab's metal-hammer initrd with the lab CA")?;
+                tls::lab_hammer_dir(&paths.hammer_dir, &d, &t.ca_pem)
+                    .context("build the lab's metal-hammer initrd with the lab CA")?;
                 d
             }
             None => paths.hammer_dir.clone(),
@@ -87,12 +88,20 @@ impl Lab {
         let admin = ApiClient::new(&services::api_url(), &admin_token, &roots)?;
         let images = services::bootstrap_catalog(&admin, &paths).await.context("bootstrap the lab catalog")?;
         let pixie: TokenResponse = admin
-            .post("/v1/tokens", &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into(), expires_in_s: None })
+            .post(
+                "/v1/tokens",
+                &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into(), expires_in_s: None },
+            )
             .await?;
         let tenant: TokenResponse = admin
             .post(
                 "/v1/tokens",
-                &TokenRequest { role: TokenRole::Tenant, project: Some(services::PROJECT.into()), description: "lab tenant".into(), expires_in_s: None },
+                &TokenRequest {
+                    role: TokenRole::Tenant,
+                    project: Some(services::PROJECT.into()),
+                    description: "lab tenant".into(),
+                    expires_in_s: None,
+                },
             )
             .await?;
         let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token, tls.as_ref(), &hammer_dir).await?;
@@ -159,7 +168,8 @@ impl Lab {
         if let Some(mut p) = self.pixie.take() {
             p.stop(std::time::Duration::from_secs(5));
         }
-        self.pixie = Some(services::start_pixie(&self.paths, &self.dir, &self.pixie_token, self.tls.as_ref(), &self.hammer_dir).await?);
+        self.pixie =
+            Some(services::start_pixie(&self.paths, &self.dir, &self.pixie_token, self.tls.as_ref(), &self.hammer_dir).await?);
         Ok(())
     }
 
@@ -168,7 +178,10 @@ impl Lab {
         let text = std::fs::read_to_string(self.dir.join("leases.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok().or_else(|| {
             // A journal of JSON lines: the last entry for the MAC wins.
-            text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.to_string().contains(mac))
+            text.lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v.to_string().contains(mac))
         })?;
         find_ip_for_mac(&v, mac)
     }

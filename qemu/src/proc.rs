@@ -19,11 +19,7 @@ impl Service {
     /// Spawns `cmd` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Service> {
         use std::os::unix::process::CommandExt;
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("open log {}", log.display()))?;
+        let out = File::options().create(true).append(true).open(log).with_context(|| format!("open log {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
         // If the test process dies without unwinding, take the child down with it.

@@ -74,7 +74,8 @@ impl Paths {
         for e in std::fs::read_dir(&self.images_dir).with_context(|| format!("read {}", self.images_dir.display()))? {
             let p = e?.path();
             if p.extension().is_some_and(|x| x == "json") {
-                let m: ImageManifest = serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parse {}", p.display()))?;
+                let m: ImageManifest =
+                    serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parse {}", p.display()))?;
                 out.push((p, m));
             }
         }
@@ -130,11 +131,24 @@ impl ApiClient {
 
     /// Like [`ApiClient::wait_event`], but `Crashed` events on the way are expected (a fault
     /// scenario walks through them).
-    pub async fn wait_event_past_crashes(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize) -> Result<usize> {
+    pub async fn wait_event_past_crashes(
+        &self,
+        deadline: &Deadline,
+        id: MachineId,
+        event: ProvisioningEvent,
+        from: usize,
+    ) -> Result<usize> {
         self.wait_event_inner(deadline, id, event, from, false).await
     }
 
-    async fn wait_event_inner(&self, deadline: &Deadline, id: MachineId, event: ProvisioningEvent, from: usize, fail_on_crash: bool) -> Result<usize> {
+    async fn wait_event_inner(
+        &self,
+        deadline: &Deadline,
+        id: MachineId,
+        event: ProvisioningEvent,
+        from: usize,
+        fail_on_crash: bool,
+    ) -> Result<usize> {
         let r = until(deadline, &format!("event {event:?} of machine {id}"), || async {
             let evs = self.events(id).await.ok()?;
             for (i, e) in evs.iter().enumerate().skip(from) {
@@ -244,7 +258,13 @@ images_dir = "{images}"
 }
 
 /// Starts pixie with the lab configuration.
-pub async fn start_pixie(paths: &Paths, dir: &Path, pixie_token: &str, tls: Option<&LabTls>, hammer_dir: &Path) -> Result<Service> {
+pub async fn start_pixie(
+    paths: &Paths,
+    dir: &Path,
+    pixie_token: &str,
+    tls: Option<&LabTls>,
+    hammer_dir: &Path,
+) -> Result<Service> {
     let conf = dir.join("pixie.toml");
     std::fs::write(&conf, pixie_config(paths, dir, pixie_token, tls, hammer_dir))?;
     let mut cmd = Command::new(paths.bin("pixie"));
@@ -318,8 +338,20 @@ pub fn lab_layout() -> FilesystemLayout {
             ],
         }],
         filesystems: vec![
-            Filesystem { source: "first:1".into(), kind: FsKind::Vfat, mount: Some("/boot/efi".into()), label: Some("EFI".into()), options: None },
-            Filesystem { source: "first:2".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()), options: None },
+            Filesystem {
+                source: "first:1".into(),
+                kind: FsKind::Vfat,
+                mount: Some("/boot/efi".into()),
+                label: Some("EFI".into()),
+                options: None,
+            },
+            Filesystem {
+                source: "first:2".into(),
+                kind: FsKind::Ext4,
+                mount: Some("/".into()),
+                label: Some("root".into()),
+                options: None,
+            },
         ],
         sizes: vec![],
         images: vec![],

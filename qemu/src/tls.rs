@@ -60,7 +60,8 @@ pub fn lab_hammer_dir(shared: &Path, dir: &Path, ca_pem: &str) -> Result<()> {
     if std::fs::hard_link(&src, &dst).is_err() {
         std::fs::copy(&src, &dst).with_context(|| format!("copy {} to {}", src.display(), dst.display()))?;
     }
-    let mut initrd = std::fs::read(shared.join("initrd.img")).with_context(|| format!("read {}", shared.join("initrd.img").display()))?;
+    let mut initrd =
+        std::fs::read(shared.join("initrd.img")).with_context(|| format!("read {}", shared.join("initrd.img").display()))?;
     // The next archive must start 4-byte aligned; the kernel skips NUL padding between them.
     initrd.resize(initrd.len().next_multiple_of(4), 0);
     newc(&mut initrd, &[Entry::Dir("etc"), Entry::Dir("etc/metal"), Entry::File("etc/metal/ca.pem", ca_pem.as_bytes())]);
@@ -83,7 +84,21 @@ pub fn newc(out: &mut Vec<u8>, entries: &[Entry<'_>]) {
         out.resize(out.len().next_multiple_of(4), 0);
     }
     let mut member = |ino: u32, name: &str, mode: u32, data: &[u8]| {
-        let fields = [ino, mode, 0, 0, if mode & 0o040000 != 0 { 2 } else { 1 }, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            if mode & 0o040000 != 0 { 2 } else { 1 },
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
         out.extend_from_slice(b"070701");
         for f in fields {
             out.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -130,7 +145,10 @@ mod tests {
         let lines: Vec<&str> = listing.lines().collect();
         assert_eq!(lines.len(), 3, "{listing}");
         assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" etc"), "{listing}");
-        assert!(lines[2].starts_with("-rw-r--r--") && lines[2].contains(" 4 ") && lines[2].ends_with(" etc/metal/ca.pem"), "{listing}");
+        assert!(
+            lines[2].starts_with("-rw-r--r--") && lines[2].contains(" 4 ") && lines[2].ends_with(" etc/metal/ca.pem"),
+            "{listing}"
+        );
     }
 
     #[test]

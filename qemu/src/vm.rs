@@ -165,7 +165,8 @@ impl Vm {
         let mut sata_bus = false;
         for (i, (d, p)) in s.disks.iter().zip(&self.disk_paths).enumerate() {
             let id = format!("d{i}");
-            cmd.arg("-drive").arg(format!("file={},if=none,id={id},format=raw,cache=unsafe,discard=unmap,detect-zeroes=unmap", p.display()));
+            cmd.arg("-drive")
+                .arg(format!("file={},if=none,id={id},format=raw,cache=unsafe,discard=unmap,detect-zeroes=unmap", p.display()));
             let serial = format!("LAB{:02x}D{i}", s.index);
             let dev = match d.bus {
                 DiskBus::Virtio => format!("virtio-blk-pci,drive={id},serial={serial},bootindex={}", i + 2),

@@ -70,7 +70,11 @@ impl LogCursor {
                     consumed += line.len();
                     if let Some(bad) = fail_on.iter().find(|f| line.contains(**f)) {
                         self.offset += consumed;
-                        bail!("phase {:?}: serial console showed {bad:?} while waiting for {needle:?}: {}", deadline.phase, line.trim());
+                        bail!(
+                            "phase {:?}: serial console showed {bad:?} while waiting for {needle:?}: {}",
+                            deadline.phase,
+                            line.trim()
+                        );
                     }
                     if line.contains(needle) {
                         self.offset += consumed;

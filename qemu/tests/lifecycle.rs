@@ -36,7 +36,12 @@ fn bios_lifecycle_and_reclaim() -> Result<()> {
         let m: Machine = lab.admin.machine(id).await?;
         let inv = m.inventory.as_ref().context("registered machine has no inventory")?;
         ensure!(inv.uuid == id, "inventory uuid {} != {id}", inv.uuid);
-        ensure!(inv.nics.iter().any(|n| n.mac == lab.vms[i].spec.mac()), "NIC {} not in inventory {:?}", lab.vms[i].spec.mac(), inv.nics);
+        ensure!(
+            inv.nics.iter().any(|n| n.mac == lab.vms[i].spec.mac()),
+            "NIC {} not in inventory {:?}",
+            lab.vms[i].spec.mac(),
+            inv.nics
+        );
         ensure!(inv.disks.iter().any(|d| d.size_bytes == 2048 << 20), "2 GiB disk not in inventory {:?}", inv.disks);
         ensure!(m.size == SIZE, "machine matched size {:?}, expected {SIZE}", m.size);
         ensure!(lab.vms[i].read_disk(0, 100 << 20, OLD_DATA.len())? != OLD_DATA, "old data survived the wipe");
@@ -64,7 +69,13 @@ fn bios_lifecycle_and_reclaim() -> Result<()> {
         ensure!(root_fs != [0x53, 0xef], "the ext4 superblock of the tenant's root survived the reclaim wipe");
 
         // Reinstall with another image: any other test-os version build-lab made.
-        let other = lab.images.iter().find(|i| i.manifest.name == "test-os" && i.id != image).context("only one test-os version built")?.id.clone();
+        let other = lab
+            .images
+            .iter()
+            .find(|i| i.manifest.name == "test-os" && i.id != image)
+            .context("only one test-os version built")?
+            .id
+            .clone();
         let alloc2 = allocate(&lab, "bios1-b", &other).await?;
         ensure!(alloc2.id != alloc.id, "second allocation reused the first one's id");
         ensure!(alloc2.image == other, "second allocation got image {}, asked for {other}", alloc2.image);

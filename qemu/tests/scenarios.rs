@@ -82,7 +82,8 @@ fn three_machines_at_once() -> Result<()> {
         machines.sort();
         machines.dedup();
         ensure!(machines.len() == 3, "allocations landed on {} distinct machines, not 3", machines.len());
-        let err = allocate(&lab, "one-too-many", &image).await.err().context("a fourth allocation succeeded with three machines")?;
+        let err =
+            allocate(&lab, "one-too-many", &image).await.err().context("a fourth allocation succeeded with three machines")?;
         ensure!(format!("{err:#}").contains("no_machine_available"), "fourth allocation failed without the clear error: {err:#}");
         let d = Deadline::new("three installs to Phoned Home", Duration::from_secs(360));
         for vm in &lab.vms {
@@ -128,7 +129,11 @@ fn faults_bad_checksum_and_service_restarts() -> Result<()> {
         seen = lab.admin.wait_event(&d, id, Ev::Crashed, seen).await?;
         let events = lab.admin.events(id).await?;
         let crash = events.iter().rev().find(|e| e.event == Ev::Crashed).unwrap();
-        ensure!(crash.message.to_lowercase().contains("checksum") || crash.message.contains("sha256"), "Crashed without the reason: {:?}", crash.message);
+        ensure!(
+            crash.message.to_lowercase().contains("checksum") || crash.message.contains("sha256"),
+            "Crashed without the reason: {:?}",
+            crash.message
+        );
         ensure!(!events.iter().any(|e| e.event == Ev::BootingNewKernel), "a bad image reached Booting New Kernel");
 
         metalctl(&lab, &lab.tenant.token, &["machine", "free", &id.to_string()])?;
@@ -157,7 +162,8 @@ fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
         let st = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status()?;
         ensure!(st.success(), "ssh-keygen failed");
         let pubkey = std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
-        let i = lab.add_vm(VmSpec::new("deb1", 4).memory_mib(2048).disks(vec![DiskSpec { bus: DiskBus::Virtio, size_mib: 4096 }]))?;
+        let i =
+            lab.add_vm(VmSpec::new("deb1", 4).memory_mib(2048).disks(vec![DiskSpec { bus: DiskBus::Virtio, size_mib: 4096 }]))?;
         let id = lab.vms[i].machine_id();
         lab.vms[i].power_on()?;
         let d = Deadline::new("power-on to Waiting", Duration::from_secs(240));
@@ -185,16 +191,32 @@ fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
         })
         .await?;
         let out = std::process::Command::new("ssh")
-            .args(["-i"]).arg(&key)
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes"])
+            .args(["-i"])
+            .arg(&key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "BatchMode=yes",
+            ])
             .arg(format!("root@{ip}"))
             .args(["cat /etc/hostname; ls /etc/ssh/; systemctl is-system-running --wait || true"])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success() && text.contains("deb1"), "ssh into the Debian machine failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success() && text.contains("deb1"),
+            "ssh into the Debian machine failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Host keys made on this machine at first boot (the image carries none), no RSA one.
         ensure!(
-            text.contains("ssh_host_ed25519_key.pub") && text.contains("ssh_host_ecdsa_key.pub") && !text.contains("ssh_host_rsa_key"),
+            text.contains("ssh_host_ed25519_key.pub")
+                && text.contains("ssh_host_ecdsa_key.pub")
+                && !text.contains("ssh_host_rsa_key"),
             "unexpected SSH host keys on the machine: {text}"
         );
         lab.pass();

@@ -59,9 +59,7 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{what} id {id:?} is invalid: use 1-63 characters a-z, 0-9, '-', '_', '.', starting with a letter or digit"
-        ))
+        Err(format!("{what} id {id:?} is invalid: use 1-63 characters a-z, 0-9, '-', '_', '.', starting with a letter or digit"))
     }
 }
 
@@ -158,7 +156,10 @@ impl CatalogObject for Image {
         let m = &self.manifest;
         let id = m.id();
         if !self.id.is_empty() && self.id != id {
-            return Err(format!("image id {:?} does not match <name>-<version> = {id:?}; leave id out, the API sets it", self.id));
+            return Err(format!(
+                "image id {:?} does not match <name>-<version> = {id:?}; leave id out, the API sets it",
+                self.id
+            ));
         }
         validate_id("image", &id)?;
         if m.name.is_empty() || m.version.is_empty() {

@@ -93,10 +93,7 @@ impl HammerParams {
         check("metal.api", &self.api_url)?;
         check("metal.token", &self.enrolment_token)?;
         check("metal.partition", &self.partition)?;
-        let mut s = format!(
-            "metal.api={} metal.token={} metal.partition={}",
-            self.api_url, self.enrolment_token, self.partition
-        );
+        let mut s = format!("metal.api={} metal.token={} metal.partition={}", self.api_url, self.enrolment_token, self.partition);
         if self.lldp_seconds > 0 {
             s.push_str(&format!(" metal.lldp={}", self.lldp_seconds));
         }
@@ -125,7 +122,10 @@ mod tests {
         let words = split(r#"a=1 b="x y" c"#);
         assert_eq!(words, vec![("a".into(), "1".into()), ("b".into(), "x y".into()), ("c".into(), "".into())]);
         assert_eq!(HammerParams::parse("metal.api=http://x metal.partition=p"), Err(CmdlineError::Missing("metal.token")));
-        assert!(matches!(HammerParams::parse("metal.api=ftp://x metal.token=t metal.partition=p"), Err(CmdlineError::Invalid { .. })));
+        assert!(matches!(
+            HammerParams::parse("metal.api=ftp://x metal.token=t metal.partition=p"),
+            Err(CmdlineError::Invalid { .. })
+        ));
         // Found by metal-hammer's `cmdline` fuzz target: the URL is checked after the trailing
         // `/` are trimmed, so a URL with no host is refused rather than parsed as `http:`.
         for url in ["http://", "http:///", "https:////"] {
@@ -133,7 +133,8 @@ mod tests {
             assert_eq!(HammerParams::parse(&line), Err(CmdlineError::Invalid { key: "metal.api", value: url.into() }), "{url}");
         }
         assert_eq!(HammerParams::parse("metal.api=http://x/ metal.token=t metal.partition=p").unwrap().api_url, "http://x");
-        let bad = HammerParams { api_url: "http://x".into(), enrolment_token: "a b".into(), partition: "p".into(), lldp_seconds: 0 };
+        let bad =
+            HammerParams { api_url: "http://x".into(), enrolment_token: "a b".into(), partition: "p".into(), lldp_seconds: 0 };
         assert_eq!(bad.encode(), Err(CmdlineError::Unencodable("metal.token")));
     }
 }

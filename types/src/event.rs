@@ -81,10 +81,7 @@ pub struct UnknownEvent(pub String);
 impl FromStr for ProvisioningEvent {
     type Err = UnknownEvent;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ProvisioningEvent::ALL
-            .into_iter()
-            .find(|e| e.as_str() == s)
-            .ok_or_else(|| UnknownEvent(s.to_string()))
+        ProvisioningEvent::ALL.into_iter().find(|e| e.as_str() == s).ok_or_else(|| UnknownEvent(s.to_string()))
     }
 }
 

@@ -39,9 +39,7 @@ macro_rules! uuid_id {
         impl FromStr for $name {
             type Err = ParseIdError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Uuid::parse_str(s.trim())
-                    .map($name)
-                    .map_err(|_| ParseIdError { what: $what, value: s.to_string() })
+                Uuid::parse_str(s.trim()).map($name).map_err(|_| ParseIdError { what: $what, value: s.to_string() })
             }
         }
     };

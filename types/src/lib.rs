@@ -14,9 +14,9 @@ pub mod ids;
 pub mod mac;
 pub mod url;
 
+pub use catalog::CatalogObject;
 pub use event::{Liveliness, ProvisioningEvent};
 pub use ids::{AllocationId, ImageId, MachineId, ParseIdError};
-pub use catalog::CatalogObject;
 pub use mac::{Mac, ParseMacError};
 
 use serde::{Deserialize, Serialize};

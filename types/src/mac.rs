@@ -101,7 +101,9 @@ impl utoipa::PartialSchema for Mac {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
-            .description(Some("MAC address, lower case and colon separated (52:54:00:12:34:56); other spellings are accepted on input"))
+            .description(Some(
+                "MAC address, lower case and colon separated (52:54:00:12:34:56); other spellings are accepted on input",
+            ))
             .examples(["52:54:00:12:34:56"])
             .into()
     }
@@ -117,7 +119,14 @@ mod tests {
     #[test]
     fn every_spelling_is_one_mac() {
         let m = Mac([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
-        for s in ["52:54:00:ab:cd:ef", "52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef", "5254.00ab.cdef", "525400ABCDEF", " 52:54:00:ab:cd:ef\n"] {
+        for s in [
+            "52:54:00:ab:cd:ef",
+            "52:54:00:AB:CD:EF",
+            "52-54-00-ab-cd-ef",
+            "5254.00ab.cdef",
+            "525400ABCDEF",
+            " 52:54:00:ab:cd:ef\n",
+        ] {
             assert_eq!(s.parse::<Mac>(), Ok(m), "{s:?}");
         }
         assert_eq!(m.to_string(), "52:54:00:ab:cd:ef");
@@ -126,8 +135,17 @@ mod tests {
     #[test]
     fn not_macs() {
         for s in [
-            "", "52:54:00:ab:cd", "52:54:00:ab:cd:ef:01", "52:54:00:ab:cd:eg", "52:54-00:ab:cd:ef", "5:54:00:ab:cd:ef0",
-            "+2:54:00:ab:cd:ef", "52545400abcdef", "5254.00ab.cde", "52.54.00.ab.cd.ef", "52:54:00:ab:cd:é",
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52:54:00:ab:cd:eg",
+            "52:54-00:ab:cd:ef",
+            "5:54:00:ab:cd:ef0",
+            "+2:54:00:ab:cd:ef",
+            "52545400abcdef",
+            "5254.00ab.cde",
+            "52.54.00.ab.cd.ef",
+            "52:54:00:ab:cd:é",
         ] {
             assert!(s.parse::<Mac>().is_err(), "{s:?}");
         }

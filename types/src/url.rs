@@ -90,7 +90,20 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-5"), 0), Unsatisfiable);
         // Malformed or multiple ranges, or another unit: ignored.
-        for v in ["bytes=5-4", "bytes=150-120", "bytes=a-b", "bytes=x-1", "bytes=-", "bytes=1-2,4-5", "bytes=0-1,5-6", "bytes=9-1", "items=0-1", "bytes=+1-2", "bytes=1-+2", "bytes 0-1"] {
+        for v in [
+            "bytes=5-4",
+            "bytes=150-120",
+            "bytes=a-b",
+            "bytes=x-1",
+            "bytes=-",
+            "bytes=1-2,4-5",
+            "bytes=0-1,5-6",
+            "bytes=9-1",
+            "items=0-1",
+            "bytes=+1-2",
+            "bytes=1-+2",
+            "bytes 0-1",
+        ] {
             assert_eq!(parse_range(Some(v), 100), Full, "{v:?}");
         }
     }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use metal_types::{
-    Allocation, AllocationRequest, ApiError, FilesystemLayout, Image, Machine, MachineEvent,
-    MachineId, Partition, Project, Size, TokenInfo, TokenRequest, TokenResponse,
+    Allocation, AllocationRequest, ApiError, FilesystemLayout, Image, Machine, MachineEvent, MachineId, Partition, Project, Size,
+    TokenInfo, TokenRequest, TokenResponse,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -20,11 +20,7 @@ pub enum ClientError {
     /// The API answered with an error status but not with an `ApiError` body (a proxy, or
     /// something that is not the metal API at that URL).
     #[error("HTTP {} from {request}: {body}", .status.as_u16())]
-    Http {
-        request: String,
-        status: StatusCode,
-        body: String,
-    },
+    Http { request: String, status: StatusCode, body: String },
     /// The request never got an answer: connection refused, timeout, reset.
     #[error("cannot reach the API: {request}")]
     Transport {
@@ -146,32 +142,21 @@ impl Client {
     /// `api_url` is the API's base URL (`http://10.99.0.1:8080`); routes are appended to it.
     /// An `https://` API's certificate must chain to the CA bundle `ca_file` when given, else
     /// to the system's trust store.
-    pub fn new(
-        api_url: &str,
-        token: Option<String>,
-        ca_file: Option<&std::path::Path>,
-    ) -> Result<Client> {
-        let bad = || ClientError::BadUrl {
-            url: api_url.to_string(),
-        };
+    pub fn new(api_url: &str, token: Option<String>, ca_file: Option<&std::path::Path>) -> Result<Client> {
+        let bad = || ClientError::BadUrl { url: api_url.to_string() };
         let base = Url::parse(api_url).map_err(|_| bad())?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(bad());
         }
         let roots = metal_client::tls::Roots::from_ca_file(ca_file).map_err(ClientError::Ca)?;
-        let opts = metal_client::http::Options::new(roots)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
+        let opts =
+            metal_client::http::Options::new(roots).connect_timeout(Duration::from_secs(10)).timeout(Duration::from_secs(60));
         let http = metal_client::http::builder(&opts)
             .map_err(ClientError::Build)?
             .user_agent(concat!("metalctl/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Build(metal_client::http::BuildError::Build(e)))?;
-        Ok(Client {
-            base,
-            token: token.filter(|t| !t.is_empty()),
-            http,
-        })
+        Ok(Client { base, token: token.filter(|t| !t.is_empty()), http })
     }
 
     /// The URL of a route: the base URL's path plus the given segments, each escaped.
@@ -179,9 +164,7 @@ impl Client {
         let mut url = self.base.clone();
         {
             // `cannot_be_a_base` was ruled out in `new`.
-            let mut path = url
-                .path_segments_mut()
-                .expect("base URL checked in Client::new");
+            let mut path = url.path_segments_mut().expect("base URL checked in Client::new");
             path.pop_if_empty();
             path.extend(segments);
         }
@@ -201,25 +184,14 @@ impl Client {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
-            let json = body.to_json().map_err(|source| ClientError::Encode {
-                request: request.clone(),
-                source,
-            })?;
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(json);
+            let json = body.to_json().map_err(|source| ClientError::Encode { request: request.clone(), source })?;
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(json);
         }
         let transport = |source: reqwest::Error| {
             if metal_client::http::is_tls_error(&source) {
-                ClientError::Tls {
-                    request: request.clone(),
-                    source,
-                }
+                ClientError::Tls { request: request.clone(), source }
             } else {
-                ClientError::Transport {
-                    request: request.clone(),
-                    source,
-                }
+                ClientError::Transport { request: request.clone(), source }
             }
         };
         let resp = req.send().await.map_err(transport)?;
@@ -230,15 +202,9 @@ impl Client {
         }
         Err(match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(error) => ClientError::Api { status, error },
-            Err(_) => ClientError::Http {
-                request,
-                status,
-                body: String::from_utf8_lossy(&bytes)
-                    .trim()
-                    .chars()
-                    .take(500)
-                    .collect(),
-            },
+            Err(_) => {
+                ClientError::Http { request, status, body: String::from_utf8_lossy(&bytes).trim().chars().take(500).collect() }
+            }
         })
     }
 
@@ -250,8 +216,7 @@ impl Client {
     ) -> Result<(StatusCode, T)> {
         let request = format!("{method} {}", self.url(segments));
         let (status, bytes) = self.send(method, segments, body).await?;
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|source| ClientError::Decode { request, source })?;
+        let value = serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { request, source })?;
         Ok((status, value))
     }
 
@@ -272,9 +237,7 @@ impl Client {
     /// `POST /v1/<kind>`: the object as the API stored it, and whether it is new (201) or
     /// an identical one existed already (200). Different content under the same id is a 409.
     pub async fn create<K: CatalogKind + Sync>(&self, object: &K) -> Result<(K, bool)> {
-        let (status, stored) = self
-            .call(Method::POST, &["v1", K::PATH], Some(object))
-            .await?;
+        let (status, stored) = self.call(Method::POST, &["v1", K::PATH], Some(object)).await?;
         Ok((stored, status == StatusCode::CREATED))
     }
 
@@ -290,17 +253,12 @@ impl Client {
 
     /// `DELETE /v1/<kind>/{id}`.
     pub async fn delete<K: CatalogKind>(&self, id: &str) -> Result<()> {
-        self.send(Method::DELETE, &["v1", K::PATH, id], None)
-            .await
-            .map(|_| ())
+        self.send(Method::DELETE, &["v1", K::PATH, id], None).await.map(|_| ())
     }
 
     /// `POST /v1/tokens` (admin).
     pub async fn create_token(&self, req: &TokenRequest) -> Result<TokenResponse> {
-        Ok(self
-            .call(Method::POST, &["v1", "tokens"], Some(req))
-            .await?
-            .1)
+        Ok(self.call(Method::POST, &["v1", "tokens"], Some(req)).await?.1)
     }
 
     /// `GET /v1/tokens` (admin): admin, tenant and pixie tokens, never the tokens themselves.
@@ -311,9 +269,7 @@ impl Client {
     /// `DELETE /v1/tokens/{id}` (admin): the token stops working (within the API's cache TTL
     /// on other replicas).
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
-        self.send(Method::DELETE, &["v1", "tokens", id], None)
-            .await
-            .map(|_| ())
+        self.send(Method::DELETE, &["v1", "tokens", id], None).await.map(|_| ())
     }
 
     /// `GET /v1/machines`.
@@ -328,31 +284,18 @@ impl Client {
 
     /// `GET /v1/machines/{id}/events`: the machine's timeline, oldest first.
     pub async fn machine_events(&self, id: MachineId) -> Result<Vec<MachineEvent>> {
-        self.get(&["v1", "machines", &id.to_string(), "events"])
-            .await
+        self.get(&["v1", "machines", &id.to_string(), "events"]).await
     }
 
     /// `DELETE /v1/machines/{id}/allocation`: free the machine; it goes to `Machine Reclaim`.
     pub async fn free_machine(&self, id: MachineId) -> Result<Machine> {
-        Ok(self
-            .call(
-                Method::DELETE,
-                &["v1", "machines", &id.to_string(), "allocation"],
-                None,
-            )
-            .await?
-            .1)
+        Ok(self.call(Method::DELETE, &["v1", "machines", &id.to_string(), "allocation"], None).await?.1)
     }
 
     /// `POST /v1/allocations`. 409 `no_machine_available` when no machine fits.
     pub async fn allocate(&self, req: &AllocationRequest) -> Result<Allocated> {
-        let (status, allocation) = self
-            .call(Method::POST, &["v1", "allocations"], Some(req))
-            .await?;
-        Ok(Allocated {
-            allocation,
-            created: status == StatusCode::CREATED,
-        })
+        let (status, allocation) = self.call(Method::POST, &["v1", "allocations"], Some(req)).await?;
+        Ok(Allocated { allocation, created: status == StatusCode::CREATED })
     }
 
     /// [`Client::allocate`], retried up to `attempts` times in all when the request may not
@@ -369,9 +312,7 @@ impl Client {
         let mut attempt = 1;
         loop {
             match self.allocate(req).await {
-                Err(e)
-                    if e.is_transport() && attempt < attempts && req.idempotency_key.is_some() =>
-                {
+                Err(e) if e.is_transport() && attempt < attempts && req.idempotency_key.is_some() => {
                     on_retry(&e);
                     tokio::time::sleep(pause * attempt).await;
                     attempt += 1;
@@ -407,31 +348,16 @@ mod tests {
     #[test]
     fn urls_keep_the_base_path_and_escape_segments() {
         let c = Client::new("http://10.99.0.1:8080", None, None).unwrap();
-        assert_eq!(
-            c.url(&["v1", "partitions"]).as_str(),
-            "http://10.99.0.1:8080/v1/partitions"
-        );
+        assert_eq!(c.url(&["v1", "partitions"]).as_str(), "http://10.99.0.1:8080/v1/partitions");
         let c = Client::new("http://example.test/api/", None, None).unwrap();
-        assert_eq!(
-            c.url(&["v1", "images", "a/b c"]).as_str(),
-            "http://example.test/api/v1/images/a%2Fb%20c"
-        );
+        assert_eq!(c.url(&["v1", "images", "a/b c"]).as_str(), "http://example.test/api/v1/images/a%2Fb%20c");
     }
 
     #[test]
     fn bad_urls_are_refused() {
-        assert!(matches!(
-            Client::new("10.99.0.1:8080", None, None),
-            Err(ClientError::BadUrl { .. })
-        ));
-        assert!(matches!(
-            Client::new("ftp://x", None, None),
-            Err(ClientError::BadUrl { .. })
-        ));
-        assert!(matches!(
-            Client::new("mailto:a@b", None, None),
-            Err(ClientError::BadUrl { .. })
-        ));
+        assert!(matches!(Client::new("10.99.0.1:8080", None, None), Err(ClientError::BadUrl { .. })));
+        assert!(matches!(Client::new("ftp://x", None, None), Err(ClientError::BadUrl { .. })));
+        assert!(matches!(Client::new("mailto:a@b", None, None), Err(ClientError::BadUrl { .. })));
     }
 
     #[test]
@@ -443,10 +369,7 @@ mod tests {
                 message: "no waiting machine of size small in partition lab".into(),
             },
         };
-        assert_eq!(
-            e.to_string(),
-            "no waiting machine of size small in partition lab (no_machine_available, HTTP 409)"
-        );
+        assert_eq!(e.to_string(), "no waiting machine of size small in partition lab (no_machine_available, HTTP 409)");
     }
 
     /// A loopback HTTP/1.1 server for these unit tests: each connection gets the next scripted
@@ -475,11 +398,7 @@ mod tests {
                     if let Some((head, body)) = text.split_once("\r\n\r\n") {
                         let len = head
                             .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().to_string())
-                            })
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
                             .and_then(|v| v.parse::<usize>().ok())
                             .unwrap_or(0);
                         if body.len() >= len {
@@ -534,36 +453,17 @@ mod tests {
         let c = Client::new(&s.url, Some("tok".into()), None).unwrap();
 
         let e = c.allocate(&request(None)).await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "no machine of size small is waiting (no_machine_available, HTTP 409)"
-        );
+        assert_eq!(e.to_string(), "no machine of size small is waiting (no_machine_available, HTTP 409)");
         let e = c.machines().await.unwrap_err();
         assert!(matches!(e, ClientError::Http { .. }), "{e:?}");
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "HTTP 502 from GET {}/v1/machines: <html>Bad Gateway</html>",
-                s.url
-            )
-        );
+        assert_eq!(e.to_string(), format!("HTTP 502 from GET {}/v1/machines: <html>Bad Gateway</html>", s.url));
         let e = c.list::<Project>().await.unwrap_err();
         assert!(matches!(e, ClientError::Decode { .. }), "{e:?}");
         assert!(c.list::<Size>().await.unwrap().is_empty());
 
         let reqs = s.requests.lock().unwrap().clone();
-        assert!(
-            reqs[0].starts_with("POST /v1/allocations HTTP/1.1"),
-            "{}",
-            reqs[0]
-        );
-        assert!(
-            reqs[0]
-                .to_ascii_lowercase()
-                .contains("authorization: bearer tok"),
-            "{}",
-            reqs[0]
-        );
+        assert!(reqs[0].starts_with("POST /v1/allocations HTTP/1.1"), "{}", reqs[0]);
+        assert!(reqs[0].to_ascii_lowercase().contains("authorization: bearer tok"), "{}", reqs[0]);
         assert!(reqs[0].contains(r#""hostname":"h""#), "{}", reqs[0]);
         assert!(reqs[3].starts_with("GET /v1/sizes HTTP/1.1"), "{}", reqs[3]);
     }
@@ -577,11 +477,7 @@ mod tests {
         let c = Client::new(&format!("http://{addr}"), None, None).unwrap();
         let e = c.health().await.unwrap_err();
         assert!(e.is_transport(), "{e:?}");
-        assert!(
-            e.to_string()
-                .starts_with(&format!("cannot reach the API: GET http://{addr}/healthz")),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with(&format!("cannot reach the API: GET http://{addr}/healthz")), "{e}");
     }
 
     #[tokio::test]
@@ -589,62 +485,30 @@ mod tests {
         let s = scripted(vec![None, Some((201, ALLOCATION))]).await;
         let c = Client::new(&s.url, None, None).unwrap();
         let mut retries = 0;
-        let a = c
-            .allocate_retrying(
-                &request(Some("k1")),
-                3,
-                Duration::from_millis(1),
-                &mut |_| retries += 1,
-            )
-            .await
-            .unwrap();
+        let a = c.allocate_retrying(&request(Some("k1")), 3, Duration::from_millis(1), &mut |_| retries += 1).await.unwrap();
         assert!(a.created);
         assert_eq!(a.allocation.hostname, "h");
         assert_eq!(retries, 1);
         let reqs = s.requests.lock().unwrap().clone();
         assert_eq!(reqs.len(), 2);
-        assert!(
-            reqs.iter().all(|r| r.contains(r#""idempotency_key":"k1""#)),
-            "{reqs:?}"
-        );
+        assert!(reqs.iter().all(|r| r.contains(r#""idempotency_key":"k1""#)), "{reqs:?}");
     }
 
     #[tokio::test]
     async fn no_retry_without_a_key_nor_after_an_api_answer() {
         let s = scripted(vec![None]).await;
         let c = Client::new(&s.url, None, None).unwrap();
-        let e = c
-            .allocate_retrying(&request(None), 3, Duration::from_millis(1), &mut |_| {
-                panic!("retried")
-            })
-            .await;
+        let e = c.allocate_retrying(&request(None), 3, Duration::from_millis(1), &mut |_| panic!("retried")).await;
         assert!(e.unwrap_err().is_transport());
 
         let s = scripted(vec![Some((200, ALLOCATION))]).await;
         let c = Client::new(&s.url, None, None).unwrap();
-        let a = c
-            .allocate_retrying(
-                &request(Some("k1")),
-                3,
-                Duration::from_millis(1),
-                &mut |_| panic!("retried"),
-            )
-            .await;
-        assert!(
-            !a.unwrap().created,
-            "200 means an earlier request with this key made it"
-        );
+        let a = c.allocate_retrying(&request(Some("k1")), 3, Duration::from_millis(1), &mut |_| panic!("retried")).await;
+        assert!(!a.unwrap().created, "200 means an earlier request with this key made it");
 
         let s = scripted(vec![Some((409, r#"{"code":"conflict","message":"m"}"#))]).await;
         let c = Client::new(&s.url, None, None).unwrap();
-        let e = c
-            .allocate_retrying(
-                &request(Some("k1")),
-                3,
-                Duration::from_millis(1),
-                &mut |_| panic!("retried"),
-            )
-            .await;
+        let e = c.allocate_retrying(&request(Some("k1")), 3, Duration::from_millis(1), &mut |_| panic!("retried")).await;
         assert!(matches!(e.unwrap_err(), ClientError::Api { .. }));
     }
 }

@@ -68,23 +68,13 @@ pub fn default_path(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
 pub fn load_file(path: &Path, required: bool) -> Result<ConfigFile, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-            return Ok(ConfigFile::default())
-        }
-        Err(source) => {
-            return Err(ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(ConfigFile::default()),
+        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
     };
     if text.trim().is_empty() {
         return Ok(ConfigFile::default());
     }
-    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
 }
 
 /// The file's mode when a token file is readable or writable by group or others (it should be
@@ -111,19 +101,12 @@ pub fn resolve(
             .or(file.filter(|v| set(v)).cloned())
             .map(|v| v.trim().to_string())
     }
-    let api_url = pick(flag_api_url, env(ENV_API_URL), file.api_url.as_ref()).ok_or_else(|| {
-        ConfigError::NoApiUrl {
-            config_path: config_path.to_path_buf(),
-        }
-    })?;
+    let api_url = pick(flag_api_url, env(ENV_API_URL), file.api_url.as_ref())
+        .ok_or_else(|| ConfigError::NoApiUrl { config_path: config_path.to_path_buf() })?;
     let token = pick(flag_token, env(ENV_TOKEN), file.token.as_ref());
     let file_ca = file.ca_file.as_ref().map(|p| p.display().to_string());
     let ca_file = pick(None, env(ENV_CA_FILE), file_ca.as_ref()).map(PathBuf::from);
-    Ok(Settings {
-        api_url,
-        token,
-        ca_file,
-    })
+    Ok(Settings { api_url, token, ca_file })
 }
 
 #[cfg(test)]
@@ -132,19 +115,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
     fn file(url: Option<&str>, token: Option<&str>) -> ConfigFile {
-        ConfigFile {
-            api_url: url.map(Into::into),
-            token: token.map(Into::into),
-            ca_file: None,
-        }
+        ConfigFile { api_url: url.map(Into::into), token: token.map(Into::into), ca_file: None }
     }
 
     #[test]
@@ -155,66 +131,20 @@ mod tests {
         let none = env_of(&[]);
 
         // (flag url, flag token, use env, use file) -> (url, token)
-        type Case<'a> = (
-            Option<&'a str>,
-            Option<&'a str>,
-            bool,
-            bool,
-            &'a str,
-            Option<&'a str>,
-        );
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, bool, bool, &'a str, Option<&'a str>);
         let cases: &[Case] = &[
-            (
-                Some("http://flag:1"),
-                Some("flag-token"),
-                true,
-                true,
-                "http://flag:1",
-                Some("flag-token"),
-            ),
+            (Some("http://flag:1"), Some("flag-token"), true, true, "http://flag:1", Some("flag-token")),
             (None, None, true, true, "http://env:1", Some("env-token")),
             (None, None, false, true, "http://file:1", Some("file-token")),
-            (
-                Some("http://flag:1"),
-                None,
-                false,
-                true,
-                "http://flag:1",
-                Some("file-token"),
-            ),
-            (
-                None,
-                Some("flag-token"),
-                true,
-                false,
-                "http://env:1",
-                Some("flag-token"),
-            ),
-            (
-                Some("http://flag:1"),
-                None,
-                false,
-                false,
-                "http://flag:1",
-                None,
-            ),
+            (Some("http://flag:1"), None, false, true, "http://flag:1", Some("file-token")),
+            (None, Some("flag-token"), true, false, "http://env:1", Some("flag-token")),
+            (Some("http://flag:1"), None, false, false, "http://flag:1", None),
             // Empty values count as unset and fall through.
-            (
-                Some(""),
-                Some(" "),
-                true,
-                true,
-                "http://env:1",
-                Some("env-token"),
-            ),
+            (Some(""), Some(" "), true, true, "http://env:1", Some("env-token")),
         ];
         for (i, (fu, ft, use_env, use_file, want_url, want_token)) in cases.iter().enumerate() {
             let e: &dyn Fn(&str) -> Option<String> = if *use_env { &env } else { &none };
-            let fl = if *use_file {
-                f.clone()
-            } else {
-                ConfigFile::default()
-            };
+            let fl = if *use_file { f.clone() } else { ConfigFile::default() };
             let s = resolve(*fu, *ft, e, &fl, p).unwrap();
             assert_eq!(s.api_url, *want_url, "case {i}");
             assert_eq!(s.token.as_deref(), *want_token, "case {i}");
@@ -225,39 +155,19 @@ mod tests {
     fn ca_file_from_env_beats_the_file() {
         let p = Path::new("/cfg.yaml");
         let mut f = file(Some("https://file:1"), None);
-        assert_eq!(
-            resolve(None, None, &env_of(&[]), &f, p).unwrap().ca_file,
-            None
-        );
+        assert_eq!(resolve(None, None, &env_of(&[]), &f, p).unwrap().ca_file, None);
         f.ca_file = Some(PathBuf::from("/etc/metal/ca.pem"));
         let s = resolve(None, None, &env_of(&[]), &f, p).unwrap();
         assert_eq!(s.ca_file, Some(PathBuf::from("/etc/metal/ca.pem")));
-        let s = resolve(
-            None,
-            None,
-            &env_of(&[(ENV_CA_FILE, "/tmp/lab-ca.pem")]),
-            &f,
-            p,
-        )
-        .unwrap();
+        let s = resolve(None, None, &env_of(&[(ENV_CA_FILE, "/tmp/lab-ca.pem")]), &f, p).unwrap();
         assert_eq!(s.ca_file, Some(PathBuf::from("/tmp/lab-ca.pem")));
     }
 
     #[test]
     fn missing_url_names_all_three_places() {
-        let err = resolve(
-            None,
-            Some("t"),
-            &env_of(&[]),
-            &ConfigFile::default(),
-            Path::new("/x/c.yaml"),
-        )
-        .unwrap_err();
+        let err = resolve(None, Some("t"), &env_of(&[]), &ConfigFile::default(), Path::new("/x/c.yaml")).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("--api-url") && msg.contains(ENV_API_URL) && msg.contains("/x/c.yaml"),
-            "{msg}"
-        );
+        assert!(msg.contains("--api-url") && msg.contains(ENV_API_URL) && msg.contains("/x/c.yaml"), "{msg}");
     }
 
     #[test]
@@ -266,10 +176,7 @@ mod tests {
             default_path(&env_of(&[("HOME", "/home/a"), ("XDG_CONFIG_HOME", "/xdg")])),
             PathBuf::from("/xdg/metalctl/config.yaml")
         );
-        assert_eq!(
-            default_path(&env_of(&[("HOME", "/home/a")])),
-            PathBuf::from("/home/a/.config/metalctl/config.yaml")
-        );
+        assert_eq!(default_path(&env_of(&[("HOME", "/home/a")])), PathBuf::from("/home/a/.config/metalctl/config.yaml"));
     }
 
     #[test]
@@ -292,16 +199,10 @@ mod tests {
 
         // Missing: fine for the default file, an error for an explicit one.
         assert_eq!(load_file(&path, false).unwrap(), ConfigFile::default());
-        assert!(matches!(
-            load_file(&path, true),
-            Err(ConfigError::Read { .. })
-        ));
+        assert!(matches!(load_file(&path, true), Err(ConfigError::Read { .. })));
 
         std::fs::write(&path, "api_url: http://10.99.0.1:8080\ntoken: abc\n").unwrap();
-        assert_eq!(
-            load_file(&path, true).unwrap(),
-            file(Some("http://10.99.0.1:8080"), Some("abc"))
-        );
+        assert_eq!(load_file(&path, true).unwrap(), file(Some("http://10.99.0.1:8080"), Some("abc")));
 
         std::fs::write(&path, "api_url: http://x\ntokn: abc\n").unwrap();
         let err = load_file(&path, true).unwrap_err();

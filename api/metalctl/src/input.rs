@@ -46,18 +46,10 @@ pub struct Objects<T> {
 
 /// Parses one object or a list of objects of type `T`. `path` and `noun` name the source in
 /// errors; the parser's own message carries line and column.
-pub fn parse_objects<T: DeserializeOwned>(
-    text: &str,
-    path: &str,
-    noun: &'static str,
-) -> Result<Objects<T>, InputError> {
+pub fn parse_objects<T: DeserializeOwned>(text: &str, path: &str, noun: &'static str) -> Result<Objects<T>, InputError> {
     let list;
     let items = if looks_like_json(text) {
-        let json = |source| InputError::Json {
-            path: path.to_string(),
-            noun,
-            source,
-        };
+        let json = |source| InputError::Json { path: path.to_string(), noun, source };
         list = text.trim_start().starts_with('[');
         if list {
             serde_json::from_str::<Vec<T>>(text).map_err(json)?
@@ -65,11 +57,7 @@ pub fn parse_objects<T: DeserializeOwned>(
             vec![serde_json::from_str::<T>(text).map_err(json)?]
         }
     } else {
-        let yaml = |source| InputError::Yaml {
-            path: path.to_string(),
-            noun,
-            source,
-        };
+        let yaml = |source| InputError::Yaml { path: path.to_string(), noun, source };
         // Look at the shape first, then parse the text again as that shape, so errors keep
         // their line numbers.
         let shape = serde_yaml::from_str::<serde_yaml::Value>(text).map_err(yaml)?;
@@ -81,69 +69,39 @@ pub fn parse_objects<T: DeserializeOwned>(
         }
     };
     if items.is_empty() {
-        return Err(InputError::Empty {
-            path: path.to_string(),
-            noun,
-        });
+        return Err(InputError::Empty { path: path.to_string(), noun });
     }
     Ok(Objects { items, list })
 }
 
 /// Reads `path` (`-` for standard input) and parses it with [`parse_objects`].
-pub fn read_objects<T: DeserializeOwned>(
-    path: &Path,
-    noun: &'static str,
-) -> Result<Objects<T>, InputError> {
+pub fn read_objects<T: DeserializeOwned>(path: &Path, noun: &'static str) -> Result<Objects<T>, InputError> {
     let name = path.display().to_string();
-    let text = if name == "-" {
-        std::io::read_to_string(std::io::stdin())
-    } else {
-        std::fs::read_to_string(path)
-    }
-    .map_err(|source| InputError::Read {
-        path: name.clone(),
-        source,
-    })?;
+    let text = if name == "-" { std::io::read_to_string(std::io::stdin()) } else { std::fs::read_to_string(path) }
+        .map_err(|source| InputError::Read { path: name.clone(), source })?;
     parse_objects(&text, &name, noun)
 }
 
 /// Reads a single JSON/YAML value of type `T` (e.g. an image manifest).
 pub fn read_one<T: DeserializeOwned>(path: &Path, noun: &'static str) -> Result<T, InputError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| InputError::Read {
-        path: name.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| InputError::Read { path: name.clone(), source })?;
     if looks_like_json(&text) {
-        serde_json::from_str(&text).map_err(|source| InputError::Json {
-            path: name,
-            noun,
-            source,
-        })
+        serde_json::from_str(&text).map_err(|source| InputError::Json { path: name, noun, source })
     } else {
-        serde_yaml::from_str(&text).map_err(|source| InputError::Yaml {
-            path: name,
-            noun,
-            source,
-        })
+        serde_yaml::from_str(&text).map_err(|source| InputError::Yaml { path: name, noun, source })
     }
 }
 
 /// Reads SSH public keys from a file: one per line, blank lines and `#` comments skipped.
 pub fn ssh_keys_from_text(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect()
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metal_types::{
-        ConstraintKind, FilesystemLayout, Image, ImageFormat, Partition, Project, Size,
-    };
+    use metal_types::{ConstraintKind, FilesystemLayout, Image, ImageFormat, Partition, Project, Size};
 
     const PARTITION_YAML: &str = "\
 # the lab
@@ -172,10 +130,7 @@ boot:
         let o = parse_objects::<Project>(text, "p.yaml", "project").unwrap();
         assert!(o.list);
         let p = o.items;
-        assert_eq!(
-            p.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(p.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(p[1].description, "second");
     }
 
@@ -195,47 +150,27 @@ boot:
     #[test]
     fn json_in_a_yaml_named_file_is_still_json() {
         // Content decides, not the name.
-        let p = parse_objects::<Project>(r#"{"id": "x"}"#, "p.yaml", "project")
-            .unwrap()
-            .items;
+        let p = parse_objects::<Project>(r#"{"id": "x"}"#, "p.yaml", "project").unwrap().items;
         assert_eq!(p[0].id, "x");
     }
 
     #[test]
     fn unknown_fields_are_errors_with_a_position() {
-        let err =
-            parse_objects::<Project>("id: a\ndescripton: typo\n", "p.yaml", "project").unwrap_err();
+        let err = parse_objects::<Project>("id: a\ndescripton: typo\n", "p.yaml", "project").unwrap_err();
         let msg = format!("{:#}", anyhow::Error::from(err));
-        assert!(
-            msg.contains("p.yaml is not a valid project (YAML)"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("descripton") && msg.contains("line 2"),
-            "{msg}"
-        );
+        assert!(msg.contains("p.yaml is not a valid project (YAML)"), "{msg}");
+        assert!(msg.contains("descripton") && msg.contains("line 2"), "{msg}");
 
-        let err =
-            parse_objects::<Project>("[{\"id\": \"a\"},\n {\"idd\": 1}]", "p.json", "project")
-                .unwrap_err();
+        let err = parse_objects::<Project>("[{\"id\": \"a\"},\n {\"idd\": 1}]", "p.json", "project").unwrap_err();
         let msg = format!("{:#}", anyhow::Error::from(err));
         assert!(msg.contains("idd") && msg.contains("line 2"), "{msg}");
     }
 
     #[test]
     fn empty_files_are_errors() {
-        assert!(matches!(
-            parse_objects::<Project>("", "e.yaml", "project"),
-            Err(InputError::Empty { .. })
-        ));
-        assert!(matches!(
-            parse_objects::<Project>("# nothing\n", "e.yaml", "project"),
-            Err(InputError::Empty { .. })
-        ));
-        assert!(matches!(
-            parse_objects::<Project>("[]", "e.json", "project"),
-            Err(InputError::Empty { .. })
-        ));
+        assert!(matches!(parse_objects::<Project>("", "e.yaml", "project"), Err(InputError::Empty { .. })));
+        assert!(matches!(parse_objects::<Project>("# nothing\n", "e.yaml", "project"), Err(InputError::Empty { .. })));
+        assert!(matches!(parse_objects::<Project>("[]", "e.json", "project"), Err(InputError::Empty { .. })));
     }
 
     #[test]
@@ -250,9 +185,7 @@ uncompressed_size: 300
 sha256: 00ff
 kernel: boot/vmlinuz
 ";
-        let i = parse_objects::<Image>(text, "i.yaml", "image")
-            .unwrap()
-            .items;
+        let i = parse_objects::<Image>(text, "i.yaml", "image").unwrap().items;
         assert_eq!(i[0].manifest.format, ImageFormat::TarZst);
         assert_eq!(i[0].manifest.id(), "test-os-20261124");
         assert_eq!(i[0].id, "");
@@ -279,9 +212,7 @@ filesystems:
   - {source: 'first:1', kind: vfat, mount: /boot/efi}
   - {source: 'first:2', kind: ext4, mount: /}
 ";
-        let l = parse_objects::<FilesystemLayout>(text, "l.yaml", "layout")
-            .unwrap()
-            .items;
+        let l = parse_objects::<FilesystemLayout>(text, "l.yaml", "layout").unwrap().items;
         assert_eq!(l[0].disks[0].partitions.len(), 2);
         assert_eq!(l[0].filesystems[1].mount.as_deref(), Some("/"));
     }
@@ -302,22 +233,10 @@ filesystems:
             r.unwrap().items.len()
         }
         let p = |name: &str| dir.join(name);
-        assert_eq!(
-            count(read_objects::<Partition>(&p("partition.yaml"), "partition")),
-            1
-        );
+        assert_eq!(count(read_objects::<Partition>(&p("partition.yaml"), "partition")), 1);
         assert_eq!(count(read_objects::<Size>(&p("size.yaml"), "size")), 1);
-        assert_eq!(
-            count(read_objects::<FilesystemLayout>(
-                &p("layout.yaml"),
-                "layout"
-            )),
-            1
-        );
-        assert_eq!(
-            count(read_objects::<Project>(&p("project.yaml"), "project")),
-            1
-        );
+        assert_eq!(count(read_objects::<FilesystemLayout>(&p("layout.yaml"), "layout")), 1);
+        assert_eq!(count(read_objects::<Project>(&p("project.yaml"), "project")), 1);
         assert_eq!(count(read_objects::<Image>(&p("image.yaml"), "image")), 1);
         let cfg = crate::config::load_file(&p("metalctl-config.yaml"), true).unwrap();
         assert!(cfg.api_url.is_some() && cfg.token.is_some());

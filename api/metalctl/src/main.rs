@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use metal_types::{
-    AllocationRequest, FilesystemLayout, Image, ImageClassification, ImageManifest, Machine,
-    MachineId, Partition, Project, ProvisioningEvent, Size, TokenRequest, TokenRole,
+    AllocationRequest, FilesystemLayout, Image, ImageClassification, ImageManifest, Machine, MachineId, Partition, Project,
+    ProvisioningEvent, Size, TokenRequest, TokenRole,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -33,11 +33,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 const GLOBAL: &str = "Global options";
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "metalctl",
-    version,
-    about = "Command-line client of the metal API"
-)]
+#[command(name = "metalctl", version, about = "Command-line client of the metal API")]
 struct Cli {
     /// Base URL of the API [env: METAL_API_URL; config file: api_url]
     #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
@@ -170,9 +166,7 @@ enum TokenCmd {
 fn parse_duration(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 12h or 30d"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 12h or 30d"))?;
     let factor = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -180,9 +174,7 @@ fn parse_duration(s: &str) -> std::result::Result<u64, String> {
         "d" => 86_400,
         _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
     };
-    n.checked_mul(factor)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("{s:?} must be more than zero and less than forever"))
+    n.checked_mul(factor).filter(|v| *v > 0).ok_or_else(|| format!("{s:?} must be more than zero and less than forever"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -294,12 +286,7 @@ struct AllocateArgs {
     #[arg(long, value_name = "EVENT", value_parser = parse_awaited_event)]
     wait_for: Option<ProvisioningEvent>,
     /// With --wait-for: give up after this many seconds (exit 3)
-    #[arg(
-        long = "timeout-s",
-        value_name = "SECONDS",
-        default_value_t = 900,
-        requires = "wait_for"
-    )]
+    #[arg(long = "timeout-s", value_name = "SECONDS", default_value_t = 900, requires = "wait_for")]
     timeout_s: u64,
 }
 
@@ -313,33 +300,26 @@ enum AllocationCmd {
 /// Event names as the API spells them (`Phoned Home`), any case, `-`/`_` for spaces.
 fn parse_event(s: &str) -> Result<ProvisioningEvent, String> {
     let norm = |v: &str| v.to_ascii_lowercase().replace(['-', '_'], " ");
-    ProvisioningEvent::ALL
-        .into_iter()
-        .find(|e| norm(e.as_str()) == norm(s.trim()))
-        .ok_or_else(|| {
-            let all: Vec<&str> = ProvisioningEvent::ALL.iter().map(|e| e.as_str()).collect();
-            format!("unknown event {s:?}; one of: {}", all.join(", "))
-        })
+    ProvisioningEvent::ALL.into_iter().find(|e| norm(e.as_str()) == norm(s.trim())).ok_or_else(|| {
+        let all: Vec<&str> = ProvisioningEvent::ALL.iter().map(|e| e.as_str()).collect();
+        format!("unknown event {s:?}; one of: {}", all.join(", "))
+    })
 }
 
 /// An event to wait for: any but `Alive`, which is a heartbeat the API does not keep in the
 /// timeline, so a wait for it would never end.
 fn parse_awaited_event(s: &str) -> Result<ProvisioningEvent, String> {
     match parse_event(s)? {
-        ProvisioningEvent::Alive => Err(
-            "`Alive` is a heartbeat and never appears in the timeline; wait for \"Phoned Home\" instead"
-                .to_string(),
-        ),
+        ProvisioningEvent::Alive => {
+            Err("`Alive` is a heartbeat and never appears in the timeline; wait for \"Phoned Home\" instead".to_string())
+        }
         e => Ok(e),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -371,13 +351,7 @@ fn settings(cli: &Cli) -> anyhow::Result<config::Settings> {
             );
         }
     }
-    Ok(config::resolve(
-        cli.api_url.as_deref(),
-        cli.token.as_deref(),
-        &env,
-        &file,
-        &path,
-    )?)
+    Ok(config::resolve(cli.api_url.as_deref(), cli.token.as_deref(), &env, &file, &path)?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -395,12 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client.revoke_token(&id).await?;
             eprintln!("token {id} revoked");
         }
-        Command::Token(TokenCmd::Create {
-            role,
-            project,
-            description,
-            expires_in,
-        }) => {
+        Command::Token(TokenCmd::Create { role, project, description, expires_in }) => {
             let role = match role {
                 Role::Admin => TokenRole::Admin,
                 Role::Tenant => TokenRole::Tenant,
@@ -409,14 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if role == TokenRole::Tenant && project.is_none() {
                 bail!("a tenant token belongs to one project: pass --project");
             }
-            let token = client
-                .create_token(&TokenRequest {
-                    role,
-                    project,
-                    description,
-                    expires_in_s: expires_in,
-                })
-                .await?;
+            let token = client.create_token(&TokenRequest { role, project, description, expires_in_s: expires_in }).await?;
             print_item(out, &token)?;
         }
         Command::Machine(cmd) => return machine(&client, cmd, out).await,
@@ -431,16 +393,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// What `health` prints: the API's `status` for the table format (`ok`), else its body.
 fn health_text(format: Format, body: &str) -> String {
-    let status = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("status")?.as_str().map(str::to_string));
+    let status = serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v.get("status")?.as_str().map(str::to_string));
     match (format, status) {
         (Format::Table, Some(status)) => status,
         (Format::Yaml, _) => match serde_json::from_str::<serde_yaml::Value>(body) {
-            Ok(v) => serde_yaml::to_string(&v)
-                .unwrap_or_else(|_| body.to_string())
-                .trim_end()
-                .to_string(),
+            Ok(v) => serde_yaml::to_string(&v).unwrap_or_else(|_| body.to_string()).trim_end().to_string(),
             Err(_) => body.to_string(),
         },
         _ if body.is_empty() => "ok".to_string(),
@@ -458,9 +415,7 @@ fn emit(text: impl AsRef<str>) -> std::io::Result<()> {
 
 /// True when the error comes from writing into a pipe whose reader is gone.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>()).any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Prints a list: a table, or the JSON/YAML of the list.
@@ -506,18 +461,11 @@ where
 /// Creates the objects in order and prints what was created (JSON/YAML in the shape of the
 /// input: one object or a list). On an error the ones created before it stay (and are printed),
 /// and the error says how far it got.
-async fn create_all<K>(
-    client: &Client,
-    objects: input::Objects<K>,
-    out: Format,
-) -> anyhow::Result<()>
+async fn create_all<K>(client: &Client, objects: input::Objects<K>, out: Format) -> anyhow::Result<()>
 where
     K: CatalogKind + Tabular + Sync,
 {
-    let input::Objects {
-        items: objects,
-        list,
-    } = objects;
+    let input::Objects { items: objects, list } = objects;
     let total = objects.len();
     let mut created = Vec::with_capacity(total);
     let mut failure = None;
@@ -525,11 +473,7 @@ where
         match client.create(object).await {
             Ok((c, new)) => {
                 if !new {
-                    eprintln!(
-                        "{} {} exists already with this content: unchanged",
-                        K::NOUN,
-                        c.id()
-                    );
+                    eprintln!("{} {} exists already with this content: unchanged", K::NOUN, c.id());
                 }
                 created.push(c)
             }
@@ -549,35 +493,17 @@ where
         Some(e) if total == 1 => Err(e.into()),
         Some(e) => {
             let at = &objects[created.len()];
-            Err(anyhow::Error::from(e).context(format!(
-                "{} {:?} ({} of {total})",
-                K::NOUN,
-                at.id(),
-                created.len() + 1
-            )))
+            Err(anyhow::Error::from(e).context(format!("{} {:?} ({} of {total})", K::NOUN, at.id(), created.len() + 1)))
         }
     }
 }
 
 async fn image(client: &Client, cmd: ImageCmd, out: Format) -> anyhow::Result<()> {
     match cmd {
-        ImageCmd::Create {
-            file: Some(file), ..
-        } => {
-            create_all(
-                client,
-                input::read_objects::<Image>(&file, Image::NOUN)?,
-                out,
-            )
-            .await
+        ImageCmd::Create { file: Some(file), .. } => {
+            create_all(client, input::read_objects::<Image>(&file, Image::NOUN)?, out).await
         }
-        ImageCmd::Create {
-            file: None,
-            manifest,
-            url,
-            classification,
-            expires_at,
-        } => {
+        ImageCmd::Create { file: None, manifest, url, classification, expires_at } => {
             let (Some(manifest), Some(url)) = (manifest, url) else {
                 bail!("pass -f FILE, or --manifest FILE.json with --url URL");
             };
@@ -593,20 +519,10 @@ async fn image(client: &Client, cmd: ImageCmd, out: Format) -> anyhow::Result<()
                 expires_at,
                 manifest,
             };
-            create_all(
-                client,
-                input::Objects {
-                    items: vec![image],
-                    list: false,
-                },
-                out,
-            )
-            .await
+            create_all(client, input::Objects { items: vec![image], list: false }, out).await
         }
         ImageCmd::Ls => print_list(out, &client.list::<Image>().await?),
-        ImageCmd::Describe { id_or_name } => {
-            print_one(out, &client.describe::<Image>(&id_or_name).await?)
-        }
+        ImageCmd::Describe { id_or_name } => print_one(out, &client.describe::<Image>(&id_or_name).await?),
         ImageCmd::Delete { id } => {
             client.delete::<Image>(&id).await?;
             eprintln!("deleted image {id}");
@@ -637,11 +553,9 @@ async fn machine(client: &Client, cmd: MachineCmd, out: Format) -> anyhow::Resul
         MachineCmd::Free { id } => {
             let m = client.free_machine(id).await?;
             match out {
-                Format::Table => emit(format!(
-                    "freed machine {} (state: {})\n",
-                    m.id,
-                    m.state.map(|s| s.as_str()).unwrap_or("-")
-                ))?,
+                Format::Table => {
+                    emit(format!("freed machine {} (state: {})\n", m.id, m.state.map(|s| s.as_str()).unwrap_or("-")))?
+                }
                 _ => print_one(out, &m)?,
             }
         }
@@ -655,11 +569,7 @@ fn filter_machines(machines: Vec<Machine>, ls: &MachineLs) -> Vec<Machine> {
     }
     machines
         .into_iter()
-        .filter(|m| {
-            ls.partition
-                .as_deref()
-                .is_none_or(|p| m.partition.as_deref() == Some(p))
-        })
+        .filter(|m| ls.partition.as_deref().is_none_or(|p| m.partition.as_deref() == Some(p)))
         .filter(|m| ls.size.as_deref().is_none_or(|s| m.size == s))
         .filter(|m| ls.project.as_deref().is_none_or(|p| project(m) == Some(p)))
         .filter(|m| ls.state.is_none_or(|s| m.state == Some(s)))
@@ -675,11 +585,7 @@ fn machines_text(out: Format, machines: &[Machine]) -> anyhow::Result<String> {
 
 /// `machine ls --watch`: redraws every 2 s (on a terminal: clears the screen first; otherwise
 /// prints one snapshot after the other).
-async fn machine_ls_watch(
-    client: &Client,
-    ls: &MachineLs,
-    out: Format,
-) -> anyhow::Result<ExitCode> {
+async fn machine_ls_watch(client: &Client, ls: &MachineLs, out: Format) -> anyhow::Result<ExitCode> {
     let tty = std::io::stdout().is_terminal();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -703,13 +609,7 @@ async fn machine_ls_watch(
             write!(stdout, "\x1b[2J\x1b[H")?;
         }
         if out == Format::Table || tty {
-            writeln!(
-                stdout,
-                "every 2s: machine ls   {:02}:{:02}:{:02} UTC\n",
-                now.hour(),
-                now.minute(),
-                now.second()
-            )?;
+            writeln!(stdout, "every 2s: machine ls   {:02}:{:02}:{:02} UTC\n", now.hour(), now.minute(), now.second())?;
         }
         write!(stdout, "{body}")?;
         if !tty {
@@ -741,25 +641,13 @@ async fn events(client: &Client, args: EventsArgs, out: Format) -> anyhow::Resul
         interval: Duration::from_secs_f64(args.interval_s),
         timeout: args.timeout_s.map(Duration::from_secs),
     };
-    let end = watch::follow(
-        client,
-        args.id,
-        &mut follower,
-        options,
-        &mut std::io::stdout(),
-    )
-    .await?;
+    let end = watch::follow(client, args.id, &mut follower, options, &mut std::io::stdout()).await?;
     Ok(report_end(end, args.until, args.id, true))
 }
 
 /// Maps how following ended to a message on stderr and an exit code. `plain_watch`: a watch
 /// without a wanted event, where Ctrl-C is the normal way out.
-fn report_end(
-    end: End,
-    until: Option<ProvisioningEvent>,
-    id: MachineId,
-    plain_watch: bool,
-) -> ExitCode {
+fn report_end(end: End, until: Option<ProvisioningEvent>, id: MachineId, plain_watch: bool) -> ExitCode {
     match end {
         End::Reached(e) => {
             eprintln!("machine {id} reached {e}");
@@ -781,12 +669,8 @@ fn report_end(
             // for it there is no event to name.
             let last = last.map(|e| e.as_str()).unwrap_or("none since the allocation");
             match until {
-                Some(u) => eprintln!(
-                    "error: timed out waiting for {u} on machine {id} (last event: {last})"
-                ),
-                None => eprintln!(
-                    "stopped watching machine {id} after the timeout (last event: {last})"
-                ),
+                Some(u) => eprintln!("error: timed out waiting for {u} on machine {id} (last event: {last})"),
+                None => eprintln!("stopped watching machine {id} after the timeout (last event: {last})"),
             }
             if until.is_some() {
                 ExitCode::from(EXIT_TIMEOUT)
@@ -805,8 +689,7 @@ fn report_end(
 async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::Result<ExitCode> {
     let mut ssh_keys = args.ssh_keys;
     for f in &args.ssh_key_files {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read SSH key file {}", f.display()))?;
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read SSH key file {}", f.display()))?;
         let keys = input::ssh_keys_from_text(&text);
         if keys.is_empty() {
             bail!("SSH key file {} holds no key", f.display());
@@ -815,8 +698,7 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
     }
     let user_data = match (&args.user_data, &args.user_data_file) {
         (Some(s), _) => s.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read user data file {}", f.display()))?,
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read user data file {}", f.display()))?,
         (None, None) => String::new(),
     };
     let request = AllocationRequest {
@@ -829,19 +711,13 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
         layout: args.layout,
         ssh_keys,
         user_data,
-        idempotency_key: Some(
-            args.idempotency_key
-                .unwrap_or_else(|| format!("metalctl-{}", uuid::Uuid::new_v4())),
-        ),
+        idempotency_key: Some(args.idempotency_key.unwrap_or_else(|| format!("metalctl-{}", uuid::Uuid::new_v4()))),
     };
 
     // The idempotency key makes a retry after a lost answer safe: it returns the same allocation.
     let allocated = client
         .allocate_retrying(&request, 3, Duration::from_secs(1), &mut |e| {
-            eprintln!(
-                "warning: {:#} (retrying with the same idempotency key)",
-                output::error_chain(e)
-            );
+            eprintln!("warning: {:#} (retrying with the same idempotency key)", output::error_chain(e));
         })
         .await?;
     let a = &allocated.allocation;
@@ -856,8 +732,8 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
     };
     // Only events the API received since the allocation count. With -o json/yaml stdout holds
     // the allocation alone, so the timeline goes to stderr.
-    let since = output::parse_time(&a.created_at)
-        .with_context(|| format!("allocation created_at {:?} is not RFC 3339", a.created_at))?;
+    let since =
+        output::parse_time(&a.created_at).with_context(|| format!("allocation created_at {:?} is not RFC 3339", a.created_at))?;
     let mut follower = Follower::since(since, Some(wait_for));
     let options = FollowOptions {
         format: Format::Table,
@@ -866,24 +742,10 @@ async fn allocate(client: &Client, args: AllocateArgs, out: Format) -> anyhow::R
     };
     let end = if out == Format::Table {
         emit(format!("\n{}\n", output::TIMELINE_HEADER))?;
-        watch::follow(
-            client,
-            a.machine,
-            &mut follower,
-            options,
-            &mut std::io::stdout(),
-        )
-        .await?
+        watch::follow(client, a.machine, &mut follower, options, &mut std::io::stdout()).await?
     } else {
         eprintln!("{}", output::TIMELINE_HEADER);
-        watch::follow(
-            client,
-            a.machine,
-            &mut follower,
-            options,
-            &mut std::io::stderr(),
-        )
-        .await?
+        watch::follow(client, a.machine, &mut follower, options, &mut std::io::stderr()).await?
     };
     Ok(report_end(end, Some(wait_for), a.machine, false))
 }
@@ -922,21 +784,9 @@ mod tests {
 
     #[test]
     fn alive_cannot_be_waited_for() {
-        assert!(parse_awaited_event("alive")
-            .unwrap_err()
-            .contains("heartbeat"));
-        assert_eq!(
-            parse_awaited_event("crashed"),
-            Ok(ProvisioningEvent::Crashed)
-        );
-        let args = [
-            "metalctl",
-            "machine",
-            "events",
-            "00000000-0000-0000-0000-000000000001",
-            "--until",
-            "Alive",
-        ];
+        assert!(parse_awaited_event("alive").unwrap_err().contains("heartbeat"));
+        assert_eq!(parse_awaited_event("crashed"), Ok(ProvisioningEvent::Crashed));
+        let args = ["metalctl", "machine", "events", "00000000-0000-0000-0000-000000000001", "--until", "Alive"];
         assert!(Cli::try_parse_from(args).is_err());
     }
 
@@ -977,17 +827,10 @@ mod tests {
         let ids = |args: &[&str]| {
             let mut argv = vec!["metalctl", "machine", "ls"];
             argv.extend_from_slice(args);
-            let Cli {
-                command: Command::Machine(MachineCmd::Ls(ls)),
-                ..
-            } = Cli::try_parse_from(argv).unwrap()
-            else {
+            let Cli { command: Command::Machine(MachineCmd::Ls(ls)), .. } = Cli::try_parse_from(argv).unwrap() else {
                 panic!("not machine ls")
             };
-            filter_machines(all.clone(), &ls)
-                .iter()
-                .map(|m| m.id.0.as_u128())
-                .collect::<Vec<_>>()
+            filter_machines(all.clone(), &ls).iter().map(|m| m.id.0.as_u128()).collect::<Vec<_>>()
         };
         assert_eq!(ids(&[]), [1, 2, 3]);
         assert_eq!(ids(&["--partition", "lab"]), [1, 2]);
@@ -999,51 +842,21 @@ mod tests {
 
     #[test]
     fn event_names_parse_loosely() {
-        assert_eq!(
-            parse_event("Phoned Home"),
-            Ok(ProvisioningEvent::PhonedHome)
-        );
-        assert_eq!(
-            parse_event("phoned-home"),
-            Ok(ProvisioningEvent::PhonedHome)
-        );
-        assert_eq!(
-            parse_event("PXE_BOOTING"),
-            Ok(ProvisioningEvent::PxeBooting)
-        );
+        assert_eq!(parse_event("Phoned Home"), Ok(ProvisioningEvent::PhonedHome));
+        assert_eq!(parse_event("phoned-home"), Ok(ProvisioningEvent::PhonedHome));
+        assert_eq!(parse_event("PXE_BOOTING"), Ok(ProvisioningEvent::PxeBooting));
         let err = parse_event("Done").unwrap_err();
-        assert!(
-            err.contains("Phoned Home") && err.contains("Crashed"),
-            "{err}"
-        );
+        assert!(err.contains("Phoned Home") && err.contains("Crashed"), "{err}");
     }
 
     #[test]
     fn allocate_needs_size_or_machine() {
-        let base = [
-            "metalctl",
-            "machine",
-            "allocate",
-            "--project",
-            "p",
-            "--partition",
-            "lab",
-            "--image",
-            "i",
-            "--hostname",
-            "h",
-        ];
+        let base = ["metalctl", "machine", "allocate", "--project", "p", "--partition", "lab", "--image", "i", "--hostname", "h"];
         assert!(Cli::try_parse_from(base).is_err());
         assert!(Cli::try_parse_from(base.iter().chain(&["--size", "small"])).is_ok());
-        assert!(Cli::try_parse_from(
-            base.iter()
-                .chain(&["--machine", "00000000-0000-0000-0000-000000000001"])
-        )
-        .is_ok());
+        assert!(Cli::try_parse_from(base.iter().chain(&["--machine", "00000000-0000-0000-0000-000000000001"])).is_ok());
         assert!(Cli::try_parse_from(base.iter().chain(&["--machine", "nope"])).is_err());
-        assert!(
-            Cli::try_parse_from(base.iter().chain(&["--size", "s", "--timeout-s", "5"])).is_err()
-        );
+        assert!(Cli::try_parse_from(base.iter().chain(&["--size", "s", "--timeout-s", "5"])).is_err());
         assert!(Cli::try_parse_from(base.iter().chain(&[
             "--size",
             "s",
@@ -1060,31 +873,9 @@ mod tests {
     #[test]
     fn image_create_takes_a_file_or_a_manifest_with_url() {
         assert!(Cli::try_parse_from(["metalctl", "image", "create", "-f", "i.yaml"]).is_ok());
-        assert!(Cli::try_parse_from([
-            "metalctl",
-            "image",
-            "create",
-            "--manifest",
-            "m.json",
-            "--url",
-            "http://x"
-        ])
-        .is_ok());
-        assert!(
-            Cli::try_parse_from(["metalctl", "image", "create", "--manifest", "m.json"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["metalctl", "image", "create", "--manifest", "m.json", "--url", "http://x"]).is_ok());
+        assert!(Cli::try_parse_from(["metalctl", "image", "create", "--manifest", "m.json"]).is_err());
         assert!(Cli::try_parse_from(["metalctl", "image", "create"]).is_err());
-        assert!(Cli::try_parse_from([
-            "metalctl",
-            "image",
-            "create",
-            "-f",
-            "i.yaml",
-            "--manifest",
-            "m",
-            "--url",
-            "u"
-        ])
-        .is_err());
+        assert!(Cli::try_parse_from(["metalctl", "image", "create", "-f", "i.yaml", "--manifest", "m", "--url", "u"]).is_err());
     }
 }

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 
 use clap::ValueEnum;
 use metal_types::{
-    Allocation, ConstraintKind, FilesystemLayout, Image, Inventory, Liveliness, Machine,
-    MachineEvent, Partition, Project, Size, SizeConstraint, TokenInfo, TokenResponse, TokenRole,
+    Allocation, ConstraintKind, FilesystemLayout, Image, Inventory, Liveliness, Machine, MachineEvent, Partition, Project, Size,
+    SizeConstraint, TokenInfo, TokenResponse, TokenRole,
 };
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -44,10 +44,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Table {
-        Table {
-            header: header.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
-        }
+        Table { header: header.iter().map(|h| h.to_string()).collect(), rows: Vec::new() }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -89,14 +86,7 @@ pub trait Tabular {
 
 impl Tabular for Partition {
     fn table(items: &[Self]) -> Table {
-        let mut t = Table::new(&[
-            "ID",
-            "API URL",
-            "KERNEL",
-            "INITRD",
-            "CMDLINE",
-            "DESCRIPTION",
-        ]);
+        let mut t = Table::new(&["ID", "API URL", "KERNEL", "INITRD", "CMDLINE", "DESCRIPTION"]);
         for p in items {
             t.row(vec![
                 p.id.clone(),
@@ -115,14 +105,8 @@ impl Tabular for Size {
     fn table(items: &[Self]) -> Table {
         let mut t = Table::new(&["ID", "CORES", "MEMORY", "STORAGE", "DESCRIPTION"]);
         for s in items {
-            let range = |kind| {
-                s.constraints
-                    .iter()
-                    .filter(|c| c.kind == kind)
-                    .map(constraint_range)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let range =
+                |kind| s.constraints.iter().filter(|c| c.kind == kind).map(constraint_range).collect::<Vec<_>>().join(", ");
             t.row(vec![
                 s.id.clone(),
                 range(ConstraintKind::Cores),
@@ -137,16 +121,7 @@ impl Tabular for Size {
 
 impl Tabular for Image {
     fn table(items: &[Self]) -> Table {
-        let mut t = Table::new(&[
-            "ID",
-            "NAME",
-            "VERSION",
-            "FORMAT",
-            "SIZE",
-            "CLASSIFICATION",
-            "EXPIRES",
-            "URL",
-        ]);
+        let mut t = Table::new(&["ID", "NAME", "VERSION", "FORMAT", "SIZE", "CLASSIFICATION", "EXPIRES", "URL"]);
         for i in items {
             t.row(vec![
                 i.id.clone(),
@@ -165,14 +140,7 @@ impl Tabular for Image {
 
 impl Tabular for FilesystemLayout {
     fn table(items: &[Self]) -> Table {
-        let mut t = Table::new(&[
-            "ID",
-            "PARTITIONS",
-            "FILESYSTEMS",
-            "SIZES",
-            "IMAGES",
-            "DESCRIPTION",
-        ]);
+        let mut t = Table::new(&["ID", "PARTITIONS", "FILESYSTEMS", "SIZES", "IMAGES", "DESCRIPTION"]);
         for l in items {
             let parts = l
                 .disks
@@ -182,18 +150,8 @@ impl Tabular for FilesystemLayout {
                         .partitions
                         .iter()
                         .map(|p| {
-                            let size = if p.size_mib == 0 {
-                                "rest".to_string()
-                            } else {
-                                human_bytes(p.size_mib << 20)
-                            };
-                            format!(
-                                "{}:{} {} {}",
-                                d.device,
-                                p.number,
-                                enum_name(&p.gpt_type),
-                                size
-                            )
+                            let size = if p.size_mib == 0 { "rest".to_string() } else { human_bytes(p.size_mib << 20) };
+                            format!("{}:{} {} {}", d.device, p.number, enum_name(&p.gpt_type), size)
                         })
                         .collect::<Vec<_>>();
                     ps.join(", ")
@@ -203,24 +161,10 @@ impl Tabular for FilesystemLayout {
             let fss = l
                 .filesystems
                 .iter()
-                .map(|f| {
-                    format!(
-                        "{} {} {}",
-                        f.source,
-                        enum_name(&f.kind),
-                        f.mount.as_deref().unwrap_or("-")
-                    )
-                })
+                .map(|f| format!("{} {} {}", f.source, enum_name(&f.kind), f.mount.as_deref().unwrap_or("-")))
                 .collect::<Vec<_>>()
                 .join(", ");
-            t.row(vec![
-                l.id.clone(),
-                parts,
-                fss,
-                or_all(&l.sizes),
-                or_all(&l.images),
-                l.description.clone(),
-            ]);
+            t.row(vec![l.id.clone(), parts, fss, or_all(&l.sizes), or_all(&l.images), l.description.clone()]);
         }
         t
     }
@@ -238,16 +182,7 @@ impl Tabular for Project {
 
 impl Tabular for Allocation {
     fn table(items: &[Self]) -> Table {
-        let mut t = Table::new(&[
-            "ID",
-            "MACHINE",
-            "PROJECT",
-            "PARTITION",
-            "HOSTNAME",
-            "IMAGE",
-            "LAYOUT",
-            "CREATED",
-        ]);
+        let mut t = Table::new(&["ID", "MACHINE", "PROJECT", "PARTITION", "HOSTNAME", "IMAGE", "LAYOUT", "CREATED"]);
         for a in items {
             t.row(vec![
                 a.id.to_string(),
@@ -299,18 +234,8 @@ impl Tabular for TokenInfo {
 
 /// `machine ls`. `now` is passed in so ages are testable.
 pub fn machines_table(machines: &[Machine], now: OffsetDateTime) -> Table {
-    let mut t = Table::new(&[
-        "ID",
-        "PARTITION",
-        "SIZE",
-        "STATE",
-        "LIVELINESS",
-        "HOSTNAME",
-        "IMAGE",
-        "PROJECT",
-        "LAST SEEN",
-        "FLAGS",
-    ]);
+    let mut t =
+        Table::new(&["ID", "PARTITION", "SIZE", "STATE", "LIVELINESS", "HOSTNAME", "IMAGE", "PROJECT", "LAST SEEN", "FLAGS"]);
     for m in machines {
         let alloc = m.allocation.as_ref();
         t.row(vec![
@@ -322,10 +247,7 @@ pub fn machines_table(machines: &[Machine], now: OffsetDateTime) -> Table {
             alloc.map(|a| a.hostname.clone()).unwrap_or_default(),
             alloc.map(|a| a.image.clone()).unwrap_or_default(),
             alloc.map(|a| a.project.clone()).unwrap_or_default(),
-            m.last_seen
-                .as_deref()
-                .map(|t| age(t, now))
-                .unwrap_or_default(),
+            m.last_seen.as_deref().map(|t| age(t, now)).unwrap_or_default(),
             machine_flags(m).join(","),
         ]);
     }
@@ -359,11 +281,7 @@ pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -
     let _ = writeln!(w, "id:          {}", m.id);
     let _ = writeln!(w, "partition:   {}", m.partition.as_deref().unwrap_or("-"));
     let _ = writeln!(w, "size:        {}", m.size);
-    let _ = writeln!(
-        w,
-        "state:       {}",
-        m.state.map(|s| s.as_str()).unwrap_or("-")
-    );
+    let _ = writeln!(w, "state:       {}", m.state.map(|s| s.as_str()).unwrap_or("-"));
     let _ = writeln!(w, "liveliness:  {}", liveliness_name(m.liveliness));
     match &m.last_seen {
         Some(t) => {
@@ -374,15 +292,7 @@ pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -
         }
     }
     let flags = machine_flags(m);
-    let _ = writeln!(
-        w,
-        "flags:       {}",
-        if flags.is_empty() {
-            "-".to_string()
-        } else {
-            flags.join(", ")
-        }
-    );
+    let _ = writeln!(w, "flags:       {}", if flags.is_empty() { "-".to_string() } else { flags.join(", ") });
 
     match &m.allocation {
         None => {
@@ -411,11 +321,7 @@ pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -
         let _ = writeln!(w, "boot:");
         let _ = writeln!(w, "  root uuid: {}", b.root_uuid);
         let _ = writeln!(w, "  kernel:    {}", b.kernel);
-        let _ = writeln!(
-            w,
-            "  initrd:    {}",
-            if b.initrd.is_empty() { "-" } else { &b.initrd }
-        );
+        let _ = writeln!(w, "  initrd:    {}", if b.initrd.is_empty() { "-" } else { &b.initrd });
         let _ = writeln!(w, "  cmdline:   {}", b.cmdline);
     }
 
@@ -430,13 +336,8 @@ pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -
     if events.is_empty() {
         let _ = writeln!(w, "events:      none");
     } else {
-        let _ = writeln!(
-            w,
-            "events:      last {} of {} (all: metalctl machine events {})",
-            events.len() - skip,
-            events.len(),
-            m.id
-        );
+        let _ =
+            writeln!(w, "events:      last {} of {} (all: metalctl machine events {})", events.len() - skip, events.len(), m.id);
         for e in &events[skip..] {
             let _ = writeln!(w, "  {}", timeline_line(e));
         }
@@ -446,26 +347,13 @@ pub fn machine_view(m: &Machine, events: &[MachineEvent], now: OffsetDateTime) -
 
 fn inventory_view(w: &mut String, inv: &Inventory) {
     let _ = writeln!(w, "inventory:");
-    let _ = writeln!(
-        w,
-        "  cpu:       {} cores, {} threads",
-        inv.cores(),
-        inv.cpus.iter().map(|c| u64::from(c.threads)).sum::<u64>()
-    );
+    let _ =
+        writeln!(w, "  cpu:       {} cores, {} threads", inv.cores(), inv.cpus.iter().map(|c| u64::from(c.threads)).sum::<u64>());
     for c in &inv.cpus {
-        let _ = writeln!(
-            w,
-            "    - {} ({} cores, {} threads)",
-            c.model, c.cores, c.threads
-        );
+        let _ = writeln!(w, "    - {} ({} cores, {} threads)", c.model, c.cores, c.threads);
     }
     let _ = writeln!(w, "  memory:    {}", human_bytes(inv.memory_bytes));
-    let _ = writeln!(
-        w,
-        "  storage:   {} on {} disk(s)",
-        human_bytes(inv.storage_bytes()),
-        inv.disks.len()
-    );
+    let _ = writeln!(w, "  storage:   {} on {} disk(s)", human_bytes(inv.storage_bytes()), inv.disks.len());
     for d in &inv.disks {
         let mut line = format!("    - {} {}", d.name, human_bytes(d.size_bytes));
         for extra in [&d.bus, &d.model, &d.serial] {
@@ -475,41 +363,20 @@ fn inventory_view(w: &mut String, inv: &Inventory) {
             }
         }
         let _ = write!(line, " {}", if d.rotational { "hdd" } else { "ssd" });
-        let _ = write!(
-            line,
-            " sectors {}/{}",
-            d.logical_sector_size, d.physical_sector_size
-        );
+        let _ = write!(line, " sectors {}/{}", d.logical_sector_size, d.physical_sector_size);
         let _ = writeln!(w, "{line}");
     }
     let _ = writeln!(w, "  nics:      {}", inv.nics.len());
     for n in &inv.nics {
-        let speed = n
-            .speed_mbps
-            .map(|s| format!(" {s} Mbit/s"))
-            .unwrap_or_default();
-        let driver = if n.driver.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", n.driver)
-        };
+        let speed = n.speed_mbps.map(|s| format!(" {s} Mbit/s")).unwrap_or_default();
+        let driver = if n.driver.is_empty() { String::new() } else { format!(" {}", n.driver) };
         let link = if n.carrier { "link up" } else { "no link" };
         let _ = writeln!(w, "    - {} {}{}{} {}", n.name, n.mac, driver, speed, link);
     }
     let d = &inv.dmi;
-    let _ = writeln!(
-        w,
-        "  dmi:       {} {} (serial {})",
-        d.sys_vendor,
-        d.product_name,
-        or_dash(&d.product_serial)
-    );
+    let _ = writeln!(w, "  dmi:       {} {} (serial {})", d.sys_vendor, d.product_name, or_dash(&d.product_serial));
     let _ = writeln!(w, "  board:     {} {}", d.board_vendor, d.board_name);
-    let _ = writeln!(
-        w,
-        "  bios:      {} {} ({})",
-        d.bios_vendor, d.bios_version, d.bios_date
-    );
+    let _ = writeln!(w, "  bios:      {} {} ({})", d.bios_vendor, d.bios_version, d.bios_date);
     if !inv.lldp.is_empty() {
         let _ = writeln!(w, "  lldp:");
         for l in &inv.lldp {
@@ -519,11 +386,7 @@ fn inventory_view(w: &mut String, inv: &Inventory) {
                 l.interface,
                 l.chassis_id,
                 l.port_id,
-                if l.system_name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", l.system_name)
-                }
+                if l.system_name.is_empty() { String::new() } else { format!(" ({})", l.system_name) }
             );
         }
     }
@@ -533,8 +396,7 @@ fn inventory_view(w: &mut String, inv: &Inventory) {
 // Event timeline
 // ---------------------------------------------------------------------------------------------
 
-pub const TIMELINE_HEADER: &str =
-    "AGENT TIME (UTC)         RECEIVED      EVENT               MESSAGE";
+pub const TIMELINE_HEADER: &str = "AGENT TIME (UTC)         RECEIVED      EVENT               MESSAGE";
 
 /// One line of a machine's timeline: agent time, receive time, event, message, and a flag when
 /// the event was not allowed after the one before it.
@@ -549,10 +411,7 @@ pub fn timeline_line(e: &MachineEvent) -> String {
         (_, None) => e.received.clone(),
     };
     let message = e.message.replace(['\r', '\n'], " ").trim().to_string();
-    let mut line = format!(
-        "{agent_s:<23}  {received_s:<12}  {:<18}  {message}",
-        e.event.as_str()
-    );
+    let mut line = format!("{agent_s:<23}  {received_s:<12}  {:<18}  {message}", e.event.as_str());
     let sep = if message.is_empty() { "" } else { "  " };
     if e.unexpected {
         line.push_str(sep);
@@ -605,36 +464,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub fn parse_time(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s, &Rfc3339)
-        .ok()
-        .map(|t| t.to_offset(UtcOffset::UTC))
+    OffsetDateTime::parse(s, &Rfc3339).ok().map(|t| t.to_offset(UtcOffset::UTC))
 }
 
 fn full_time(t: OffsetDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02} {}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        clock_time(t)
-    )
+    format!("{:04}-{:02}-{:02} {}", t.year(), u8::from(t.month()), t.day(), clock_time(t))
 }
 
 fn clock_time(t: OffsetDateTime) -> String {
-    format!(
-        "{:02}:{:02}:{:02}.{:03}",
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    format!("{:02}:{:02}:{:02}.{:03}", t.hour(), t.minute(), t.second(), t.millisecond())
 }
 
 /// An RFC 3339 time as `2026-11-24 11:20:01.123`, or as it came when it does not parse.
 pub fn show_time(s: &str) -> String {
-    parse_time(s)
-        .map(full_time)
-        .unwrap_or_else(|| s.to_string())
+    parse_time(s).map(full_time).unwrap_or_else(|| s.to_string())
 }
 
 /// How long ago: `4s ago`, `3m ago`, `2h ago`, `5d ago`.
@@ -733,11 +576,7 @@ fn abbreviate_key(k: &str) -> String {
     let comment = parts.collect::<Vec<_>>().join(" ");
     let chars: Vec<char> = body.chars().collect();
     let body = if chars.len() > 20 {
-        format!(
-            "{}…{}",
-            chars[..8].iter().collect::<String>(),
-            chars[chars.len() - 6..].iter().collect::<String>()
-        )
+        format!("{}…{}", chars[..8].iter().collect::<String>(), chars[chars.len() - 6..].iter().collect::<String>())
     } else {
         body.to_string()
     };
@@ -748,8 +587,8 @@ fn abbreviate_key(k: &str) -> String {
 mod tests {
     use super::*;
     use metal_types::{
-        AllocationId, Cpu, Disk, Dmi, ImageClassification, ImageFormat, ImageManifest, MachineId,
-        Nic, PartitionBoot, ProvisioningEvent,
+        AllocationId, Cpu, Disk, Dmi, ImageClassification, ImageFormat, ImageManifest, MachineId, Nic, PartitionBoot,
+        ProvisioningEvent,
     };
 
     fn now() -> OffsetDateTime {
@@ -793,10 +632,7 @@ mod tests {
         let mut t = Table::new(&["ID", "NAME", "X"]);
         t.row(vec!["1".into(), "long name".into(), "".into()]);
         t.row(vec!["22222".into(), "ä".into(), "y".into()]);
-        assert_eq!(
-            t.render(),
-            "ID     NAME       X\n1      long name\n22222  ä          y\n"
-        );
+        assert_eq!(t.render(), "ID     NAME       X\n1      long name\n22222  ä          y\n");
     }
 
     #[test]
@@ -815,10 +651,7 @@ mod tests {
             lines[0],
             "ID                                    PARTITION  SIZE   STATE        LIVELINESS  HOSTNAME  IMAGE             PROJECT  LAST SEEN  FLAGS"
         );
-        assert_eq!(
-            lines[1],
-            "00000000-0000-0000-0000-000000000001  lab        small  Waiting      Alive"
-        );
+        assert_eq!(lines[1], "00000000-0000-0000-0000-000000000001  lab        small  Waiting      Alive");
         assert_eq!(
             lines[2],
             "00000000-0000-0000-0000-000000000002  lab        small  Phoned Home  Alive       web-1     test-os-20261124  acme     2h ago     crash-loop,failed-reclaim"
@@ -831,21 +664,9 @@ mod tests {
             id: "small".into(),
             description: "lab VMs".into(),
             constraints: vec![
-                SizeConstraint {
-                    kind: ConstraintKind::Cores,
-                    min: 1,
-                    max: 4,
-                },
-                SizeConstraint {
-                    kind: ConstraintKind::Memory,
-                    min: 1 << 30,
-                    max: 8 << 30,
-                },
-                SizeConstraint {
-                    kind: ConstraintKind::Storage,
-                    min: 10 << 30,
-                    max: 10 << 30,
-                },
+                SizeConstraint { kind: ConstraintKind::Cores, min: 1, max: 4 },
+                SizeConstraint { kind: ConstraintKind::Memory, min: 1 << 30, max: 8 << 30 },
+                SizeConstraint { kind: ConstraintKind::Storage, min: 10 << 30, max: 10 << 30 },
             ],
         };
         assert_eq!(
@@ -874,10 +695,7 @@ mod tests {
         };
         let out = Image::table(&[i]).render();
         assert!(
-            out.lines()
-                .nth(1)
-                .unwrap()
-                .starts_with("test-os-20261124  test-os  20261124  tar.zst  1.5 MiB  preview"),
+            out.lines().nth(1).unwrap().starts_with("test-os-20261124  test-os  20261124  tar.zst  1.5 MiB  preview"),
             "{out}"
         );
 
@@ -917,10 +735,7 @@ mod tests {
             source: metal_types::EventSource::Agent,
             ignored: false,
         };
-        assert_eq!(
-            timeline_line(&e),
-            "2026-11-24 11:20:01.123  11:20:01.135  Booting New Kernel  kexec into test-os"
-        );
+        assert_eq!(timeline_line(&e), "2026-11-24 11:20:01.123  11:20:01.135  Booting New Kernel  kexec into test-os");
         let late = MachineEvent {
             event: ProvisioningEvent::Installing,
             message: String::new(),
@@ -930,10 +745,7 @@ mod tests {
             source: metal_types::EventSource::Agent,
             ignored: false,
         };
-        assert_eq!(
-            timeline_line(&late),
-            "2026-11-23 23:59:59.999  2026-11-24 00:00:00.000  Installing          !! UNEXPECTED"
-        );
+        assert_eq!(timeline_line(&late), "2026-11-23 23:59:59.999  2026-11-24 00:00:00.000  Installing          !! UNEXPECTED");
         let odd = MachineEvent {
             event: ProvisioningEvent::PxeBooting,
             message: "mac 52:54:00:00:00:01".into(),
@@ -947,28 +759,17 @@ mod tests {
             timeline_line(&odd),
             "garbage                  2026-11-24 11:20:01.000  PXE Booting         mac 52:54:00:00:00:01  !! UNEXPECTED"
         );
-        let sighting = MachineEvent {
-            ignored: true,
-            unexpected: false,
-            source: metal_types::EventSource::Pixie,
-            ..odd.clone()
-        };
+        let sighting = MachineEvent { ignored: true, unexpected: false, source: metal_types::EventSource::Pixie, ..odd.clone() };
         assert_eq!(
             timeline_line(&sighting),
             "garbage                  2026-11-24 11:20:01.000  PXE Booting         mac 52:54:00:00:00:01  (seen by pixie; state kept)"
         );
-        assert_eq!(
-            event_record(Format::Table, &e).unwrap(),
-            timeline_line(&e) + "\n"
-        );
+        assert_eq!(event_record(Format::Table, &e).unwrap(), timeline_line(&e) + "\n");
         let json = event_record(Format::Json, &e).unwrap();
         assert_eq!(json.lines().count(), 1);
         assert_eq!(serde_json::from_str::<MachineEvent>(&json).unwrap(), e);
         let yaml = event_record(Format::Yaml, &e).unwrap();
-        assert!(
-            yaml.starts_with("---\nevent: Booting New Kernel\n"),
-            "{yaml}"
-        );
+        assert!(yaml.starts_with("---\nevent: Booting New Kernel\n"), "{yaml}");
         let all = timeline(&[e, late]);
         assert_eq!(all.lines().count(), 3);
         assert!(all.starts_with(TIMELINE_HEADER));
@@ -981,11 +782,7 @@ mod tests {
         m.crash_loop = true;
         m.inventory = Some(Inventory {
             uuid: m.id,
-            cpus: vec![Cpu {
-                model: "QEMU Virtual CPU".into(),
-                cores: 2,
-                threads: 2,
-            }],
+            cpus: vec![Cpu { model: "QEMU Virtual CPU".into(), cores: 2, threads: 2 }],
             memory_bytes: 2 << 30,
             disks: vec![Disk {
                 name: "vda".into(),
@@ -1003,11 +800,7 @@ mod tests {
                 speed_mbps: None,
                 carrier: true,
             }],
-            dmi: Dmi {
-                sys_vendor: "QEMU".into(),
-                product_name: "Standard PC".into(),
-                ..Default::default()
-            },
+            dmi: Dmi { sys_vendor: "QEMU".into(), product_name: "Standard PC".into(), ..Default::default() },
             lldp: vec![],
         });
         let ev = |event, s: u32| MachineEvent {
@@ -1059,17 +852,8 @@ mod tests {
 
     #[test]
     fn json_and_yaml_output() {
-        let p = Project {
-            id: "acme".into(),
-            description: String::new(),
-        };
-        assert_eq!(
-            serialize(Format::Json, &p).unwrap(),
-            "{\n  \"id\": \"acme\",\n  \"description\": \"\"\n}\n"
-        );
-        assert_eq!(
-            serialize(Format::Yaml, &[p]).unwrap(),
-            "- id: acme\n  description: ''\n"
-        );
+        let p = Project { id: "acme".into(), description: String::new() };
+        assert_eq!(serialize(Format::Json, &p).unwrap(), "{\n  \"id\": \"acme\",\n  \"description\": \"\"\n}\n");
+        assert_eq!(serialize(Format::Yaml, &[p]).unwrap(), "- id: acme\n  description: ''\n");
     }
 }

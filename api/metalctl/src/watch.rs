@@ -19,12 +19,7 @@ use crate::output::{error_chain, event_record, parse_time, Format};
 type Key = (String, String, ProvisioningEvent, String);
 
 fn key(e: &MachineEvent) -> Key {
-    (
-        e.time.clone(),
-        e.received.clone(),
-        e.event,
-        e.message.clone(),
-    )
+    (e.time.clone(), e.received.clone(), e.event, e.message.clone())
 }
 
 /// Why following stopped.
@@ -61,20 +56,13 @@ impl Follower {
     /// Follows the whole timeline: the history is shown first, and if its last event already
     /// is `until`, following ends at once.
     pub fn all(until: Option<ProvisioningEvent>) -> Follower {
-        Follower {
-            until,
-            ..Default::default()
-        }
+        Follower { until, ..Default::default() }
     }
 
     /// Follows only what the API receives from `since` on (e.g. an allocation's creation
     /// time): an older `Phoned Home` of an earlier allocation must not count.
     pub fn since(since: OffsetDateTime, until: Option<ProvisioningEvent>) -> Follower {
-        Follower {
-            since: Some(since),
-            until,
-            ..Default::default()
-        }
+        Follower { since: Some(since), until, ..Default::default() }
     }
 
     /// Whether following waits for an event (and so watches for failures too).
@@ -121,18 +109,13 @@ impl Follower {
         };
         // In the history shown at the start only the latest event counts: an old
         // `Phoned Home` followed by a reclaim is not "phoned home now".
-        let candidates: &[MachineEvent] = if first && self.since.is_none() {
-            fresh.last().map(std::slice::from_ref).unwrap_or(&[])
-        } else {
-            &fresh
-        };
+        let candidates: &[MachineEvent] =
+            if first && self.since.is_none() { fresh.last().map(std::slice::from_ref).unwrap_or(&[]) } else { &fresh };
         let end = candidates.iter().find_map(|e| {
             if e.event == until {
                 Some(End::Reached(until))
             } else if e.event == ProvisioningEvent::Crashed {
-                Some(End::Crashed {
-                    message: e.message.clone(),
-                })
+                Some(End::Crashed { message: e.message.clone() })
             } else {
                 None
             }
@@ -262,10 +245,7 @@ mod tests {
 
         // Already there at the start: done at once.
         let mut f = Follower::all(Some(PhonedHome));
-        assert_eq!(
-            f.absorb(&[ev(Installing, 1), ev(PhonedHome, 2)]).1,
-            Some(End::Reached(PhonedHome))
-        );
+        assert_eq!(f.absorb(&[ev(Installing, 1), ev(PhonedHome, 2)]).1, Some(End::Reached(PhonedHome)));
     }
 
     #[test]
@@ -283,12 +263,7 @@ mod tests {
         tl.push(crashed);
         let (fresh, end) = f.absorb(&tl);
         assert_eq!(names(&fresh), [Installing, Crashed]);
-        assert_eq!(
-            end,
-            Some(End::Crashed {
-                message: "kernel panic".into()
-            })
-        );
+        assert_eq!(end, Some(End::Crashed { message: "kernel panic".into() }));
     }
 
     #[test]
@@ -313,9 +288,6 @@ mod tests {
     fn waiting_for_crashed_itself_reaches_it() {
         let mut f = Follower::all(Some(Crashed));
         assert_eq!(f.absorb(&[ev(Installing, 1)]).1, None);
-        assert_eq!(
-            f.absorb(&[ev(Installing, 1), ev(Crashed, 2)]).1,
-            Some(End::Reached(Crashed))
-        );
+        assert_eq!(f.absorb(&[ev(Installing, 1), ev(Crashed, 2)]).1, Some(End::Reached(Crashed)));
     }
 }

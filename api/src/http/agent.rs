@@ -13,7 +13,11 @@ use metal_types::*;
 use serde::Deserialize;
 use std::time::Duration;
 
-pub(super) async fn register(State(app): AppState, p: Principal, Body(req): Body<RegisterRequest>) -> Result<Json<RegisterResponse>> {
+pub(super) async fn register(
+    State(app): AppState,
+    p: Principal,
+    Body(req): Body<RegisterRequest>,
+) -> Result<Json<RegisterResponse>> {
     let id = req.inventory.uuid;
     let token_mac = match &p {
         Principal::Admin => None,
@@ -182,10 +186,7 @@ pub(super) async fn phone_home(State(app): AppState, p: Principal, Body(body): B
         ));
     };
     if body.machine != machine {
-        return Err(Error::Forbidden(format!(
-            "this phone-home token belongs to machine {machine}, not {}",
-            body.machine
-        )));
+        return Err(Error::Forbidden(format!("this phone-home token belongs to machine {machine}, not {}", body.machine)));
     }
     if !app.store.allocation_active(allocation, machine).await? {
         // A freed allocation's token is deleted with it, so this is a token read before the free
@@ -198,4 +199,3 @@ pub(super) async fn phone_home(State(app): AppState, p: Principal, Body(body): B
     tracing::info!(%machine, %allocation, "phoned home");
     Ok(StatusCode::NO_CONTENT)
 }
-

@@ -2,9 +2,9 @@
 
 use super::{AppState, Body};
 use crate::auth::Principal;
+use crate::enrolment;
 use crate::error::{Error, Result};
 use crate::policy::{self, BootMachine, BootPlan};
-use crate::enrolment;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -23,7 +23,8 @@ fn request_mac(mac: &str) -> Result<Option<Mac>> {
 /// `--cache-ttl-ms` old), the machine is one query, and the enrolment token is signed, not stored.
 pub(super) async fn boot_decide(State(app): AppState, p: Principal, Body(req): Body<BootRequest>) -> Result<Json<BootDecision>> {
     p.require_pixie()?;
-    let partition = app.store.boot_partition(&req.partition).await?.ok_or_else(|| Error::not_found("partition", &req.partition))?;
+    let partition =
+        app.store.boot_partition(&req.partition).await?.ok_or_else(|| Error::not_found("partition", &req.partition))?;
     let mac = request_mac(&req.mac)?;
     let machine = app.store.boot_machine(req.uuid, mac).await?.map(|(id, phoned_home)| BootMachine { id, phoned_home });
     let expires_ms = app.now_ms() + app.config.enrolment_ttl_s as i64 * 1000;
@@ -69,4 +70,3 @@ fn arch_label(a: metal_types::Arch) -> &'static str {
         metal_types::Arch::Unknown => "unknown architecture",
     }
 }
-

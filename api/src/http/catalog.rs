@@ -14,7 +14,11 @@ fn is_project<T: CatalogObject>() -> bool {
     T::NOUN == Project::NOUN
 }
 
-pub(super) async fn create_item<T: CatalogObject>(State(app): AppState, p: Principal, Body(item): Body<T>) -> Result<(StatusCode, Json<T>)> {
+pub(super) async fn create_item<T: CatalogObject>(
+    State(app): AppState,
+    p: Principal,
+    Body(item): Body<T>,
+) -> Result<(StatusCode, Json<T>)> {
     p.require_admin()?;
     item.validate().map_err(Error::BadRequest)?;
     let created = app.store.put_object(&item).await?;
@@ -53,7 +57,8 @@ pub(super) async fn delete_item<T: CatalogObject>(
 ) -> Result<StatusCode> {
     p.require_admin()?;
     let id = path(id)?;
-    let deleted = if is_project::<T>() { app.store.delete_project(&id).await? } else { app.store.delete_object::<T>(&id).await? };
+    let deleted =
+        if is_project::<T>() { app.store.delete_project(&id).await? } else { app.store.delete_object::<T>(&id).await? };
     if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -61,15 +66,20 @@ pub(super) async fn delete_item<T: CatalogObject>(
     }
 }
 
-pub(super) async fn create_image(State(app): AppState, p: Principal, Body(mut image): Body<Image>) -> Result<(StatusCode, Json<Image>)> {
+pub(super) async fn create_image(
+    State(app): AppState,
+    p: Principal,
+    Body(mut image): Body<Image>,
+) -> Result<(StatusCode, Json<Image>)> {
     p.require_admin()?;
     image.validate().map_err(Error::BadRequest)?;
-    let expires_ms = match &image.expires_at {
-        None => None,
-        Some(s) => Some(crate::parse_rfc3339(s).ok_or_else(|| {
-            Error::bad_request(format!("expires_at {s:?} is not an RFC 3339 time like 2027-01-01T00:00:00Z"))
-        })?),
-    };
+    let expires_ms =
+        match &image.expires_at {
+            None => None,
+            Some(s) => Some(crate::parse_rfc3339(s).ok_or_else(|| {
+                Error::bad_request(format!("expires_at {s:?} is not an RFC 3339 time like 2027-01-01T00:00:00Z"))
+            })?),
+        };
     image.id = image.manifest.id();
     let created = app.store.put_image(&image, expires_ms).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(image)))
@@ -89,17 +99,23 @@ pub(super) async fn find_image(app: &App, id_or_name: &str) -> Result<Option<Ima
 }
 
 async fn resolve_image(app: &App, id_or_name: &str) -> Result<Image> {
-    find_image(app, id_or_name)
-        .await?
-        .ok_or_else(|| crate::allocation::PlanError::ImageNotFound(id_or_name.to_string()).into())
+    find_image(app, id_or_name).await?.ok_or_else(|| crate::allocation::PlanError::ImageNotFound(id_or_name.to_string()).into())
 }
 
-pub(super) async fn get_image(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<Json<Image>> {
+pub(super) async fn get_image(
+    State(app): AppState,
+    p: Principal,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Json<Image>> {
     p.scope()?;
     Ok(Json(resolve_image(&app, &path(id)?).await?))
 }
 
-pub(super) async fn delete_image(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<StatusCode> {
+pub(super) async fn delete_image(
+    State(app): AppState,
+    p: Principal,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<StatusCode> {
     p.require_admin()?;
     let id = path(id)?;
     if app.store.delete_image(&id).await? {
@@ -108,4 +124,3 @@ pub(super) async fn delete_image(State(app): AppState, p: Principal, id: std::re
         Err(Error::not_found("image", &id))
     }
 }
-

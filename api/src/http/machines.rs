@@ -1,6 +1,6 @@
 //! Machine and allocation routes for operators and tenants: list and describe machines, their timelines, allocate, free.
 
-use super::{path, parse_machine, AppState, Body};
+use super::{parse_machine, path, AppState, Body};
 use crate::allocation::{self, Catalog};
 use crate::auth::{Principal, Scope};
 use crate::error::{Error, Result};
@@ -53,7 +53,11 @@ pub(super) async fn list_machines(State(app): AppState, p: Principal) -> Result<
     Ok(Json(rows.into_iter().map(|r| machine_view(&app, r, now)).collect::<Result<_>>()?))
 }
 
-pub(super) async fn get_machine(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<Json<Machine>> {
+pub(super) async fn get_machine(
+    State(app): AppState,
+    p: Principal,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Json<Machine>> {
     let scope = p.scope()?;
     let row = visible_machine(&app, &scope, &path(id)?).await?;
     Ok(Json(machine_view(&app, row, app.now_ms())?))
@@ -74,7 +78,11 @@ pub(super) async fn machine_events(
     Ok(Json(app.store.events(row.id, since).await?))
 }
 
-pub(super) async fn free_machine(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<Json<Machine>> {
+pub(super) async fn free_machine(
+    State(app): AppState,
+    p: Principal,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Json<Machine>> {
     let scope = p.scope()?;
     let id = parse_machine(&path(id)?)?;
     app.store.free(id, scope.project()).await?;
@@ -110,7 +118,11 @@ async fn load_catalog(app: &App, req: &AllocationRequest) -> Result<Catalog> {
     })
 }
 
-pub(super) async fn allocate(State(app): AppState, p: Principal, Body(req): Body<AllocationRequest>) -> Result<(StatusCode, Json<Allocation>)> {
+pub(super) async fn allocate(
+    State(app): AppState,
+    p: Principal,
+    Body(req): Body<AllocationRequest>,
+) -> Result<(StatusCode, Json<Allocation>)> {
     let scope = p.scope()?;
     if !scope.sees(&req.project) {
         return Err(Error::NotFound(format!(
@@ -124,7 +136,9 @@ pub(super) async fn allocate(State(app): AppState, p: Principal, Body(req): Body
     let outcome = match app.store.allocate(&plan, app.config.dead_after_s as i64 * 1000).await {
         // A tenant learns nothing about a machine it cannot see: why it cannot have it (allocated
         // to another project, crash-looping, …) is for operators. Its own machines it may ask about.
-        Err(e @ (StoreError::NoMachine(_) | StoreError::NotFound { .. })) if matches!(scope, Scope::Project(_)) && req.machine.is_some() => {
+        Err(e @ (StoreError::NoMachine(_) | StoreError::NotFound { .. }))
+            if matches!(scope, Scope::Project(_)) && req.machine.is_some() =>
+        {
             let m = req.machine.unwrap_or_default();
             let own = app.store.machine(m).await?.and_then(|r| r.allocation).is_some_and(|a| scope.sees(&a.project));
             if own {
@@ -151,4 +165,3 @@ pub(super) async fn list_allocations(State(app): AppState, p: Principal) -> Resu
     let scope = p.scope()?;
     Ok(Json(app.store.allocations(scope.project()).await?))
 }
-

@@ -100,11 +100,8 @@ async fn observe(State(app): AppState, matched: Option<MatchedPath>, req: Reques
     let matched = (route != "unmatched").then_some(route.as_str());
     app.metrics.observe(&method, matched, status.as_u16(), start.elapsed().as_secs_f64());
     if status.is_client_error() {
-        let (code, message) = resp
-            .extensions()
-            .get::<crate::error::Refusal>()
-            .map(|r| (r.code, r.message.as_str()))
-            .unwrap_or(("", ""));
+        let (code, message) =
+            resp.extensions().get::<crate::error::Refusal>().map(|r| (r.code, r.message.as_str())).unwrap_or(("", ""));
         tracing::info!(%method, %route, status = status.as_u16(), code, reason = message, "request refused");
     }
     resp
@@ -147,4 +144,3 @@ async fn metrics(State(app): AppState) -> Result<Response> {
         app.metrics.render(&snapshot).map_err(|e| Error::Internal(format!("rendering the metrics: {e}")))?;
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
-

@@ -11,7 +11,11 @@ use axum::http::StatusCode;
 use axum::Json;
 use metal_types::*;
 
-pub(super) async fn create_token(State(app): AppState, p: Principal, Body(req): Body<TokenRequest>) -> Result<(StatusCode, Json<TokenResponse>)> {
+pub(super) async fn create_token(
+    State(app): AppState,
+    p: Principal,
+    Body(req): Body<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>)> {
     p.require_admin()?;
     let role = Role::from(req.role);
     match (req.role, &req.project) {
@@ -25,7 +29,9 @@ pub(super) async fn create_token(State(app): AppState, p: Principal, Body(req): 
         (_, None) => {}
     }
     let expires_ms = match req.expires_in_s {
-        Some(0) => return Err(Error::bad_request("expires_in_s must be at least 1 (leave it out for a token that lives until revoked)")),
+        Some(0) => {
+            return Err(Error::bad_request("expires_in_s must be at least 1 (leave it out for a token that lives until revoked)"))
+        }
         Some(s) if s > 100 * 365 * 86_400 => return Err(Error::bad_request("expires_in_s must be at most 100 years")),
         Some(s) => Some(app.now_ms() + s as i64 * 1000),
         None => None,
@@ -70,14 +76,19 @@ pub(super) async fn list_tokens(State(app): AppState, p: Principal) -> Result<Js
     Ok(Json(infos))
 }
 
-pub(super) async fn revoke_token(State(app): AppState, p: Principal, id: std::result::Result<Path<String>, PathRejection>) -> Result<StatusCode> {
+pub(super) async fn revoke_token(
+    State(app): AppState,
+    p: Principal,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<StatusCode> {
     p.require_admin()?;
     let id = path(id)?;
     if app.store.revoke_token(&id).await? {
         tracing::info!(token = %id, "token revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(Error::NotFound(format!("token {id} not found (only admin, tenant and pixie tokens are listed and revoked); list them with GET /v1/tokens")))
+        Err(Error::NotFound(format!(
+            "token {id} not found (only admin, tenant and pixie tokens are listed and revoked); list them with GET /v1/tokens"
+        )))
     }
 }
-

@@ -16,7 +16,10 @@
 //! Also here: freeing (which deletes the allocation's phone-home token and records `Machine
 //! Reclaim`), the phone home, and the allocation queries the handlers need.
 
-use super::{parse_json, parse_machine_id, parse_event, to_json, Backend, Conflict, NoMachine, Result, Store, StoreError, TokenRow, ALLOCATION_CHANNEL};
+use super::{
+    parse_event, parse_json, parse_machine_id, to_json, Backend, Conflict, NoMachine, Result, Store, StoreError, TokenRow,
+    ALLOCATION_CHANNEL,
+};
 use crate::clock::ClockRef;
 use crate::policy::{self, Candidate, Ineligible, CANDIDATE_WINDOW};
 use crate::rfc3339;
@@ -112,7 +115,11 @@ impl Store {
     /// Active allocations, all or one project's.
     pub async fn allocations(&self, project: Option<&str>) -> Result<Vec<Allocation>> {
         let rows = match project {
-            None => sqlx::query("SELECT body FROM allocations WHERE freed_ms IS NULL ORDER BY created_ms, id").fetch_all(&self.pool).await?,
+            None => {
+                sqlx::query("SELECT body FROM allocations WHERE freed_ms IS NULL ORDER BY created_ms, id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
             Some(p) => {
                 sqlx::query("SELECT body FROM allocations WHERE freed_ms IS NULL AND project = $1 ORDER BY created_ms, id")
                     .bind(p)
@@ -125,16 +132,24 @@ impl Store {
 
     /// Whether the allocation is still active and belongs to `machine`.
     pub async fn allocation_active(&self, id: AllocationId, machine: MachineId) -> Result<bool> {
-        let row = sqlx::query("SELECT machine, freed_ms FROM allocations WHERE id = $1").bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT machine, freed_ms FROM allocations WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(match row {
             None => false,
-            Some(r) => r.try_get::<String, _>("machine")? == machine.to_string() && r.try_get::<Option<i64>, _>("freed_ms")?.is_none(),
+            Some(r) => {
+                r.try_get::<String, _>("machine")? == machine.to_string() && r.try_get::<Option<i64>, _>("freed_ms")?.is_none()
+            }
         })
     }
 
     /// When the allocation was made (ms since the epoch).
     pub async fn allocation_created_ms(&self, id: AllocationId) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT created_ms FROM allocations WHERE id = $1").bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT created_ms FROM allocations WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| r.try_get("created_ms")).transpose()?)
     }
 
@@ -148,8 +163,12 @@ impl Store {
             .bind(allocation.to_string())
             .execute(tx.c())
             .await?;
-        sqlx::query("DELETE FROM tokens WHERE role = 'machine' AND machine = $1").bind(machine.to_string()).execute(tx.c()).await?;
-        self.apply_events_in(tx.c(), machine, EventSource::PhoneHome, &[(Ev::PhonedHome, time_ms, message.to_string())], now).await?;
+        sqlx::query("DELETE FROM tokens WHERE role = 'machine' AND machine = $1")
+            .bind(machine.to_string())
+            .execute(tx.c())
+            .await?;
+        self.apply_events_in(tx.c(), machine, EventSource::PhoneHome, &[(Ev::PhonedHome, time_ms, message.to_string())], now)
+            .await?;
         tx.commit().await?;
         self.tokens_changed();
         Ok(())
@@ -182,7 +201,14 @@ impl Store {
             .execute(tx.c())
             .await?;
         sqlx::query("DELETE FROM tokens WHERE role = 'phone_home' AND allocation = $1").bind(&alloc).execute(tx.c()).await?;
-        self.apply_events_in(tx.c(), id, EventSource::Api, &[(Ev::MachineReclaim, now, format!("allocation {alloc} freed"))], now).await?;
+        self.apply_events_in(
+            tx.c(),
+            id,
+            EventSource::Api,
+            &[(Ev::MachineReclaim, now, format!("allocation {alloc} freed"))],
+            now,
+        )
+        .await?;
         tx.commit().await?;
         self.tokens_changed();
         Ok(())
@@ -263,11 +289,14 @@ async fn candidates(c: &mut AnyConnection, plan: &AllocationPlan, cutoff: i64) -
 /// holds, re-checking the rules; `None` when every one is locked or no longer eligible.
 async fn lock_one(c: &mut AnyConnection, picks: &[MachineId], cutoff: i64) -> Result<Option<MachineId>> {
     for m in picks {
-        let row = sqlx::query(&format!("SELECT id FROM machines WHERE id = $1 AND {} FOR UPDATE SKIP LOCKED", policy::eligible_sql("$2")))
-            .bind(m.to_string())
-            .bind(cutoff)
-            .fetch_optional(&mut *c)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT id FROM machines WHERE id = $1 AND {} FOR UPDATE SKIP LOCKED",
+            policy::eligible_sql("$2")
+        ))
+        .bind(m.to_string())
+        .bind(cutoff)
+        .fetch_optional(&mut *c)
+        .await?;
         if row.is_some() {
             return Ok(Some(*m));
         }
@@ -277,7 +306,13 @@ async fn lock_one(c: &mut AnyConnection, picks: &[MachineId], cutoff: i64) -> Re
 
 /// One try at an allocation inside the caller's transaction. On `Retry` and on errors the caller
 /// must undo what this wrote (roll back, or delete the allocation row it names).
-async fn allocate_attempt(c: &mut AnyConnection, backend: Backend, plan: &AllocationPlan, now: i64, dead_after_ms: i64) -> Result<Attempt> {
+async fn allocate_attempt(
+    c: &mut AnyConnection,
+    backend: Backend,
+    plan: &AllocationPlan,
+    now: i64,
+    dead_after_ms: i64,
+) -> Result<Attempt> {
     let pg = backend == Backend::Postgres;
     if let Some(key) = &plan.idempotency_key {
         if pg {
@@ -323,24 +358,29 @@ async fn allocate_attempt(c: &mut AnyConnection, backend: Backend, plan: &Alloca
         created_at: rfc3339(now),
         idempotency_key: plan.idempotency_key.clone(),
     };
-    sqlx::query("INSERT INTO allocations (id, machine, project, body, idempotency_key, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(alloc.id.to_string())
-        .bind(machine.to_string())
-        .bind(&alloc.project)
-        .bind(to_json(&alloc))
-        .bind(&alloc.idempotency_key)
-        .bind(now)
-        .execute(&mut *c)
-        .await?;
+    sqlx::query(
+        "INSERT INTO allocations (id, machine, project, body, idempotency_key, created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(alloc.id.to_string())
+    .bind(machine.to_string())
+    .bind(&alloc.project)
+    .bind(to_json(&alloc))
+    .bind(&alloc.idempotency_key)
+    .bind(now)
+    .execute(&mut *c)
+    .await?;
     // The re-check: only a machine that still meets every rule is taken.
-    let n = sqlx::query(&format!("UPDATE machines SET allocation = $1, updated_ms = $2 WHERE id = $3 AND {}", policy::eligible_sql("$4")))
-        .bind(alloc.id.to_string())
-        .bind(now)
-        .bind(machine.to_string())
-        .bind(cutoff)
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
+    let n = sqlx::query(&format!(
+        "UPDATE machines SET allocation = $1, updated_ms = $2 WHERE id = $3 AND {}",
+        policy::eligible_sql("$4")
+    ))
+    .bind(alloc.id.to_string())
+    .bind(now)
+    .bind(machine.to_string())
+    .bind(cutoff)
+    .execute(&mut *c)
+    .await?
+    .rows_affected();
     if n == 0 {
         if !pg {
             sqlx::query("DELETE FROM allocations WHERE id = $1").bind(alloc.id.to_string()).execute(&mut *c).await?;
@@ -354,15 +394,21 @@ impl Store {
     /// The machines of `partition` that the SQL rendering of [`policy::ELIGIBLE`] selects at
     /// `now`, and every machine of it as the Rust rendering sees it: `api/tests/eligibility.rs`
     /// checks on both backends that they agree.
-    pub async fn eligibility_views(&self, partition: &str, now: i64, dead_after_ms: i64) -> Result<(Vec<MachineId>, Vec<Candidate>)> {
-        let by_sql = sqlx::query(&format!("SELECT id FROM machines WHERE partition = $1 AND {} ORDER BY id", policy::eligible_sql("$2")))
-            .bind(partition)
-            .bind(now - dead_after_ms)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| parse_machine_id(&r.try_get::<String, _>("id")?))
-            .collect::<Result<Vec<_>>>()?;
+    pub async fn eligibility_views(
+        &self,
+        partition: &str,
+        now: i64,
+        dead_after_ms: i64,
+    ) -> Result<(Vec<MachineId>, Vec<Candidate>)> {
+        let by_sql =
+            sqlx::query(&format!("SELECT id FROM machines WHERE partition = $1 AND {} ORDER BY id", policy::eligible_sql("$2")))
+                .bind(partition)
+                .bind(now - dead_after_ms)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| parse_machine_id(&r.try_get::<String, _>("id")?))
+                .collect::<Result<Vec<_>>>()?;
         let all = sqlx::query(&format!("SELECT {CANDIDATE_COLUMNS} FROM machines WHERE partition = $1 ORDER BY id"))
             .bind(partition)
             .fetch_all(&self.pool)
@@ -408,7 +454,12 @@ fn why_no_machine(plan: &AllocationPlan, cand: Option<&Candidate>, now: i64, dea
 
 /// The SQLite allocation writer: takes every queued request, runs them in one transaction, and
 /// answers each after the commit. Exits when the store is dropped.
-pub(super) async fn group_writer(pool: AnyPool, lock: Arc<Mutex<()>>, clock: ClockRef, mut jobs: tokio::sync::mpsc::UnboundedReceiver<AllocJob>) {
+pub(super) async fn group_writer(
+    pool: AnyPool,
+    lock: Arc<Mutex<()>>,
+    clock: ClockRef,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<AllocJob>,
+) {
     const MAX_BATCH: usize = 256;
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
@@ -451,7 +502,9 @@ async fn run_batch(pool: &AnyPool, batch: &[AllocJob], now: i64) -> Result<Vec<R
                     break;
                 }
                 // A database error leaves the transaction in doubt: fail the whole batch.
-                Err(StoreError::Db(e)) if !matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) => return Err(StoreError::Db(e)),
+                Err(StoreError::Db(e)) if !matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) => {
+                    return Err(StoreError::Db(e))
+                }
                 Err(e) => {
                     result = Err(e);
                     break;

@@ -6,8 +6,8 @@
 use super::cache::read_through;
 use super::{parse_json, Conflict, Result, Store, StoreError};
 use crate::policy;
-use metal_types::Image;
 use metal_types::CatalogObject;
+use metal_types::Image;
 use sqlx::Row;
 use std::sync::Arc;
 
@@ -48,10 +48,8 @@ impl Store {
 
     pub async fn get_object<T: CatalogObject>(&self, id: &str) -> Result<Option<T>> {
         let load = async {
-            let row = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", T::PLURAL))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row =
+                sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", T::PLURAL)).bind(id).fetch_optional(&self.pool).await?;
             Ok::<_, StoreError>(row.map(|r| r.try_get::<String, _>("body")).transpose()?)
         };
         let cache = self.catalog_cache.as_ref().map(|c| &c.objects);
@@ -86,11 +84,7 @@ impl Store {
 
     pub async fn delete_object<T: CatalogObject>(&self, id: &str) -> Result<bool> {
         let mut tx = self.write().await?;
-        let n = sqlx::query(&format!("DELETE FROM {} WHERE id = $1", T::PLURAL))
-            .bind(id)
-            .execute(tx.c())
-            .await?
-            .rows_affected();
+        let n = sqlx::query(&format!("DELETE FROM {} WHERE id = $1", T::PLURAL)).bind(id).execute(tx.c()).await?.rows_affected();
         tx.commit().await?;
         self.catalog_changed();
         Ok(n > 0)
@@ -109,7 +103,11 @@ impl Store {
             return Err(Conflict::ProjectInUse { id: id.to_string(), active }.into());
         }
         let n = sqlx::query("DELETE FROM projects WHERE id = $1").bind(id).execute(tx.c()).await?.rows_affected();
-        let revoked = sqlx::query("DELETE FROM tokens WHERE role = 'tenant' AND project = $1").bind(id).execute(tx.c()).await?.rows_affected();
+        let revoked = sqlx::query("DELETE FROM tokens WHERE role = 'tenant' AND project = $1")
+            .bind(id)
+            .execute(tx.c())
+            .await?
+            .rows_affected();
         tx.commit().await?;
         self.catalog_changed();
         self.tokens_changed();
@@ -132,7 +130,11 @@ impl Store {
             .transpose()?;
         if let Some(existing) = existing {
             let existing: serde_json::Value = parse_json("image", &existing)?;
-            return if existing == body { Ok(false) } else { Err(Conflict::Exists { kind: "image", id: image.id.clone() }.into()) };
+            return if existing == body {
+                Ok(false)
+            } else {
+                Err(Conflict::Exists { kind: "image", id: image.id.clone() }.into())
+            };
         }
         sqlx::query("INSERT INTO images (id, name, version, expires_ms, body, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&image.id)
@@ -172,10 +174,8 @@ impl Store {
     /// The newest version of `name` that has not expired at `now`.
     pub async fn newest_image(&self, name: &str, now: i64) -> Result<Option<Image>> {
         let rows = self.image_rows("name", name).await?;
-        let best = rows
-            .iter()
-            .filter(|(_, exp, _)| exp.is_none_or(|e| e > now))
-            .max_by(|a, b| policy::compare_versions(&a.0, &b.0));
+        let best =
+            rows.iter().filter(|(_, exp, _)| exp.is_none_or(|e| e > now)).max_by(|a, b| policy::compare_versions(&a.0, &b.0));
         best.map(|(_, _, b)| parse_json("image", b)).transpose()
     }
 

@@ -55,14 +55,19 @@ impl Store {
 
     /// Runs events through the state machine and stores them, inside `c`'s transaction.
     /// The machine's own events are signs of life; pixie's sightings are not (see [`fsm`]).
-    pub(super) async fn apply_events_in(&self, c: &mut AnyConnection, id: MachineId, source: EventSource, events: &[(Ev, i64, String)], now: i64) -> Result<()> {
+    pub(super) async fn apply_events_in(
+        &self,
+        c: &mut AnyConnection,
+        id: MachineId,
+        source: EventSource,
+        events: &[(Ev, i64, String)],
+        now: i64,
+    ) -> Result<()> {
         let Some((mut s, last_seen)) = self.load_fsm(c, id).await? else {
             return Err(StoreError::not_found("machine", id));
         };
         let origin = match source {
-            EventSource::Pixie => {
-                fsm::Origin::Pixie { agent_alive: last_seen.is_some_and(|t| now - t < self.dead_after_ms) }
-            }
+            EventSource::Pixie => fsm::Origin::Pixie { agent_alive: last_seen.is_some_and(|t| now - t < self.dead_after_ms) },
             _ => fsm::Origin::Machine,
         };
         let mut alive = false;

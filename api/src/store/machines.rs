@@ -78,7 +78,9 @@ impl Store {
     pub async fn machines(&self, project: Option<&str>) -> Result<Vec<MachineRow>> {
         let rows = match project {
             None => sqlx::query(&format!("{MACHINE_SELECT} ORDER BY m.id")).fetch_all(&self.pool).await?,
-            Some(p) => sqlx::query(&format!("{MACHINE_SELECT} WHERE a.project = $1 ORDER BY m.id")).bind(p).fetch_all(&self.pool).await?,
+            Some(p) => {
+                sqlx::query(&format!("{MACHINE_SELECT} WHERE a.project = $1 ORDER BY m.id")).bind(p).fetch_all(&self.pool).await?
+            }
         };
         rows.iter().map(machine_row).collect()
     }
@@ -104,14 +106,21 @@ impl Store {
     }
 
     pub async fn machine_by_mac(&self, mac: Mac) -> Result<Option<MachineId>> {
-        let row = sqlx::query("SELECT machine FROM machine_macs WHERE mac = $1").bind(mac.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT machine FROM machine_macs WHERE mac = $1")
+            .bind(mac.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| parse_machine_id(&r.try_get::<String, _>("machine")?)).transpose()
     }
 
     /// A heartbeat: the machine's agent is alive.
     pub async fn heartbeat(&self, id: MachineId) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2").bind(self.now_ms()).bind(id.to_string()).execute(tx.c()).await?;
+        sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
+            .bind(self.now_ms())
+            .bind(id.to_string())
+            .execute(tx.c())
+            .await?;
         tx.commit().await
     }
 
@@ -133,7 +142,9 @@ impl Store {
         .fetch_optional(tx.c())
         .await?;
         if let Some(row) = &existing {
-            if let (Some(allocation), Some(since_ms)) = (row.try_get::<Option<String>, _>("alloc")?, row.try_get::<Option<i64>, _>("phoned_home_ms")?) {
+            if let (Some(allocation), Some(since_ms)) =
+                (row.try_get::<Option<String>, _>("alloc")?, row.try_get::<Option<i64>, _>("phoned_home_ms")?)
+            {
                 return Err(Conflict::InstalledOs { machine: id, allocation, since_ms }.into());
             }
             if let Some(mac) = reg.token_mac {
@@ -166,7 +177,9 @@ impl Store {
                 .map(|r| r.try_get("machine"))
                 .transpose()?;
             match owner {
-                Some(owner) if reg.token_mac == Some(mac) => return Err(Conflict::MacTaken { mac: mac.to_string(), owner, machine: id }.into()),
+                Some(owner) if reg.token_mac == Some(mac) => {
+                    return Err(Conflict::MacTaken { mac: mac.to_string(), owner, machine: id }.into())
+                }
                 Some(owner) => {
                     tracing::warn!(machine = %id, %mac, %owner, "inventory lists a NIC of another machine; keeping it with that machine")
                 }
@@ -228,13 +241,21 @@ impl Store {
             return Err(Conflict::NotCurrentAllocation { allocation: report.allocation }.into());
         }
         if let Some(boot) = &report.boot {
-            sqlx::query("UPDATE machines SET boot = $1 WHERE id = $2").bind(to_json(boot)).bind(id.to_string()).execute(tx.c()).await?;
+            sqlx::query("UPDATE machines SET boot = $1 WHERE id = $2")
+                .bind(to_json(boot))
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
         }
         if !report.success {
             let msg = format!("install failed: {}", report.message);
             self.apply_events_in(tx.c(), id, EventSource::Agent, &[(Ev::Crashed, now, msg)], now).await?;
         } else {
-            sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2").bind(now).bind(id.to_string()).execute(tx.c()).await?;
+            sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(tx.c())
+                .await?;
         }
         tx.commit().await
     }

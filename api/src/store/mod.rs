@@ -136,7 +136,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { sqlite_sync_normal: false, cache_ttl: Duration::from_secs(5), dead_after_ms: 60_000, clock: ClockRef::default() }
+        Options {
+            sqlite_sync_normal: false,
+            cache_ttl: Duration::from_secs(5),
+            dead_after_ms: 60_000,
+            clock: ClockRef::default(),
+        }
     }
 }
 
@@ -191,7 +196,11 @@ impl Store {
             url,
             write_lock,
             clock: opts.clock,
-            catalog_cache: sqlite.then(|| CatalogCaches { objects: Cache::new(ttl), lists: Cache::new(ttl), images: Cache::new(ttl) }),
+            catalog_cache: sqlite.then(|| CatalogCaches {
+                objects: Cache::new(ttl),
+                lists: Cache::new(ttl),
+                images: Cache::new(ttl),
+            }),
             token_cache: sqlite.then(|| Cache::new(ttl)),
             boot_partitions: Cache::new(ttl),
             boot_tokens: Cache::new(ttl),

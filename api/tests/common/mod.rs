@@ -31,7 +31,8 @@ impl Db {
     /// in a run that must run everything a missing PostgreSQL fails the test (`metal_testkit`).
     pub async fn postgres() -> Option<Db> {
         let url = std::env::var("METAL_TEST_POSTGRES_URL").ok();
-        let what = "the PostgreSQL tests need METAL_TEST_POSTGRES_URL=postgres://user:pass@host/db (api/scripts/with-postgres sets it)";
+        let what =
+            "the PostgreSQL tests need METAL_TEST_POSTGRES_URL=postgres://user:pass@host/db (api/scripts/with-postgres sets it)";
         if !metal_testkit::require(url.is_some(), what) {
             return None;
         }
@@ -91,11 +92,7 @@ impl Api {
     }
 
     pub async fn start_with(db: &Db, tweak: impl FnOnce(&mut metal_api::Config)) -> Api {
-        let mut config = metal_api::Config {
-            db: db.url.clone(),
-            admin_token: Some(ADMIN.into()),
-            ..Default::default()
-        };
+        let mut config = metal_api::Config { db: db.url.clone(), admin_token: Some(ADMIN.into()), ..Default::default() };
         tweak(&mut config);
         let running = metal_api::start(config, "127.0.0.1:0").await.expect("start API");
         let base = running.base_url();
@@ -231,11 +228,20 @@ impl Agent {
     /// What pixie does when the machine PXE boots: report the event, ask for a decision.
     pub async fn pxe_boot(&self, api: &Api, pixie: &str) -> BootDecision {
         let (s, v) = api
-            .post("/v1/boot/pxe-event", pixie, json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"}))
+            .post(
+                "/v1/boot/pxe-event",
+                pixie,
+                json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"}),
+            )
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "pxe-event: {v}");
-        api.ok(Method::POST, "/v1/boot/decide", pixie, Some(json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"})))
-            .await
+        api.ok(
+            Method::POST,
+            "/v1/boot/decide",
+            pixie,
+            Some(json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"})),
+        )
+        .await
     }
 
     /// Boots metal-hammer from a decision and registers; returns the response.
@@ -260,7 +266,11 @@ impl Agent {
 
     pub async fn wipe(&self, api: &Api) {
         let (s, v) = api
-            .post("/v1/agent/wipe-report", &self.credential, json!({"disks": [{"disk": "vda", "method": "discard", "duration_ms": 12}]}))
+            .post(
+                "/v1/agent/wipe-report",
+                &self.credential,
+                json!({"disks": [{"disk": "vda", "method": "discard", "duration_ms": 12}]}),
+            )
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "wipe-report: {v}");
     }

@@ -96,7 +96,12 @@ const VM_SLOTS: usize = 2;
 fn vm_slot() -> fs::File {
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
     let open = |i: usize| {
-        fs::OpenOptions::new().create(true).truncate(false).write(true).open(target.join(format!("image-builder-vm-slot-{i}.lock"))).unwrap()
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target.join(format!("image-builder-vm-slot-{i}.lock")))
+            .unwrap()
     };
     for i in 0..VM_SLOTS {
         let f = open(i);
@@ -129,7 +134,9 @@ impl Qemu {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start qemu-system-x86_64 (Debian package qemu-system-x86)");
         let (tx, rx) = mpsc::channel();
-        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for stream in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);

@@ -43,7 +43,12 @@ struct Options {
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
-    let mut opts = Options { config: DEFAULT_CONFIG.to_string(), window: None, message: "phone-home".to_string(), ca: DEFAULT_CA.to_string() };
+    let mut opts = Options {
+        config: DEFAULT_CONFIG.to_string(),
+        window: None,
+        message: "phone-home".to_string(),
+        ca: DEFAULT_CA.to_string(),
+    };
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -77,12 +82,8 @@ fn window_from_cmdline(cmdline: &str) -> Option<Duration> {
 fn say(line: &str) {
     println!("{line}");
     let _ = std::io::stdout().flush();
-    let stdout_rdev = std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .and_then(|fd| fs::File::from(fd).metadata().ok())
-        .map(|m| m.rdev());
+    let stdout_rdev =
+        std::io::stdout().as_fd().try_clone_to_owned().ok().and_then(|fd| fs::File::from(fd).metadata().ok()).map(|m| m.rdev());
     let console_rdev = fs::metadata("/dev/console").ok().map(|m| m.rdev());
     let stdout_is_console = matches!((stdout_rdev, console_rdev), (Some(a), Some(b)) if a == b && a != 0);
     if !stdout_is_console {
@@ -352,7 +353,8 @@ mod tests {
     fn https_server(ca: &metal_client::ca::TestCa) -> (u16, std::thread::JoinHandle<String>) {
         use rustls::pki_types::pem::PemObject;
         let cert = ca.server_cert(&["127.0.0.1"]).unwrap();
-        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let chain =
+            rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(metal_client::tls::provider())
             .with_safe_default_protocol_versions()
@@ -395,7 +397,10 @@ mod tests {
         let config = tls_config(&ca_file).unwrap();
         assert!(matches!(post(&url, "tok", b"{\"a\":1}", Duration::from_secs(5), Some(&config)), Attempt::Done));
         let req = server.join().unwrap();
-        assert!(req.starts_with("POST /v1/agent/phone-home HTTP/1.1\r\n") && req.contains("Authorization: Bearer tok\r\n"), "{req}");
+        assert!(
+            req.starts_with("POST /v1/agent/phone-home HTTP/1.1\r\n") && req.contains("Authorization: Bearer tok\r\n"),
+            "{req}"
+        );
     }
 
     #[test]

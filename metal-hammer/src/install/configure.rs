@@ -49,7 +49,9 @@ pub fn render_fstab(filesystems: &[FsPlan]) -> String {
     ordered.sort_by_key(|f| (f.mount.is_none(), f.mount.as_deref().map(|m| Path::new(m).components().count())));
     for f in ordered {
         let (mount, pass, options) = match (&f.mount, f.kind) {
-            (_, FsKind::Swap) => ("none".to_string(), 0, if f.options == "defaults" { "sw".to_string() } else { f.options.clone() }),
+            (_, FsKind::Swap) => {
+                ("none".to_string(), 0, if f.options == "defaults" { "sw".to_string() } else { f.options.clone() })
+            }
             (Some(m), _) if m == "/" => (m.clone(), 1, f.options.clone()),
             (Some(m), _) => (m.clone(), 2, f.options.clone()),
             (None, _) => continue,
@@ -78,7 +80,12 @@ pub fn render_install_record(record: &InstallRecord) -> String {
 }
 
 /// Every file with its content and mode, relative to the installed root.
-pub fn files(instr: &InstallInstructions, filesystems: &[FsPlan], record: &InstallRecord, systemd: bool) -> Vec<(PathBuf, String, u32)> {
+pub fn files(
+    instr: &InstallInstructions,
+    filesystems: &[FsPlan],
+    record: &InstallRecord,
+    systemd: bool,
+) -> Vec<(PathBuf, String, u32)> {
     let mut v = vec![
         (PathBuf::from("etc/hostname"), render_hostname(&instr.hostname), 0o644),
         (PathBuf::from("etc/hosts"), render_hosts(&instr.hostname), 0o644),
@@ -107,7 +114,10 @@ pub(crate) fn check_no_symlinks(root: &Path, rel: &Path) -> io::Result<()> {
         }
         match fs::symlink_metadata(&p) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is a symbolic link in the image", p.display())))
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is a symbolic link in the image", p.display()),
+                ))
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -137,19 +147,19 @@ pub fn write_file(root: &Path, rel: &Path, content: &[u8], mode: u32) -> io::Res
             fs::set_permissions(root.join(parent), fs::Permissions::from_mode(0o700))?;
         }
     }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&dst)?;
+    let mut f =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(&dst)?;
     f.write_all(content)?;
     f.set_permissions(fs::Permissions::from_mode(mode))
 }
 
 /// Writes every file of [`files`]; returns the paths written.
-pub fn write_all(root: &Path, instr: &InstallInstructions, filesystems: &[FsPlan], record: &InstallRecord) -> Result<Vec<PathBuf>, (PathBuf, io::Error)> {
+pub fn write_all(
+    root: &Path,
+    instr: &InstallInstructions,
+    filesystems: &[FsPlan],
+    record: &InstallRecord,
+) -> Result<Vec<PathBuf>, (PathBuf, io::Error)> {
     let systemd = root.join("etc/systemd").is_dir();
     let mut written = Vec::new();
     for (rel, content, mode) in files(instr, filesystems, record, systemd) {
@@ -190,12 +200,23 @@ pub(crate) mod tests {
             layout: super::super::layout::tests::efi_root_layout(),
             ssh_keys: vec!["ssh-ed25519 AAAAC3 alice@example".into(), "  ".into(), "ssh-rsa AAAAB3 bob\n".into()],
             user_data: "{\"expect\":{}}".into(),
-            phone_home: PhoneHomeConfig { url: "http://10.99.0.1:8080/v1/agent/phone-home".into(), token: "secret".into(), machine: MachineId::new_random() },
+            phone_home: PhoneHomeConfig {
+                url: "http://10.99.0.1:8080/v1/agent/phone-home".into(),
+                token: "secret".into(),
+                machine: MachineId::new_random(),
+            },
         }
     }
 
     fn fsplan(dev: &str, kind: FsKind, mount: Option<&str>, uuid: &str) -> FsPlan {
-        FsPlan { device: dev.into(), kind, mount: mount.map(Into::into), label: None, options: "defaults".into(), uuid: uuid.into() }
+        FsPlan {
+            device: dev.into(),
+            kind,
+            mount: mount.map(Into::into),
+            label: None,
+            options: "defaults".into(),
+            uuid: uuid.into(),
+        }
     }
 
     #[test]
@@ -254,7 +275,12 @@ pub(crate) mod tests {
             image_sha256: "00".into(),
             layout: "efi-root".into(),
             disks: vec!["/dev/vda".into()],
-            boot: BootInfo { root_uuid: "u".into(), kernel: "/boot/vmlinuz".into(), initrd: String::new(), cmdline: "root=UUID=u".into() },
+            boot: BootInfo {
+                root_uuid: "u".into(),
+                kernel: "/boot/vmlinuz".into(),
+                initrd: String::new(),
+                cmdline: "root=UUID=u".into(),
+            },
         };
         let written = write_all(root, &instr, &fs_, &record).unwrap();
         assert!(written.contains(&PathBuf::from("etc/systemd/network/10-metal.network")));
@@ -263,11 +289,15 @@ pub(crate) mod tests {
         assert_eq!(mode("root/.ssh/authorized_keys"), 0o600);
         assert_eq!(mode("etc/metal/phone-home.json"), 0o600);
         assert_eq!(fs::read_to_string(root.join("etc/machine-id")).unwrap(), "");
-        let ph: metal_types::PhoneHomeConfig = serde_json::from_str(&fs::read_to_string(root.join("etc/metal/phone-home.json")).unwrap()).unwrap();
+        let ph: metal_types::PhoneHomeConfig =
+            serde_json::from_str(&fs::read_to_string(root.join("etc/metal/phone-home.json")).unwrap()).unwrap();
         assert_eq!(ph, instr.phone_home);
         let rec: InstallRecord = serde_json::from_str(&fs::read_to_string(root.join("etc/metal/install.json")).unwrap()).unwrap();
         assert_eq!(rec, record);
-        assert_eq!(fs::read_to_string(root.join("root/.ssh/authorized_keys")).unwrap(), "ssh-ed25519 AAAAC3 alice@example\nssh-rsa AAAAB3 bob\n");
+        assert_eq!(
+            fs::read_to_string(root.join("root/.ssh/authorized_keys")).unwrap(),
+            "ssh-ed25519 AAAAC3 alice@example\nssh-rsa AAAAB3 bob\n"
+        );
 
         // An image whose /etc/metal is a symlink cannot redirect our writes.
         let other = tempfile::tempdir().unwrap();

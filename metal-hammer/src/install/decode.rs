@@ -156,7 +156,12 @@ type Blocks = Receiver<io::Result<Vec<u8>>>;
 
 /// Decompresses one frame's worth of input into `tx`, in blocks. `input` yields the frame's
 /// bytes (and maybe more); returns when the frame is complete, having consumed exactly it.
-fn decode_frame<R: BufRead>(dec: &mut RawDecoder<'_>, input: &mut R, tx: &SyncSender<io::Result<Vec<u8>>>, pool: &Pool) -> io::Result<bool> {
+fn decode_frame<R: BufRead>(
+    dec: &mut RawDecoder<'_>,
+    input: &mut R,
+    tx: &SyncSender<io::Result<Vec<u8>>>,
+    pool: &Pool,
+) -> io::Result<bool> {
     let mut out = pool.get();
     let mut filled = 0;
     loop {
@@ -228,7 +233,8 @@ fn dispatch<R: BufRead>(r: &mut R, order: &SyncSender<Blocks>, inline_blocks: us
         let jobs_tx = jobs_tx;
         for i in 0..workers {
             let (jobs_rx, pool) = (&jobs_rx, pool);
-            let _ = std::thread::Builder::new().name(format!("image-zstd-{i}")).spawn_scoped(scope, move || worker(jobs_rx, pool));
+            let _ =
+                std::thread::Builder::new().name(format!("image-zstd-{i}")).spawn_scoped(scope, move || worker(jobs_rx, pool));
         }
         let fail = |e: io::Error| {
             let (tx, rx) = sync_channel(1);
@@ -251,11 +257,15 @@ fn dispatch<R: BufRead>(r: &mut R, order: &SyncSender<Blocks>, inline_blocks: us
                     let left = total - head.len() as u64;
                     match io::copy(&mut (&mut *r).take(left), &mut io::sink()) {
                         Ok(n) if n == left => {}
-                        Ok(_) => return fail(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a skippable frame")),
+                        Ok(_) => {
+                            return fail(io::Error::new(io::ErrorKind::UnexpectedEof, "the image ends inside a skippable frame"))
+                        }
                         Err(e) => return fail(e),
                     }
                 }
-                FrameHeader::Zstd { header_len, content_size: Some(size), checksum } if size <= MAX_PARALLEL_FRAME && workers > 0 => {
+                FrameHeader::Zstd { header_len, content_size: Some(size), checksum }
+                    if size <= MAX_PARALLEL_FRAME && workers > 0 =>
+                {
                     // The whole frame, found by walking its block headers.
                     let mut frame = Vec::with_capacity((size as usize / 2).max(4096));
                     frame.extend_from_slice(&head);
@@ -482,7 +492,15 @@ mod tests {
     /// Frames of every kind: sized ones (collected and decompressed by the workers), an empty
     /// one, a skippable one, one without its size and one too big to collect (both streamed).
     fn mixed() -> (Vec<u8>, Vec<u8>) {
-        let parts = [data(3 << 20, 1), data(0, 2), data(IMAGE_FRAME, 3), data(1000, 4), data(5 << 20, 5), data(MAX_PARALLEL_FRAME as usize + 4096, 6), data(70_000, 7)];
+        let parts = [
+            data(3 << 20, 1),
+            data(0, 2),
+            data(IMAGE_FRAME, 3),
+            data(1000, 4),
+            data(5 << 20, 5),
+            data(MAX_PARALLEL_FRAME as usize + 4096, 6),
+            data(70_000, 7),
+        ];
         let mut stream = Vec::new();
         let mut plain = Vec::new();
         for (i, p) in parts.iter().enumerate() {

@@ -170,7 +170,9 @@ impl FileCtx<'_> {
     /// Ownership/mode errors are fatal except on filesystems that cannot store them.
     fn meta_result(&self, rel: &Path, r: io::Result<()>) -> io::Result<()> {
         match r {
-            Err(e) if self.is_lenient(rel) && matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP | libc::EINVAL)) => Ok(()),
+            Err(e) if self.is_lenient(rel) && matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP | libc::EINVAL)) => {
+                Ok(())
+            }
             r => r,
         }
     }
@@ -178,7 +180,12 @@ impl FileCtx<'_> {
     /// Creates `dst` with `mode` (less set-id bits and the umask); `true` when the file is
     /// new. An existing file is truncated instead (and keeps its old mode for now).
     fn create(&self, dst: &Path, mode: u32) -> io::Result<(File, bool)> {
-        let new = OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dst);
+        let new = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode & 0o777)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dst);
         match new {
             Ok(f) => Ok((f, true)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
@@ -504,7 +511,10 @@ impl Unpacker<'_> {
                 self.stats.files += 1;
             }
             EntryType::Symlink => {
-                let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
+                let target = entry
+                    .link_name()
+                    .map_err(ExtractError::Read)?
+                    .ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
                 remove_non_dir(&dst).map_err(wrap)?;
                 with_parents(&dst, || std::os::unix::fs::symlink(&target, &dst)).map_err(wrap)?;
                 // A new symlink made as root is root's already.
@@ -516,7 +526,10 @@ impl Unpacker<'_> {
                 self.stats.symlinks += 1;
             }
             EntryType::Link => {
-                let target = entry.link_name().map_err(ExtractError::Read)?.ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
+                let target = entry
+                    .link_name()
+                    .map_err(ExtractError::Read)?
+                    .ok_or_else(|| ExtractError::Unsafe { path: name.display().to_string() })?;
                 let trel = sanitize(&target).ok_or_else(|| ExtractError::Unsafe { path: target.display().to_string() })?;
                 if self.through_symlink(&trel) || trel.as_os_str().is_empty() {
                     return Err(ExtractError::Unsafe { path: target.display().to_string() });
@@ -538,7 +551,8 @@ impl Unpacker<'_> {
                 remove_non_dir(&dst).map_err(wrap)?;
                 let c = cstr(&dst).map_err(wrap)?;
                 // SAFETY: valid NUL-terminated path; mknod has no other pointer arguments.
-                with_parents(&dst, || cvt(unsafe { libc::mknod(c.as_ptr(), ft | mode, libc::makedev(major, minor)) })).map_err(wrap)?;
+                with_parents(&dst, || cvt(unsafe { libc::mknod(c.as_ptr(), ft | mode, libc::makedev(major, minor)) }))
+                    .map_err(wrap)?;
                 if ctx.opts.same_owner {
                     ctx.meta_result(&rel, lchown(&dst, uid, gid)).map_err(wrap)?;
                 }
@@ -608,7 +622,12 @@ impl Unpacker<'_> {
 /// Unpacks the tar stream `reader` into `root`. `progress` is called with the number of bytes
 /// of file content written since the last call. Small files are written by [`WRITERS`] threads
 /// while this one reads on; the result is the same as writing them in archive order.
-pub fn unpack<R: Read>(reader: R, root: &Path, opts: &ExtractOptions, progress: &mut dyn FnMut(u64)) -> Result<ExtractStats, ExtractError> {
+pub fn unpack<R: Read>(
+    reader: R,
+    root: &Path,
+    opts: &ExtractOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ExtractStats, ExtractError> {
     let ctx = FileCtx {
         opts,
         umask: current_umask(),
@@ -836,7 +855,8 @@ mod tests {
     #[test]
     fn big_files_land_whole_through_o_direct_and_the_page_cache() {
         // Sizes around the big-file threshold, the 1 MiB blocks and the 4 KiB alignment.
-        let sizes = [SMALL_FILE as usize + 1, DIRECT_BLOCK, DIRECT_BLOCK + 1, 2 * DIRECT_BLOCK + DIRECT_ALIGN, 3 * DIRECT_BLOCK + 123];
+        let sizes =
+            [SMALL_FILE as usize + 1, DIRECT_BLOCK, DIRECT_BLOCK + 1, 2 * DIRECT_BLOCK + DIRECT_ALIGN, 3 * DIRECT_BLOCK + 123];
         let mut b = tar::Builder::new(Vec::new());
         for (i, n) in sizes.iter().enumerate() {
             let mut h = header(EntryType::Regular, *n as u64, 0o644);

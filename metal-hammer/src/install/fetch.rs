@@ -223,12 +223,19 @@ enum Attempt {
 /// Least bytes the download thread hands on at once (less only at the end of a connection).
 const COALESCE: usize = 256 << 10;
 
-async fn fetch(url: &str, expected: u64, opts: &FetchOptions, tx: &SyncSender<Msg>, counters: &FetchCounters) -> Result<[u8; 32], FetchError> {
-    let client = metal_client::http::builder(&metal_client::http::Options::new(opts.roots.clone()).connect_timeout(opts.connect_timeout))
-        .map_err(|e| FetchError::Setup(e.to_string()))?
-        .no_proxy()
-        .build()
-        .map_err(|e| FetchError::Setup(e.to_string()))?;
+async fn fetch(
+    url: &str,
+    expected: u64,
+    opts: &FetchOptions,
+    tx: &SyncSender<Msg>,
+    counters: &FetchCounters,
+) -> Result<[u8; 32], FetchError> {
+    let client =
+        metal_client::http::builder(&metal_client::http::Options::new(opts.roots.clone()).connect_timeout(opts.connect_timeout))
+            .map_err(|e| FetchError::Setup(e.to_string()))?
+            .no_proxy()
+            .build()
+            .map_err(|e| FetchError::Setup(e.to_string()))?;
     let mut hasher = Sha256::new();
     let mut offset = 0u64;
     let mut failures = 0u32;
@@ -286,7 +293,8 @@ async fn attempt(
     match status {
         200 => skip = *offset,
         206 if *offset > 0 => {
-            let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let range =
+                resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
             let start = range.strip_prefix("bytes ").and_then(|r| r.split('-').next()).and_then(|s| s.parse::<u64>().ok());
             if start != Some(*offset) {
                 return Err(Attempt::Fatal(FetchError::BadResume { url: url.into(), wanted: *offset, got: range }));

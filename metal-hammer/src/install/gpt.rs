@@ -111,7 +111,11 @@ pub fn plan(parts: &[GptPartition], disk_bytes: u64, sector_size: u64) -> Result
             // Round the end down to a MiB boundary; it must leave at least one MiB.
             let end = (last_usable_lba + 1) / align * align;
             if end < first_lba + align {
-                return Err(PlanError::TooSmall { number: p.number, needed: first_lba + align - 1, last_usable: last_usable_lba });
+                return Err(PlanError::TooSmall {
+                    number: p.number,
+                    needed: first_lba + align - 1,
+                    last_usable: last_usable_lba,
+                });
             }
             end - 1
         } else {
@@ -210,7 +214,8 @@ mod tests {
     #[test]
     fn plan_4096_aligns_to_256_sectors() {
         let disk = 1024 * MIB;
-        let p = plan(&[part(1, 1, GptType::BiosBoot), part(2, 100, GptType::Linux), part(3, 0, GptType::Swap)], disk, 4096).unwrap();
+        let p =
+            plan(&[part(1, 1, GptType::BiosBoot), part(2, 100, GptType::Linux), part(3, 0, GptType::Swap)], disk, 4096).unwrap();
         assert_eq!(p.first_usable_lba, 6);
         assert_eq!(p.last_usable_lba, disk / 4096 - 6);
         assert_eq!(p.partitions[0].first_lba, 256);
@@ -227,11 +232,20 @@ mod tests {
     fn plan_rejects_bad_layouts() {
         assert_eq!(plan(&[part(1, 10, GptType::Linux)], 100 * MIB, 520), Err(PlanError::SectorSize(520)));
         assert_eq!(plan(&[], 100 * MIB, 512), Err(PlanError::NoPartitions));
-        assert_eq!(plan(&[part(1, 0, GptType::Linux), part(2, 1, GptType::Linux)], 100 * MIB, 512), Err(PlanError::RestNotLast(1)));
-        assert_eq!(plan(&[part(1, 1, GptType::Linux), part(1, 1, GptType::Linux)], 100 * MIB, 512), Err(PlanError::DuplicateNumber(1)));
+        assert_eq!(
+            plan(&[part(1, 0, GptType::Linux), part(2, 1, GptType::Linux)], 100 * MIB, 512),
+            Err(PlanError::RestNotLast(1))
+        );
+        assert_eq!(
+            plan(&[part(1, 1, GptType::Linux), part(1, 1, GptType::Linux)], 100 * MIB, 512),
+            Err(PlanError::DuplicateNumber(1))
+        );
         assert_eq!(plan(&[part(0, 1, GptType::Linux)], 100 * MIB, 512), Err(PlanError::Number(0)));
         assert!(matches!(plan(&[part(1, 100, GptType::Linux)], 100 * MIB, 512), Err(PlanError::TooSmall { number: 1, .. })));
-        assert!(matches!(plan(&[part(1, 98, GptType::Linux), part(2, 0, GptType::Linux)], 100 * MIB, 512), Err(PlanError::TooSmall { number: 2, .. })));
+        assert!(matches!(
+            plan(&[part(1, 98, GptType::Linux), part(2, 0, GptType::Linux)], 100 * MIB, 512),
+            Err(PlanError::TooSmall { number: 2, .. })
+        ));
         // Exactly fits: 100 MiB disk, 1 MiB at each end.
         assert!(plan(&[part(1, 98, GptType::Linux)], 100 * MIB, 512).is_ok());
         let long = GptPartition { number: 1, label: "x".repeat(37), size_mib: 1, gpt_type: GptType::Linux };

@@ -177,7 +177,9 @@ pub fn mkfs_command(fs: &FsPlan) -> (&'static str, Vec<String>) {
             // disk, far more on a big one). Stale journal blocks of an earlier filesystem on the
             // disk cannot be replayed: journal blocks carry checksums seeded with the UUID
             // (metadata_csum, the ext4 default), and the UUID is new for every install.
-            args.extend(["-t", "ext4", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-U", &fs.uuid].map(String::from));
+            args.extend(
+                ["-t", "ext4", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-U", &fs.uuid].map(String::from),
+            );
             "mke2fs"
         }
         FsKind::Vfat => {
@@ -236,8 +238,20 @@ pub(crate) mod tests {
                 ],
             }],
             filesystems: vec![
-                Filesystem { source: "first:1".into(), kind: FsKind::Vfat, mount: Some("/boot/efi".into()), label: Some("efi".into()), options: None },
-                Filesystem { source: "first:2".into(), kind: FsKind::Ext4, mount: Some("/".into()), label: Some("root".into()), options: Some("errors=remount-ro".into()) },
+                Filesystem {
+                    source: "first:1".into(),
+                    kind: FsKind::Vfat,
+                    mount: Some("/boot/efi".into()),
+                    label: Some("efi".into()),
+                    options: None,
+                },
+                Filesystem {
+                    source: "first:2".into(),
+                    kind: FsKind::Ext4,
+                    mount: Some("/".into()),
+                    label: Some("root".into()),
+                    options: Some("errors=remount-ro".into()),
+                },
             ],
             sizes: vec![],
             images: vec![],
@@ -298,7 +312,10 @@ pub(crate) mod tests {
         let (prog, args) = mkfs_command(plan.root());
         assert_eq!(prog, "mke2fs");
         let uuid = plan.root().uuid.clone();
-        assert_eq!(args, ["-t", "ext4", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-U", &uuid, "-L", "root", "/dev/vda2"]);
+        assert_eq!(
+            args,
+            ["-t", "ext4", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-U", &uuid, "-L", "root", "/dev/vda2"]
+        );
         let (prog, args) = mkfs_command(&plan.filesystems[0]);
         assert_eq!(prog, "mkfs.fat");
         let volid = plan.filesystems[0].uuid.replace('-', "");

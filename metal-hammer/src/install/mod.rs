@@ -275,8 +275,14 @@ pub fn install_with(
             ImageFormat::TarZst => {
                 // The download and decompression start now and run ahead while the disks are
                 // partitioned and formatted (a core would idle meanwhile), up to PREFETCH_MIB.
-                let dl = Download::start(&instr.image.url, manifest.compressed_size, opts.fetch.clone()).map_err(InstallError::Download)?;
-                let prefetch = Prefetch { counters: dl.counters.clone(), started: Instant::now(), decoded: Decoded::start_with(dl, PREFETCH_MIB, opts.decode_workers.unwrap_or_else(decode::default_workers)).map_err(InstallError::Stream)? };
+                let dl = Download::start(&instr.image.url, manifest.compressed_size, opts.fetch.clone())
+                    .map_err(InstallError::Download)?;
+                let prefetch = Prefetch {
+                    counters: dl.counters.clone(),
+                    started: Instant::now(),
+                    decoded: Decoded::start_with(dl, PREFETCH_MIB, opts.decode_workers.unwrap_or_else(decode::default_workers))
+                        .map_err(InstallError::Stream)?,
+                };
                 // From here on a failure clears these disks again (see "Fail closed").
                 run.written.extend(plan.disks.iter().map(|d| d.device.clone()));
                 run.stage(Stage::Partition, || {
@@ -326,7 +332,8 @@ pub fn install_with(
                 .map_err(|(path, source)| InstallError::Configure { path, source })?;
             if let Some(pem) = &opts.ca_pem {
                 let rel = PathBuf::from(crate::tls::INSTALLED_CA);
-                configure::write_file(mount_root, &rel, pem, 0o644).map_err(|source| InstallError::Configure { path: rel.clone(), source })?;
+                configure::write_file(mount_root, &rel, pem, 0o644)
+                    .map_err(|source| InstallError::Configure { path: rel.clone(), source })?;
                 written.push(rel);
             }
             Ok(format!("files={}", written.len()))
@@ -366,7 +373,12 @@ fn partition_disk(sys: &dyn Sys, disk: &layout::DiskPlan) -> Result<(), InstallE
     let spans: Vec<PartitionSpan> = plan
         .partitions
         .iter()
-        .map(|p| PartitionSpan { number: p.number, start: p.first_lba * ss, len: p.size_bytes(ss), node: gpt::partition_device(device, p.number) })
+        .map(|p| PartitionSpan {
+            number: p.number,
+            start: p.first_lba * ss,
+            len: p.size_bytes(ss),
+            node: gpt::partition_device(device, p.number),
+        })
         .collect();
     sys.reread_partitions(device, &spans).map_err(|source| InstallError::Reread { device: device.clone(), source })
 }
@@ -414,9 +426,14 @@ fn normal(c: Component<'_>) -> Option<OsString> {
 fn boot_info(instr: &InstallInstructions, plan: &LayoutPlan, mount_root: &Path) -> Result<BootInfo, InstallError> {
     let m = &instr.image.manifest;
     let find = |what: &'static str, rel: &str| -> Result<String, InstallError> {
-        let p = resolve_in_root(mount_root, rel).map_err(|source| InstallError::BootFile { what, path: rel.to_string(), source })?;
+        let p =
+            resolve_in_root(mount_root, rel).map_err(|source| InstallError::BootFile { what, path: rel.to_string(), source })?;
         if !p.is_file() {
-            return Err(InstallError::BootFile { what, path: rel.to_string(), source: io::Error::new(io::ErrorKind::InvalidData, "not a regular file") });
+            return Err(InstallError::BootFile {
+                what,
+                path: rel.to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "not a regular file"),
+            });
         }
         Ok(p.display().to_string())
     };
@@ -520,7 +537,8 @@ impl Run<'_> {
                 let m = fs.mount.as_deref().expect("mount_order has mount points");
                 let rel = Path::new(m.trim_start_matches('/'));
                 let target = mount_root.join(rel);
-                let mp_err = |source| InstallError::Mount { source_dev: fs.device.display().to_string(), target: target.clone(), source };
+                let mp_err =
+                    |source| InstallError::Mount { source_dev: fs.device.display().to_string(), target: target.clone(), source };
                 if rel.as_os_str().is_empty() {
                     std::fs::create_dir_all(mount_root).map_err(mp_err)?;
                 } else {
@@ -626,12 +644,23 @@ impl Run<'_> {
         })();
         match &r {
             Ok(()) => progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Ok, detail }),
-            Err(e) => progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Error, detail: format!("error={:?}", e.to_string()) }),
+            Err(e) => progress(Progress::Stage {
+                stage: Stage::Stream,
+                status: StageStatus::Error,
+                detail: format!("error={:?}", e.to_string()),
+            }),
         }
         r
     }
 
-    fn stream_raw(&mut self, instr: &InstallInstructions, plan: &mut LayoutPlan, disks: &[PathBuf], opts: &InstallOptions, expected: &str) -> Result<(), InstallError> {
+    fn stream_raw(
+        &mut self,
+        instr: &InstallInstructions,
+        plan: &mut LayoutPlan,
+        disks: &[PathBuf],
+        opts: &InstallOptions,
+        expected: &str,
+    ) -> Result<(), InstallError> {
         let m = &instr.image.manifest;
         let device = disks.first().ok_or_else(|| InstallError::Invalid("no disk for the raw image".into()))?.clone();
         let url = instr.image.url.clone();
@@ -639,7 +668,11 @@ impl Run<'_> {
         let fetch = opts.fetch.clone();
         let sys = self.sys;
         let progress = &mut *self.progress;
-        progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Start, detail: format!("url={url} device={}", device.display()) });
+        progress(Progress::Stage {
+            stage: Stage::Stream,
+            status: StageStatus::Start,
+            detail: format!("url={url} device={}", device.display()),
+        });
         self.written.push(device.clone());
         let r: Result<String, InstallError> = (|| {
             let werr = |source| InstallError::WriteRaw { device: device.clone(), source };
@@ -655,10 +688,12 @@ impl Run<'_> {
                 let f = std::fs::File::open(&device).map_err(werr)?;
                 gpt::logical_sector_size(&f).map_err(werr)?
             };
-            let spans = raw::relocate_backup_gpt(&device, ss).map_err(|source| InstallError::WriteGpt { device: device.clone(), source })?;
+            let spans = raw::relocate_backup_gpt(&device, ss)
+                .map_err(|source| InstallError::WriteGpt { device: device.clone(), source })?;
             sys.reread_partitions(&device, &spans).map_err(|source| InstallError::Reread { device: device.clone(), source })?;
             for fs in &mut plan.filesystems {
-                fs.uuid = raw::read_fs_uuid(&fs.device, fs.kind).map_err(|source| InstallError::ReadUuid { device: fs.device.clone(), source })?;
+                fs.uuid = raw::read_fs_uuid(&fs.device, fs.kind)
+                    .map_err(|source| InstallError::ReadUuid { device: fs.device.clone(), source })?;
             }
             Ok(format!("bytes={n} sha256=ok"))
         })();
@@ -668,7 +703,11 @@ impl Run<'_> {
                 Ok(())
             }
             Err(e) => {
-                progress(Progress::Stage { stage: Stage::Stream, status: StageStatus::Error, detail: format!("error={:?}", e.to_string()) });
+                progress(Progress::Stage {
+                    stage: Stage::Stream,
+                    status: StageStatus::Error,
+                    detail: format!("error={:?}", e.to_string()),
+                });
                 Err(e)
             }
         }
@@ -677,7 +716,10 @@ impl Run<'_> {
     fn bootloader_hook(&mut self, root: &Path, disks: &[PathBuf]) -> Result<(), InstallError> {
         let hook = BOOTLOADER_HOOKS.iter().find(|h| {
             use std::os::unix::fs::PermissionsExt;
-            resolve_in_root(root, h).ok().and_then(|p| std::fs::metadata(p).ok()).is_some_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            resolve_in_root(root, h)
+                .ok()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .is_some_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         });
         let Some(hook) = hook else {
             return Ok(());
@@ -688,11 +730,9 @@ impl Run<'_> {
         let r = (|| {
             for d in ["dev", "proc", "sys"] {
                 let target = root.join(d);
-                configure::check_no_symlinks(root, Path::new(d)).and_then(|()| std::fs::create_dir_all(&target)).map_err(|source| InstallError::Mount {
-                    source_dev: format!("/{d}"),
-                    target: target.clone(),
-                    source,
-                })?;
+                configure::check_no_symlinks(root, Path::new(d))
+                    .and_then(|()| std::fs::create_dir_all(&target))
+                    .map_err(|source| InstallError::Mount { source_dev: format!("/{d}"), target: target.clone(), source })?;
                 self.mount(&format!("/{d}"), &target, "", libc::MS_BIND)?;
             }
             let disk = disks.first().map(|d| d.display().to_string()).unwrap_or_default();
@@ -740,7 +780,8 @@ pub fn stream_raw_into<S: raw::Sink>(
     let werr = |source| InstallError::WriteRaw { device: device.to_path_buf(), source };
     let dl = Download::start(url, compressed_size, fetch).map_err(InstallError::Download)?;
     let now = Instant::now();
-    let mut rep = Reporter { progress, counters: dl.counters.clone(), total: compressed_size, written: 0, started: now, last: now };
+    let mut rep =
+        Reporter { progress, counters: dl.counters.clone(), total: compressed_size, written: 0, started: now, last: now };
     let mut decoded = Decoded::start(dl).map_err(InstallError::Stream)?;
     let written = raw::write_raw(&mut decoded, sink, limit, &mut |n| rep.add(n)).map_err(werr);
     let dl = decoded.into_inner();

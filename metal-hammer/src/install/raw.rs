@@ -68,7 +68,9 @@ impl Sink for DeviceSink {
         use std::os::unix::fs::FileExt;
         let n = match &self.direct {
             Some((direct, sector))
-                if (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len() >= *sector && self.offset.is_multiple_of(*sector as u64) =>
+                if (buf.as_ptr() as usize).is_multiple_of(ALIGN)
+                    && buf.len() >= *sector
+                    && self.offset.is_multiple_of(*sector as u64) =>
             {
                 let whole = buf.len() - buf.len() % sector;
                 direct.write_at(&buf[..whole], self.offset)?

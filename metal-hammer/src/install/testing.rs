@@ -90,7 +90,9 @@ fn serve(stream: TcpStream, body: &[u8], b: &ServerBehaviour, ranges: &Mutex<Vec
                 write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n")?;
                 continue;
             }
-            Some(s) => (format!("206 Partial Content\r\nContent-Range: bytes {s}-{}/{}", body.len().saturating_sub(1), body.len()), s),
+            Some(s) => {
+                (format!("206 Partial Content\r\nContent-Range: bytes {s}-{}/{}", body.len().saturating_sub(1), body.len()), s)
+            }
             None => ("200 OK".to_string(), 0),
         };
         let rest = &body[from..];
@@ -122,9 +124,23 @@ pub fn sample_rootfs_tar() -> Vec<u8> {
         h.set_mtime(1_700_000_000);
         h
     }
-    use tar::EntryType::{Directory as D, Regular as F, Symlink as S, Link as L};
+    use tar::EntryType::{Directory as D, Link as L, Regular as F, Symlink as S};
     let mut b = tar::Builder::new(Vec::new());
-    for (dir, mode) in [("./", 0o755), ("./boot/", 0o755), ("./boot/efi/", 0o700), ("./boot/efi/EFI/", 0o700), ("./boot/efi/EFI/BOOT/", 0o700), ("./etc/", 0o755), ("./etc/systemd/", 0o755), ("./usr/", 0o755), ("./usr/bin/", 0o755), ("./root/", 0o700), ("./tmp/", 0o1777), ("./home/", 0o755), ("./home/user/", 0o750)] {
+    for (dir, mode) in [
+        ("./", 0o755),
+        ("./boot/", 0o755),
+        ("./boot/efi/", 0o700),
+        ("./boot/efi/EFI/", 0o700),
+        ("./boot/efi/EFI/BOOT/", 0o700),
+        ("./etc/", 0o755),
+        ("./etc/systemd/", 0o755),
+        ("./usr/", 0o755),
+        ("./usr/bin/", 0o755),
+        ("./root/", 0o700),
+        ("./tmp/", 0o1777),
+        ("./home/", 0o755),
+        ("./home/user/", 0o750),
+    ] {
         b.append_data(&mut h(D, 0, mode, 0), dir, std::io::empty()).unwrap();
     }
     let files: [(&str, &[u8], u32, u64); 7] = [
@@ -155,7 +171,11 @@ pub fn sample_big_file() -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            if i % 7 == 0 { (x & 0xff) as u8 } else { (i % 251) as u8 }
+            if i % 7 == 0 {
+                (x & 0xff) as u8
+            } else {
+                (i % 251) as u8
+            }
         })
         .collect()
 }

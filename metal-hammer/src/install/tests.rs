@@ -26,7 +26,11 @@ fn fixture() -> Fixture {
 
 fn fast() -> InstallOptions {
     InstallOptions {
-        fetch: FetchOptions { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50), ..Default::default() },
+        fetch: FetchOptions {
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -61,7 +65,9 @@ fn tar_install_order_and_result() {
     // The end: ESP unmounted, root remounted read-only, sync.
     let n = calls.len();
     assert_eq!(calls[n - 3], Call::Umount { target: f.root.join("boot/efi") });
-    assert!(matches!(&calls[n - 2], Call::Mount { target, flags, .. } if target == &f.root && *flags == libc::MS_REMOUNT | libc::MS_RDONLY));
+    assert!(
+        matches!(&calls[n - 2], Call::Mount { target, flags, .. } if target == &f.root && *flags == libc::MS_REMOUNT | libc::MS_RDONLY)
+    );
     assert_eq!(calls[n - 1], Call::Sync);
 
     // mkfs got the UUID that fstab and the command line use.
@@ -96,7 +102,18 @@ fn tar_install_order_and_result() {
     use StageStatus::{Ok as K, Start as S};
     assert_eq!(
         stages,
-        [(Stage::Partition, S), (Stage::Partition, K), (Stage::Mkfs, S), (Stage::Mkfs, K), (Stage::Mount, S), (Stage::Mount, K), (Stage::Stream, S), (Stage::Stream, K), (Stage::Configure, S), (Stage::Configure, K)]
+        [
+            (Stage::Partition, S),
+            (Stage::Partition, K),
+            (Stage::Mkfs, S),
+            (Stage::Mkfs, K),
+            (Stage::Mount, S),
+            (Stage::Mount, K),
+            (Stage::Stream, S),
+            (Stage::Stream, K),
+            (Stage::Configure, S),
+            (Stage::Configure, K)
+        ]
     );
     let last = events.iter().rev().find_map(|e| match e {
         Progress::Stream(s) => Some(*s),
@@ -135,8 +152,10 @@ fn checksum_mismatch_fails_and_unmounts_everything() {
     let err = install_with(&sys, &instr, std::slice::from_ref(&f.disk), &f.root, &fast(), &mut |p| events.push(p)).unwrap_err();
     assert!(matches!(&err, InstallError::Checksum { expected, .. } if expected == &wrong), "{err:?}");
     let calls = sys.calls();
-    let mounts: Vec<_> = calls.iter().filter_map(|c| if let Call::Mount { target, .. } = c { Some(target.clone()) } else { None }).collect();
-    let umounts: Vec<_> = calls.iter().filter_map(|c| if let Call::Umount { target } = c { Some(target.clone()) } else { None }).collect();
+    let mounts: Vec<_> =
+        calls.iter().filter_map(|c| if let Call::Mount { target, .. } = c { Some(target.clone()) } else { None }).collect();
+    let umounts: Vec<_> =
+        calls.iter().filter_map(|c| if let Call::Umount { target } = c { Some(target.clone()) } else { None }).collect();
     assert_eq!(umounts, mounts.iter().rev().cloned().collect::<Vec<_>>());
     assert!(events.iter().any(|e| matches!(e, Progress::Stage { stage: Stage::Stream, status: StageStatus::Error, .. })));
     assert!(!events.iter().any(|e| matches!(e, Progress::Stage { stage: Stage::Configure, .. })));
@@ -146,7 +165,16 @@ const MIB: u64 = crate::wipe::MIB;
 
 /// The recorded `ZeroRange`s on `disk`, as (offset, len).
 fn zeroed(calls: &[Call], disk: &Path) -> Vec<(u64, u64)> {
-    calls.iter().filter_map(|c| if let Call::ZeroRange { device, offset, len } = c { (device == disk).then_some((*offset, *len)) } else { None }).collect()
+    calls
+        .iter()
+        .filter_map(|c| {
+            if let Call::ZeroRange { device, offset, len } = c {
+                (device == disk).then_some((*offset, *len))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -161,13 +189,21 @@ fn tar_checksum_mismatch_clears_both_gpts_and_every_filesystem_head_after_unmoun
     // The table the install wrote (RecordingSys zeroes nothing, so it is still in the file).
     let mut disk = std::fs::File::open(&f.disk).unwrap();
     let gpt = gptman::GPT::read_from(&mut disk, 512).unwrap();
-    let heads: Vec<(u64, u64)> = gpt.iter().filter(|(_, p)| p.is_used()).map(|(_, p)| (p.starting_lba * 512, MIB.min((p.ending_lba - p.starting_lba + 1) * 512))).collect();
+    let heads: Vec<(u64, u64)> = gpt
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .map(|(_, p)| (p.starting_lba * 512, MIB.min((p.ending_lba - p.starting_lba + 1) * 512)))
+        .collect();
     assert_eq!(heads.len(), instr.layout.disks[0].partitions.len());
     let size = 512 << 20;
     let mut expected = vec![(0, MIB), (size - MIB, MIB), (64 * MIB, 4096)];
     expected.extend(heads);
     let calls = sys.calls();
-    assert_eq!(zeroed(&calls, &f.disk), expected, "MBR and primary GPT, backup GPT, the btrfs mirror, then each partition's first MiB");
+    assert_eq!(
+        zeroed(&calls, &f.disk),
+        expected,
+        "MBR and primary GPT, backup GPT, the btrfs mirror, then each partition's first MiB"
+    );
     // All of it after the last unmount (a mounted filesystem would write its superblock back),
     // then a sync and a re-read of the now empty table.
     let last_umount = calls.iter().rposition(|c| matches!(c, Call::Umount { .. })).unwrap();
@@ -204,9 +240,15 @@ fn a_failed_tar_download_also_clears_the_disk_and_a_failed_mkfs_too() {
 #[test]
 fn fail_closed_ranges_cover_the_tables_and_each_partition_head() {
     let span = |start, len| PartitionSpan { number: 1, start, len, node: "/dev/vda1".into() };
-    assert_eq!(fail_closed_ranges(8 * MIB, &[span(MIB, 4 * MIB), span(5 * MIB, 4096)]), [(0, MIB), (7 * MIB, MIB), (MIB, MIB), (5 * MIB, 4096)]);
+    assert_eq!(
+        fail_closed_ranges(8 * MIB, &[span(MIB, 4 * MIB), span(5 * MIB, 4096)]),
+        [(0, MIB), (7 * MIB, MIB), (MIB, MIB), (5 * MIB, 4096)]
+    );
     // A partition that claims to lie beyond the disk (a corrupt raw image's table) is cut to it.
-    assert_eq!(fail_closed_ranges(8 * MIB, &[span(7 * MIB + 4096, 4 * MIB), span(9 * MIB, MIB)]), [(0, MIB), (7 * MIB, MIB), (7 * MIB + 4096, MIB - 4096)]);
+    assert_eq!(
+        fail_closed_ranges(8 * MIB, &[span(7 * MIB + 4096, 4 * MIB), span(9 * MIB, MIB)]),
+        [(0, MIB), (7 * MIB, MIB), (7 * MIB + 4096, MIB - 4096)]
+    );
 }
 
 #[test]
@@ -303,10 +345,17 @@ fn bootloader_hook_runs_in_a_chroot_with_bind_mounts() {
     let chroot = position(&calls, |c| matches!(c, Call::RunInChroot { .. }));
     assert_eq!(
         calls[chroot],
-        Call::RunInChroot { root: f.root.clone(), program: "/usr/local/sbin/metal-bootloader-hook".into(), args: vec![f.disk.display().to_string()] }
+        Call::RunInChroot {
+            root: f.root.clone(),
+            program: "/usr/local/sbin/metal-bootloader-hook".into(),
+            args: vec![f.disk.display().to_string()]
+        }
     );
     for d in ["dev", "proc", "sys"] {
-        let m = position(&calls, |c| matches!(c, Call::Mount { target, flags, .. } if target == &f.root.join(d) && *flags == libc::MS_BIND));
+        let m = position(
+            &calls,
+            |c| matches!(c, Call::Mount { target, flags, .. } if target == &f.root.join(d) && *flags == libc::MS_BIND),
+        );
         let u = position(&calls, |c| matches!(c, Call::Umount { target } if target == &f.root.join(d)));
         assert!(m < chroot && chroot < u);
     }
@@ -402,9 +451,19 @@ impl io::Read for ChunkyReader {
 
 fn sink_strategy() -> impl proptest::strategy::Strategy<Value = FaultySink> {
     use proptest::prelude::*;
-    (proptest::collection::vec(1usize..70_000, 1..6), (0usize..5).prop_map(|k| if k < 2 { 0 } else { k }), proptest::option::weighted(0.3, 1usize..40), proptest::bool::weighted(0.1)).prop_map(
-        |(short, interrupt_every, fail_at, fail_flush)| FaultySink { short, interrupt_every, fail_at, fail_flush, ..Default::default() },
+    (
+        proptest::collection::vec(1usize..70_000, 1..6),
+        (0usize..5).prop_map(|k| if k < 2 { 0 } else { k }),
+        proptest::option::weighted(0.3, 1usize..40),
+        proptest::bool::weighted(0.1),
     )
+        .prop_map(|(short, interrupt_every, fail_at, fail_flush)| FaultySink {
+            short,
+            interrupt_every,
+            fail_at,
+            fail_flush,
+            ..Default::default()
+        })
 }
 
 fn patterned(len: usize, seed: u8) -> Vec<u8> {

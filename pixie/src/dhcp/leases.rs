@@ -94,7 +94,14 @@ impl LeaseTable {
 
     /// The address to offer `mac` from `pool`: its reservation, its current lease, the address it
     /// asks for, or the next free one.
-    pub fn pick(&mut self, pool: &Pool, mac: Mac, reservation: Option<Ipv4Addr>, requested: Option<Ipv4Addr>, now: u64) -> Option<Ipv4Addr> {
+    pub fn pick(
+        &mut self,
+        pool: &Pool,
+        mac: Mac,
+        reservation: Option<Ipv4Addr>,
+        requested: Option<Ipv4Addr>,
+        now: u64,
+    ) -> Option<Ipv4Addr> {
         if let Some(ip) = reservation {
             return self.available_for(ip, mac, now).then_some(ip);
         }

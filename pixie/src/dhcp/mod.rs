@@ -69,7 +69,9 @@ pub fn boot_choice(req: &Request, boot: &BootConfig) -> BootChoice {
         return BootChoice::IpxeScript { url };
     }
     match req.vendor_class {
-        VendorClass::None => BootChoice::None { why: "not a PXE client (no option 60 PXEClient/HTTPClient, no iPXE user class)".into() },
+        VendorClass::None => {
+            BootChoice::None { why: "not a PXE client (no option 60 PXEClient/HTTPClient, no iPXE user class)".into() }
+        }
         VendorClass::HttpClient => BootChoice::UefiHttp { url: boot.uefi_http_url.clone() },
         VendorClass::PxeClient => {
             let tftp = |file: &str, why| BootChoice::Tftp { server: boot.tftp_server, file: file.to_string(), why };
@@ -121,7 +123,9 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Nothing is sent back.
-    Silent { why: String },
+    Silent {
+        why: String,
+    },
     Reply(Reply),
 }
 
@@ -162,7 +166,14 @@ fn decide_proxy(req: &Request, port: u16, cfg: &DhcpConfig) -> Decision {
         return Decision::silent(format!("proxy mode: {why}"));
     }
     let reply = |kind, why: &str| {
-        Decision::Reply(Reply { kind, yiaddr: Ipv4Addr::UNSPECIFIED, pool: None, lease: false, boot: boot.clone(), why: why.into() })
+        Decision::Reply(Reply {
+            kind,
+            yiaddr: Ipv4Addr::UNSPECIFIED,
+            pool: None,
+            lease: false,
+            boot: boot.clone(),
+            why: why.into(),
+        })
     };
     match (port, req.msg_type) {
         (PXE_PORT, MsgType::Request | MsgType::Inform) => reply(ReplyKind::Ack, "proxyDHCP boot server request (port 4011)"),
@@ -178,7 +189,13 @@ fn decide_proxy(req: &Request, port: u16, cfg: &DhcpConfig) -> Decision {
 
 fn decide_server(req: &Request, cfg: &DhcpConfig, table: &mut LeaseTable, now: u64) -> (Decision, Option<Record>) {
     let Some(pool_idx) = select_pool(req, cfg) else {
-        return (Decision::silent(format!("no pool for link {}", if req.giaddr.is_unspecified() { cfg.server_ip } else { req.giaddr })), None);
+        return (
+            Decision::silent(format!(
+                "no pool for link {}",
+                if req.giaddr.is_unspecified() { cfg.server_ip } else { req.giaddr }
+            )),
+            None,
+        );
     };
     let pool = &cfg.pools[pool_idx];
     let reservation = cfg.reservations.get(&req.mac).map(|r| r.ip).filter(|ip| pool.contains(*ip));
@@ -243,12 +260,20 @@ fn decide_server(req: &Request, cfg: &DhcpConfig, table: &mut LeaseTable, now: u
                 return (Decision::silent("DECLINE without option 50"), None);
             };
             let rec = table.decline(ip, req.mac, now + lease_s);
-            let why = if rec.is_some() { format!("{ip} declined: held back for {lease_s} s") } else { format!("DECLINE of {ip}, not leased to this client") };
+            let why = if rec.is_some() {
+                format!("{ip} declined: held back for {lease_s} s")
+            } else {
+                format!("DECLINE of {ip}, not leased to this client")
+            };
             (Decision::silent(why), rec)
         }
         MsgType::Release => {
             let rec = table.release(req.ciaddr, req.mac);
-            let why = if rec.is_some() { format!("{} released", req.ciaddr) } else { format!("RELEASE of {}, not leased to this client", req.ciaddr) };
+            let why = if rec.is_some() {
+                format!("{} released", req.ciaddr)
+            } else {
+                format!("RELEASE of {}, not leased to this client", req.ciaddr)
+            };
             (Decision::silent(why), rec)
         }
         MsgType::Inform => (reply(ReplyKind::Ack, Ipv4Addr::UNSPECIFIED, false, "INFORM: options only".into()), None),
@@ -421,11 +446,7 @@ public_url = "http://10.99.0.1:8081"
 
     fn cfg(mode: &str) -> DhcpConfig {
         let text = if mode == "proxy" {
-            CONF.replace("mode = \"server\"", "mode = \"proxy\"")
-                .split("reservations")
-                .next()
-                .unwrap()
-                .to_string()
+            CONF.replace("mode = \"server\"", "mode = \"proxy\"").split("reservations").next().unwrap().to_string()
                 + "[http]\nlisten = \"10.99.0.1:8081\"\npublic_url = \"http://10.99.0.1:8081\"\n"
         } else {
             CONF.to_string()
@@ -476,7 +497,10 @@ public_url = "http://10.99.0.1:8081"
         let mut http = client_msg(v4::MessageType::Discover, MAC);
         http.opts_mut().insert(DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016".to_vec()));
         http.opts_mut().insert(DhcpOption::ClientSystemArchitecture(16u16.into()));
-        assert_eq!(boot_choice(&req(&http), &c.boot), BootChoice::UefiHttp { url: "http://10.99.0.1:8081/boot/snponly.efi".into() });
+        assert_eq!(
+            boot_choice(&req(&http), &c.boot),
+            BootChoice::UefiHttp { url: "http://10.99.0.1:8081/boot/snponly.efi".into() }
+        );
         let plain = client_msg(v4::MessageType::Discover, MAC);
         assert!(!boot_choice(&req(&plain), &c.boot).is_some());
     }
@@ -514,11 +538,10 @@ public_url = "http://10.99.0.1:8081"
         assert_eq!(o.get(OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(3600)));
         assert_eq!(o.get(OptionCode::Router), Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 99, 0, 1)])));
         assert_eq!(o.get(OptionCode::DomainName), Some(&DhcpOption::DomainName("lab".into())));
-        assert_eq!(
-            o.get(OptionCode::Unknown(175)),
-            Some(&DhcpOption::Unknown(UnknownOption::new(175.into(), vec![176, 1, 1])))
+        assert_eq!(o.get(OptionCode::Unknown(175)), Some(&DhcpOption::Unknown(UnknownOption::new(175.into(), vec![176, 1, 1]))));
+        assert!(
+            matches!(o.get(OptionCode::BootfileName), Some(DhcpOption::BootfileName(f)) if f.starts_with(b"http://10.99.0.1:8081/ipxe?mac="))
         );
-        assert!(matches!(o.get(OptionCode::BootfileName), Some(DhcpOption::BootfileName(f)) if f.starts_with(b"http://10.99.0.1:8081/ipxe?mac=")));
         assert_eq!(destination(&r, offer, "0.0.0.0:68".parse().unwrap(), SERVER_PORT), Dest::Broadcast);
 
         let mut request = pxe(v4::MessageType::Request, 0, true);
@@ -619,7 +642,10 @@ public_url = "http://10.99.0.1:8081"
         let (d, _) = decide(&rr, SERVER_PORT, &c, &mut t, 5);
         let ack = reply_of(&d);
         assert_eq!(ack.kind, ReplyKind::Ack);
-        assert_eq!(destination(&rr, ack, "10.99.0.50:68".parse().unwrap(), SERVER_PORT), Dest::Unicast("10.99.0.50:68".parse().unwrap()));
+        assert_eq!(
+            destination(&rr, ack, "10.99.0.50:68".parse().unwrap(), SERVER_PORT),
+            Dest::Unicast("10.99.0.50:68".parse().unwrap())
+        );
         assert_eq!(build_reply(&renew, &rr, ack, &c).ciaddr(), Ipv4Addr::new(10, 99, 0, 50));
     }
 
@@ -639,7 +665,10 @@ public_url = "http://10.99.0.1:8081"
         let msg = wire_reply(&build_reply(&m, &r, offer, &c));
         assert_eq!(msg.giaddr(), Ipv4Addr::new(10, 50, 0, 1));
         assert_eq!(msg.opts().get(OptionCode::RelayAgentInformation), Some(&DhcpOption::RelayAgentInformation(info)));
-        assert_eq!(destination(&r, offer, "10.50.0.1:67".parse().unwrap(), SERVER_PORT), Dest::Unicast("10.50.0.1:67".parse().unwrap()));
+        assert_eq!(
+            destination(&r, offer, "10.50.0.1:67".parse().unwrap(), SERVER_PORT),
+            Dest::Unicast("10.50.0.1:67".parse().unwrap())
+        );
         m.set_giaddr(Ipv4Addr::new(172, 16, 0, 1));
         let (d, _) = decide(&req(&m), SERVER_PORT, &c, &mut t, 0);
         assert!(matches!(d, Decision::Silent { why } if why.contains("no pool")));
@@ -742,7 +771,8 @@ public_url = "http://10.99.0.1:8081"
     fn cfg(mode: &str) -> DhcpConfig {
         let mut text = CONF.replace("MODE", mode);
         if mode == "server" {
-            text = text.replace("[http]", "[dhcp.pool]\nsubnet = \"0.0.0.0/1\"\nstart = \"0.0.0.1\"\nend = \"127.255.255.254\"\n[http]");
+            text = text
+                .replace("[http]", "[dhcp.pool]\nsubnet = \"0.0.0.0/1\"\nstart = \"0.0.0.1\"\nend = \"127.255.255.254\"\n[http]");
         }
         Config::from_toml(Path::new("t"), &text).unwrap().dhcp.unwrap()
     }

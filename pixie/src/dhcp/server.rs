@@ -110,7 +110,12 @@ pub enum StartError {
 
 impl Handler {
     /// Loads the lease journal (server mode) and builds the handler.
-    pub fn new(cfg: Arc<DhcpConfig>, partition: String, events: EventQueue, metrics: Arc<Metrics>) -> Result<Handler, StartError> {
+    pub fn new(
+        cfg: Arc<DhcpConfig>,
+        partition: String,
+        events: EventQueue,
+        metrics: Arc<Metrics>,
+    ) -> Result<Handler, StartError> {
         let reserved = cfg.reservations.iter().map(|(m, r)| (r.ip, *m)).collect();
         let mut blocked: HashSet<Ipv4Addr> = [cfg.server_ip, cfg.boot.tftp_server].into_iter().collect();
         for p in &cfg.pools {
@@ -146,7 +151,12 @@ impl Handler {
     /// appended to the journal; then the journal is synced once (or compacted, when it has
     /// grown), and only then are the answers that depend on it added. An ACK whose record is
     /// not durable is never returned; other answers (OFFER, NAK, proxy replies) wait for nothing.
-    pub fn handle_group<'a>(&self, packets: impl IntoIterator<Item = (&'a [u8], SocketAddrV4)>, port: u16, out: &mut Vec<Outgoing>) {
+    pub fn handle_group<'a>(
+        &self,
+        packets: impl IntoIterator<Item = (&'a [u8], SocketAddrV4)>,
+        port: u16,
+        out: &mut Vec<Outgoing>,
+    ) {
         let mut waiting = Vec::new();
         if self.decide_group(packets, port, out, &mut waiting) && self.commit(waiting.len()) {
             out.append(&mut waiting);
@@ -283,7 +293,13 @@ impl Handler {
             Decision::Reply(r) => format!("DHCP {} offered {}", req.msg_type.as_str(), r.boot.file().unwrap_or("no boot file")),
             Decision::Silent { why } => format!("DHCP {} not answered: {why}", req.msg_type.as_str()),
         };
-        self.events.send(PxeEvent { partition: self.partition.clone(), mac: req.mac.to_string(), uuid: req.uuid, arch: req.arch, message });
+        self.events.send(PxeEvent {
+            partition: self.partition.clone(),
+            mac: req.mac.to_string(),
+            uuid: req.uuid,
+            arch: req.arch,
+            message,
+        });
     }
 
     /// Serves one socket until it fails.
@@ -315,7 +331,8 @@ impl Handler {
             }
             now.clear();
             waiting.clear();
-            let appended = self.decide_group(got.iter().zip(&bufs).map(|(&(n, src), b)| (&b[..n], src)), port, &mut now, &mut waiting);
+            let appended =
+                self.decide_group(got.iter().zip(&bufs).map(|(&(n, src), b)| (&b[..n], src)), port, &mut now, &mut waiting);
             for o in &now {
                 t.send(o);
             }
@@ -499,7 +516,11 @@ public_url = "http://10.99.0.1:8081"
             let out = h.handle(&pxe_discover(a, i % 2 == 1), SRC, SERVER_PORT);
             assert!(out.is_some(), "DISCOVER {i} not answered: a machine that retries must still boot");
         }
-        assert_eq!(drain(&mut rx), vec!["02:00:00:00:00:a1"], "one PXE Booting event for 500 DISCOVERs (and iPXE DISCOVERs) of one MAC");
+        assert_eq!(
+            drain(&mut rx),
+            vec!["02:00:00:00:00:a1"],
+            "one PXE Booting event for 500 DISCOVERs (and iPXE DISCOVERs) of one MAC"
+        );
         assert_eq!(metrics.pxe_events.get(["suppressed"]), 499);
         assert_eq!(metrics.dhcp_packets.get(["discover", "offer"]), 500);
         let b = [2, 0, 0, 0, 0, 0xb2];
@@ -642,8 +663,10 @@ public_url = "http://10.99.0.1:8081"
     #[test]
     fn the_journal_is_synced_before_the_acks_of_a_group_are_sent() {
         let req = |n: u8| request([2, 0, 0, 0, 2, n], ip(n));
-        let (log, metrics) =
-            run_loop(RecordingStorage::default(), vec![vec![req(101), pxe_discover([2, 0, 0, 0, 3, 1], false), req(102), req(103)], vec![req(104)]]);
+        let (log, metrics) = run_loop(
+            RecordingStorage::default(),
+            vec![vec![req(101), pxe_discover([2, 0, 0, 0, 3, 1], false), req(102), req(103)], vec![req(104)]],
+        );
         assert_eq!(
             log,
             [
@@ -667,7 +690,8 @@ public_url = "http://10.99.0.1:8081"
     #[test]
     fn a_failed_sync_sends_no_ack_of_its_group() {
         let storage = RecordingStorage { fail_sync: true, ..Default::default() };
-        let (log, metrics) = run_loop(storage, vec![vec![request([2, 0, 0, 0, 2, 1], ip(101)), pxe_discover([2, 0, 0, 0, 3, 1], false)]]);
+        let (log, metrics) =
+            run_loop(storage, vec![vec![request([2, 0, 0, 0, 2, 1], ip(101)), pxe_discover([2, 0, 0, 0, 3, 1], false)]]);
         assert_eq!(log, ["append 10.99.0.101", "send Offer 10.99.0.100", "sync"], "the OFFER goes out, the ACK does not");
         assert_eq!(metrics.dhcp_packets.get(["request", "journal_error"]), 1);
     }
@@ -675,7 +699,8 @@ public_url = "http://10.99.0.1:8081"
     #[test]
     fn a_journal_left_broken_by_a_failed_write_is_rewritten_before_the_next_ack() {
         let storage = RecordingStorage { fail_first_append: true, ..Default::default() };
-        let (log, metrics) = run_loop(storage, vec![vec![request([2, 0, 0, 0, 2, 1], ip(101))], vec![request([2, 0, 0, 0, 2, 2], ip(102))]]);
+        let (log, metrics) =
+            run_loop(storage, vec![vec![request([2, 0, 0, 0, 2, 1], ip(101))], vec![request([2, 0, 0, 0, 2, 2], ip(102))]]);
         assert_eq!(
             log,
             ["append 10.99.0.101", "truncate 0", "replace", "append 10.99.0.102", "sync", "send Ack 10.99.0.102"],

@@ -82,7 +82,8 @@ fn check_options(mut opts: &mut [u8]) -> Result<Vec<u8>, WireError> {
         };
         // dhcproto joins consecutive instances of one code (RFC 3396); for the fixed-size codes
         // that would make a length it does not expect.
-        let fixed_size = matches!(code, 80 | 94 | 81 | 151..=157 | 53 | 46 | 116 | 52 | 93 | 1 | 16 | 28 | 32 | 50 | 54 | 118 | 150);
+        let fixed_size =
+            matches!(code, 80 | 94 | 81 | 151..=157 | 53 | 46 | 116 | 52 | 93 | 1 | 16 | 28 | 32 | 50 | 54 | 118 | 150);
         if !ok || (code == prev && fixed_size) {
             return Err(WireError::BadLength { code, len });
         }
@@ -400,7 +401,9 @@ pub(crate) mod tests {
     fn fqdn_without_e_flag_round_trips() {
         let mut pkt = bytes(&client_msg(v4::MessageType::Request, [2, 0, 0, 0, 0, 2]))[..240].to_vec();
         pkt.extend_from_slice(b"\x51\x1a\x99\xff\xff\x09machine-1\x03la\x00\x00\x00\x027\x03\x01\x03le");
-        pkt.extend_from_slice(b"\x00\x0c\x09machine-1\x35\x01\x03\x3d\x07\x01\x02\x00\x00\x00\x00\x02\x37\x03\x01\x03\x06\x50\x00\xff");
+        pkt.extend_from_slice(
+            b"\x00\x0c\x09machine-1\x35\x01\x03\x3d\x07\x01\x02\x00\x00\x00\x00\x02\x37\x03\x01\x03\x06\x50\x00\xff",
+        );
         let r = Request::from_message(&decode(&pkt).unwrap()).unwrap();
         assert_eq!((r.msg_type, r.hostname.as_deref()), (MsgType::Request, Some("machine-1")));
         check_roundtrip(&pkt);

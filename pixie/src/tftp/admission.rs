@@ -109,9 +109,13 @@ mod tests {
         assert_eq!(a.running(), 4);
         a.admit(peer(1, 1002), "undionly.kpxe").expect("a slot of this client was released");
         assert_eq!(a.admit(peer(4, 1000), "undionly.kpxe"), Err(Refusal::Limit));
-        for (ip, port, f) in
-            [(1, 1000, "snponly.efi"), (1, 1001, "undionly.kpxe"), (1, 1002, "undionly.kpxe"), (2, 1000, "undionly.kpxe"), (3, 1000, "undionly.kpxe")]
-        {
+        for (ip, port, f) in [
+            (1, 1000, "snponly.efi"),
+            (1, 1001, "undionly.kpxe"),
+            (1, 1002, "undionly.kpxe"),
+            (2, 1000, "undionly.kpxe"),
+            (3, 1000, "undionly.kpxe"),
+        ] {
             a.release(peer(ip, port), f);
         }
         assert_eq!(a.running(), 0);

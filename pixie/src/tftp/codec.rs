@@ -228,7 +228,11 @@ pub fn check_roundtrip(buf: &[u8]) {
     let again = encode(&first);
     assert_eq!(decode(&again).as_ref(), Ok(&first), "TFTP packet changed in the round trip");
     if let Packet::Rrq(rq) = &first {
-        let n = negotiate(&rq.options, 12345, &Limits { max_blksize: 65464, max_windowsize: 64, max_timeout: Duration::from_secs(5) });
+        let n = negotiate(
+            &rq.options,
+            12345,
+            &Limits { max_blksize: 65464, max_windowsize: 64, max_timeout: Duration::from_secs(5) },
+        );
         assert!((8..=65464).contains(&n.blksize) && (1..=64).contains(&n.windowsize));
         assert!(n.timeout <= Duration::from_secs(5));
     }
@@ -245,7 +249,11 @@ mod tests {
     #[test]
     fn round_trips() {
         let packets = [
-            Packet::Rrq(Rq { filename: "undionly.kpxe".into(), mode: "octet".into(), options: opts(&[("tsize", "0"), ("blksize", "1468")]) }),
+            Packet::Rrq(Rq {
+                filename: "undionly.kpxe".into(),
+                mode: "octet".into(),
+                options: opts(&[("tsize", "0"), ("blksize", "1468")]),
+            }),
             Packet::Wrq(Rq { filename: "x".into(), mode: "netascii".into(), options: vec![] }),
             Packet::Data { block: 7, data: vec![1, 2, 3] },
             Packet::Data { block: 65535, data: vec![] },
@@ -314,7 +322,13 @@ mod proptests {
     use proptest::prelude::*;
 
     fn field() -> impl Strategy<Value = String> {
-        prop_oneof!["[a-zA-Z0-9./_-]{1,20}", Just("blksize".to_string()), Just("windowsize".to_string()), Just("tsize".to_string()), "[0-9]{1,25}"]
+        prop_oneof![
+            "[a-zA-Z0-9./_-]{1,20}",
+            Just("blksize".to_string()),
+            Just("windowsize".to_string()),
+            Just("tsize".to_string()),
+            "[0-9]{1,25}"
+        ]
     }
 
     proptest! {

@@ -231,7 +231,8 @@ impl TftpServer {
         let mut tries = 0;
         let mut pkt = Vec::with_capacity(neg.blksize as usize + 4);
         let mut wbuf = Vec::new();
-        let mut gso_segment = if window > 1 && (blk as usize + 4) * 2 <= GSO_MAX_BYTES { enable_gso(&sock, blk as usize + 4) } else { None };
+        let mut gso_segment =
+            if window > 1 && (blk as usize + 4) * 2 <= GSO_MAX_BYTES { enable_gso(&sock, blk as usize + 4) } else { None };
         let mut sent_bytes = 0u64;
         loop {
             let end = (base + window - 1).min(last);
@@ -322,7 +323,13 @@ fn enable_gso(sock: &UdpSocket, segment: usize) -> Option<usize> {
     let seg = libc::c_int::try_from(segment).ok()?;
     // SAFETY: setsockopt reads one c_int from a live stack variable.
     let rc = unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, (&seg as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&seg as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
     (rc == 0).then_some(segment)
 }
@@ -332,7 +339,13 @@ fn disable_gso(sock: &UdpSocket) {
     let zero: libc::c_int = 0;
     // SAFETY: as in enable_gso.
     unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, (&zero as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t);
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -429,9 +442,18 @@ mod tests {
     }
 
     /// A minimal client: RRQ with options, ACK everything in order, return the bytes.
-    async fn fetch(addr: SocketAddr, file: &str, opts: &[(&str, &str)], drop_first_of_block: Option<u16>) -> Result<Vec<u8>, (u16, String)> {
+    async fn fetch(
+        addr: SocketAddr,
+        file: &str,
+        opts: &[(&str, &str)],
+        drop_first_of_block: Option<u16>,
+    ) -> Result<Vec<u8>, (u16, String)> {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let rq = Rq { filename: file.into(), mode: "octet".into(), options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect() };
+        let rq = Rq {
+            filename: file.into(),
+            mode: "octet".into(),
+            options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        };
         sock.send_to(&codec::encode(&Packet::Rrq(rq)), addr).await.unwrap();
         let mut out = Vec::new();
         let mut buf = vec![0u8; 70000];
@@ -494,11 +516,17 @@ mod tests {
         assert_eq!(fetch(addr, "f.bin", &[], None).await.unwrap(), data);
         assert_eq!(fetch(addr, "/f.bin", &[("blksize", "1468"), ("tsize", "0")], None).await.unwrap(), data);
         assert_eq!(fetch(addr, "f.bin", &[("blksize", "1468"), ("windowsize", "16")], None).await.unwrap(), data);
-        assert_eq!(fetch(addr, "f.bin", &[("blksize", "99999"), ("windowsize", "999999"), ("timeout", "1")], None).await.unwrap(), data);
+        assert_eq!(
+            fetch(addr, "f.bin", &[("blksize", "99999"), ("windowsize", "999999"), ("timeout", "1")], None).await.unwrap(),
+            data
+        );
         assert_eq!(fetch(addr, "exact.bin", &[], None).await.unwrap(), content(1024));
         assert_eq!(fetch(addr, "empty.bin", &[("tsize", "0")], None).await.unwrap(), b"");
         // A lost DATA packet is resent after the timeout.
-        assert_eq!(fetch(addr, "f.bin", &[("blksize", "1024"), ("windowsize", "4"), ("timeout", "1")], Some(6)).await.unwrap(), data);
+        assert_eq!(
+            fetch(addr, "f.bin", &[("blksize", "1024"), ("windowsize", "4"), ("timeout", "1")], Some(6)).await.unwrap(),
+            data
+        );
         wait_metric(&m, "ok", 7).await;
     }
 
@@ -526,7 +554,11 @@ mod tests {
         std::fs::write(dir.path().join("ipxe.efi"), content(3000)).unwrap();
         let (addr, m) = server(dir.path()).await;
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let rq = Rq { filename: "ipxe.efi".into(), mode: "octet".into(), options: vec![("tsize".into(), "0".into()), ("blksize".into(), "1468".into())] };
+        let rq = Rq {
+            filename: "ipxe.efi".into(),
+            mode: "octet".into(),
+            options: vec![("tsize".into(), "0".into()), ("blksize".into(), "1468".into())],
+        };
         sock.send_to(&codec::encode(&Packet::Rrq(rq)), addr).await.unwrap();
         let mut buf = [0u8; 600];
         let (n, from) = sock.recv_from(&mut buf).await.unwrap();
@@ -538,7 +570,11 @@ mod tests {
     }
 
     fn rrq(file: &str, opts: &[(&str, &str)]) -> Vec<u8> {
-        codec::encode(&Packet::Rrq(Rq { filename: file.into(), mode: "octet".into(), options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect() }))
+        codec::encode(&Packet::Rrq(Rq {
+            filename: file.into(),
+            mode: "octet".into(),
+            options: opts.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        }))
     }
 
     #[tokio::test]
@@ -554,7 +590,11 @@ mod tests {
         let mut buf = [0u8; 2048];
         let (n, _) = timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await.unwrap().unwrap();
         let Packet::Oack { options } = codec::decode(&buf[..n]).unwrap() else { panic!("no OACK") };
-        assert_eq!(options, vec![("blksize".to_string(), "1024".to_string())], "timeout 255 is not granted (nor lowered: RFC 2349)");
+        assert_eq!(
+            options,
+            vec![("blksize".to_string(), "1024".to_string())],
+            "timeout 255 is not granted (nor lowered: RFC 2349)"
+        );
         for _ in 0..100 {
             if m.tftp_refused.get(["duplicate"]) == 4 {
                 break;

@@ -48,7 +48,13 @@ async fn demo(args: Args) -> Result<()> {
         None => lab.image("debian-12").or_else(|| lab.image("test-os")).context("no image built")?,
     }
     .clone();
-    println!("    API {}  pixie {}  image {} ({} MB compressed)", metal_lab::services::api_url(), metal_lab::services::pixie_url(), image.id, image.manifest.compressed_size / 1_000_000);
+    println!(
+        "    API {}  pixie {}  image {} ({} MB compressed)",
+        metal_lab::services::api_url(),
+        metal_lab::services::pixie_url(),
+        image.id,
+        image.manifest.compressed_size / 1_000_000
+    );
 
     let key = args.dir.join("id_ed25519");
     let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "metal-demo", "-f"]).arg(&key).status();
@@ -101,7 +107,12 @@ async fn demo(args: Args) -> Result<()> {
         println!("      nsenter --net=/proc/{me}/ns/net ssh -i {} -o StrictHostKeyChecking=no root@{ip}", key.display());
     }
     let ca = lab.ca_file().map(|c| format!("METALCTL_CA_FILE={} ", c.display())).unwrap_or_default();
-    println!("      {ca}nsenter --net=/proc/{me}/ns/net {} --api-url {} --token {} machine ls", lab.paths.bin("metalctl").display(), metal_lab::services::api_url(), lab.admin_token);
+    println!(
+        "      {ca}nsenter --net=/proc/{me}/ns/net {} --api-url {} --token {} machine ls",
+        lab.paths.bin("metalctl").display(),
+        metal_lab::services::api_url(),
+        lab.admin_token
+    );
     println!("    serial console: tail -f {}", lab.vms[i].serial.display());
     lab.pass();
     if !args.no_wait {
@@ -169,7 +180,13 @@ impl Timeline {
         self.last = Some(now);
         *self.counts.entry(e.event).or_default() += 1;
         let flag = if e.unexpected { "  (unexpected)" } else { "" };
-        println!("    {:>7.1} s  (+{:>5.1} s)  {:<20} {}{flag}", self.started.elapsed().as_secs_f64(), delta.as_secs_f64(), e.event.as_str(), e.message);
+        println!(
+            "    {:>7.1} s  (+{:>5.1} s)  {:<20} {}{flag}",
+            self.started.elapsed().as_secs_f64(),
+            delta.as_secs_f64(),
+            e.event.as_str(),
+            e.message
+        );
     }
     fn seen(&self, ev: Ev) -> bool {
         self.counts.get(&ev).copied().unwrap_or(0) > 0

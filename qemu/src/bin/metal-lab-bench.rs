@@ -63,7 +63,11 @@ fn main() -> Result<()> {
             for _ in 0..args.runs {
                 t.push(std::thread::scope(|s| s.spawn(|| reference_chain(fw, args.cpus)).join().unwrap())?);
             }
-            rows.push(format!("| reference chain dnsmasq + nginx ({fw:?}, {} vCPU): QEMU start → marker | {:.1} s |", args.cpus, median(&mut t)));
+            rows.push(format!(
+                "| reference chain dnsmasq + nginx ({fw:?}, {} vCPU): QEMU start → marker | {:.1} s |",
+                args.cpus,
+                median(&mut t)
+            ));
         }
     }
     for image in &args.images {
@@ -106,7 +110,12 @@ async fn lifecycle_runs(image_name: &str, runs: usize, cpus: u32) -> Result<Vec<
     let image = lab.image(image_name).with_context(|| format!("image {image_name} not built"))?.clone();
     let (mut to_wait, mut to_install, mut to_kexec, mut to_home) = (vec![], vec![], vec![], vec![]);
     for run in 0..runs {
-        let i = lab.add_vm(VmSpec::new(&format!("bench{run}"), 40 + run as u8).cpus(cpus).memory_mib(2048).disks(vec![metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: 4096 }]))?;
+        let i = lab.add_vm(
+            VmSpec::new(&format!("bench{run}"), 40 + run as u8)
+                .cpus(cpus)
+                .memory_mib(2048)
+                .disks(vec![metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: 4096 }]),
+        )?;
         let id = lab.vms[i].machine_id();
         let on = unix_now();
         lab.vms[i].power_on()?;
@@ -129,7 +138,12 @@ async fn lifecycle_runs(image_name: &str, runs: usize, cpus: u32) -> Result<Vec<
         lab.vms[i].power_off();
     }
     lab.pass();
-    let size = format!("{}, {:.0} MB compressed / {:.0} MB, {cpus} vCPU", image.id, image.manifest.compressed_size as f64 / 1e6, image.manifest.uncompressed_size as f64 / 1e6);
+    let size = format!(
+        "{}, {:.0} MB compressed / {:.0} MB, {cpus} vCPU",
+        image.id,
+        image.manifest.compressed_size as f64 / 1e6,
+        image.manifest.uncompressed_size as f64 / 1e6
+    );
     Ok(vec![
         format!("| {size}: power-on → Waiting (BIOS) | {:.1} s |", median(&mut to_wait)),
         format!("| {size}: allocation → Installing | {:.1} s |", median(&mut to_install)),
@@ -146,7 +160,10 @@ fn marker_u64(line: &str, key: &str) -> Option<u64> {
 /// The memory benchmark: one machine with `--memory-mib` of RAM installs `--memory-image`.
 async fn memory_run(args: &Args) -> Result<Vec<String>> {
     let mut lab = Lab::start(None).await?;
-    let image = lab.image(&args.memory_image).with_context(|| format!("image {} not built (scripts/bench memory builds it)", args.memory_image))?.clone();
+    let image = lab
+        .image(&args.memory_image)
+        .with_context(|| format!("image {} not built (scripts/bench memory builds it)", args.memory_image))?
+        .clone();
     let disk = metal_lab::DiskSpec { bus: metal_lab::DiskBus::Virtio, size_mib: args.disk_mib };
     let i = lab.add_vm(VmSpec::new("memory", 60).memory_mib(args.memory_mib).disks(vec![disk]))?;
     let id = lab.vms[i].machine_id();
@@ -184,7 +201,10 @@ async fn memory_run(args: &Args) -> Result<Vec<String>> {
     let rate = |ms: u64| bytes as f64 / 1e6 / (ms.max(1) as f64 / 1e3);
     let initrd = std::fs::metadata(lab.paths.hammer_dir.join("initrd.img")).map(|m| m.len()).unwrap_or(0);
     Ok(vec![
-        format!("| machine | {} MiB RAM (`-m {}`), {} MiB virtio disk, TCG, 1 vCPU |", args.memory_mib, args.memory_mib, args.disk_mib),
+        format!(
+            "| machine | {} MiB RAM (`-m {}`), {} MiB virtio disk, TCG, 1 vCPU |",
+            args.memory_mib, args.memory_mib, args.disk_mib
+        ),
         format!(
             "| image | {}: {:.1} MiB tar.zst, {:.1} MiB unpacked |",
             image.id,
@@ -193,17 +213,30 @@ async fn memory_run(args: &Args) -> Result<Vec<String>> {
         ),
         format!("| metal-hammer initramfs (in RAM) | {:.1} MiB initrd.img (zstd) |", initrd as f64 / 1048576.0),
         "| result | Phoned Home, verifier PASS |".into(),
-        format!("| install (partition → bootloader) | {:.1} s, {:.1} MB/s unpacked |", duration_ms as f64 / 1e3, rate(duration_ms)),
+        format!(
+            "| install (partition → bootloader) | {:.1} s, {:.1} MB/s unpacked |",
+            duration_ms as f64 / 1e3,
+            rate(duration_ms)
+        ),
         format!(
             "| stream (download + SHA-256 + zstd + tar) | {:.1} s, {:.1} MB/s unpacked, {:.1} MB/s compressed |",
             stream_ms as f64 / 1e3,
             rate(stream_ms),
             image.manifest.compressed_size as f64 / 1e6 / (stream_ms.max(1) as f64 / 1e3)
         ),
-        format!("| allocation → Installing / Booting New Kernel / Phoned Home | {:.1} s / {:.1} s / {:.1} s |", installing - alloc_at, kexec - alloc_at, home - alloc_at),
+        format!(
+            "| allocation → Installing / Booting New Kernel / Phoned Home | {:.1} s / {:.1} s / {:.1} s |",
+            installing - alloc_at,
+            kexec - alloc_at,
+            home - alloc_at
+        ),
         format!("| metal-hammer peak RSS (VmHWM) | {:.1} MiB |", mib(peak)),
         format!("| guest MemTotal | {:.1} MiB |", mib(total)),
-        format!("| MemAvailable before install / lowest during install | {:.1} MiB / {:.1} MiB |", mib(avail_start), mib(avail_min)),
+        format!(
+            "| MemAvailable before install / lowest during install | {:.1} MiB / {:.1} MiB |",
+            mib(avail_start),
+            mib(avail_min)
+        ),
     ])
 }
 
@@ -260,11 +293,33 @@ fn reference_chain(fw: Firmware, cpus: u32) -> Result<f64> {
             w = www.display()
         ),
     )?;
-    let _nginx = Service::spawn("nginx", { let mut c = Command::new("nginx"); c.arg("-c").arg(&nginx_conf); c }, &dir.join("nginx.log"))?;
+    let _nginx = Service::spawn(
+        "nginx",
+        {
+            let mut c = Command::new("nginx");
+            c.arg("-c").arg(&nginx_conf);
+            c
+        },
+        &dir.join("nginx.log"),
+    )?;
     let mut dnsmasq = Command::new("dnsmasq");
-    dnsmasq.args(["--no-daemon", "--interface=metalbr0", "--bind-interfaces", "--port=0", "--dhcp-range=10.99.0.100,10.99.0.199,1h"]);
-    dnsmasq.args(["--dhcp-userclass=set:ipxe,iPXE", &format!("--dhcp-boot=tag:ipxe,http://{HOST_IP}/boot.ipxe"), "--dhcp-boot=tag:!ipxe,ipxe.efi"]);
-    dnsmasq.args(["--enable-tftp", &format!("--tftp-root={}", tftp.display()), &format!("--dhcp-leasefile={}", dir.join("leases").display())]);
+    dnsmasq.args([
+        "--no-daemon",
+        "--interface=metalbr0",
+        "--bind-interfaces",
+        "--port=0",
+        "--dhcp-range=10.99.0.100,10.99.0.199,1h",
+    ]);
+    dnsmasq.args([
+        "--dhcp-userclass=set:ipxe,iPXE",
+        &format!("--dhcp-boot=tag:ipxe,http://{HOST_IP}/boot.ipxe"),
+        "--dhcp-boot=tag:!ipxe,ipxe.efi",
+    ]);
+    dnsmasq.args([
+        "--enable-tftp",
+        &format!("--tftp-root={}", tftp.display()),
+        &format!("--dhcp-leasefile={}", dir.join("leases").display()),
+    ]);
     let _dnsmasq = Service::spawn("dnsmasq", dnsmasq, &dir.join("dnsmasq.log"))?;
     let ready = Deadline::new("nginx start", Duration::from_secs(10));
     while std::net::TcpStream::connect((HOST_IP, 80)).is_err() {
@@ -286,7 +341,10 @@ fn reference_chain(fw: Firmware, cpus: u32) -> Result<f64> {
 fn tiny_initramfs(root: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(root.join("bin"))?;
     std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).context("busybox-static")?;
-    std::fs::write(root.join("init"), "#!/bin/busybox sh\n/bin/busybox echo REFERENCE-INITRAMFS-MARKER\n/bin/busybox poweroff -f\n")?;
+    std::fs::write(
+        root.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox echo REFERENCE-INITRAMFS-MARKER\n/bin/busybox poweroff -f\n",
+    )?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))?;
     let status = Command::new("sh")

@@ -16,11 +16,7 @@ pub fn metalctl(lab: &Lab, token: &str, args: &[&str]) -> Result<String> {
     if let Some(ca) = lab.ca_file() {
         cmd.env("METALCTL_CA_FILE", ca);
     }
-    let out = cmd
-        .args(["--api-url", &services::api_url(), "--token", token])
-        .args(args)
-        .output()
-        .context("run metalctl")?;
+    let out = cmd.args(["--api-url", &services::api_url(), "--token", token]).args(args).output().context("run metalctl")?;
     if !out.status.success() {
         bail!("metalctl {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
@@ -37,10 +33,25 @@ pub async fn allocate(lab: &Lab, hostname: &str, image: &str) -> Result<Allocati
         lab,
         &lab.tenant.token,
         &[
-            "machine", "allocate", "--project", PROJECT, "--partition", PARTITION, "--size", SIZE, "--image", image,
-            "--hostname", hostname, "--ssh-key", SSH_KEY, "--user-data", &ud, "-o", "json",
+            "machine",
+            "allocate",
+            "--project",
+            PROJECT,
+            "--partition",
+            PARTITION,
+            "--size",
+            SIZE,
+            "--image",
+            image,
+            "--hostname",
+            hostname,
+            "--ssh-key",
+            SSH_KEY,
+            "--user-data",
+            &ud,
+            "-o",
+            "json",
         ],
     )?;
     serde_json::from_str(&out).with_context(|| format!("metalctl allocate printed {out}"))
 }
-

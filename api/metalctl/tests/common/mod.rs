@@ -70,26 +70,16 @@ fn is_fresh(bin: &Path) -> bool {
         if !meta.is_dir() {
             return meta.modified().ok();
         }
-        std::fs::read_dir(path)
-            .ok()?
-            .filter_map(|e| newest(&e.ok()?.path()))
-            .max()
+        std::fs::read_dir(path).ok()?.filter_map(|e| newest(&e.ok()?.path())).max()
     }
     let Some(built) = std::fs::metadata(bin).and_then(|m| m.modified()).ok() else {
         return false;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    [
-        "api/src",
-        "api/migrations",
-        "api/Cargo.toml",
-        "types/src",
-        "types/Cargo.toml",
-        "Cargo.lock",
-    ]
-    .iter()
-    .filter_map(|p| newest(&root.join(p)))
-    .all(|changed| changed <= built)
+    ["api/src", "api/migrations", "api/Cargo.toml", "types/src", "types/Cargo.toml", "Cargo.lock"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .all(|changed| changed <= built)
 }
 
 /// A running `metal-api`, killed on drop.
@@ -112,17 +102,8 @@ impl Api {
     pub fn start_in(dir: tempfile::TempDir, env: &[(&str, PathBuf)]) -> Api {
         let log = dir.path().join("metal-api.log");
         let child = spawn_api_with(dir.path(), "127.0.0.1:0", &log, env);
-        let mut api = Api {
-            child,
-            url: String::new(),
-            dir,
-            logs: vec![log],
-        };
-        let scheme = if env.iter().any(|(k, _)| *k == "METAL_TLS_CERT") {
-            "https"
-        } else {
-            "http"
-        };
+        let mut api = Api { child, url: String::new(), dir, logs: vec![log] };
+        let scheme = if env.iter().any(|(k, _)| *k == "METAL_TLS_CERT") { "https" } else { "http" };
         api.url = format!("{scheme}://{}", api.wait_listening());
         api
     }
@@ -130,19 +111,12 @@ impl Api {
     /// Kills the API and starts it again on the same address and database.
     pub fn restart(&mut self) {
         self.kill();
-        let log = self
-            .dir
-            .path()
-            .join(format!("metal-api-{}.log", self.logs.len() + 1));
+        let log = self.dir.path().join(format!("metal-api-{}.log", self.logs.len() + 1));
         let addr = self.url.trim_start_matches("http://").to_string();
         self.child = spawn_api(self.dir.path(), &addr, &log);
         self.logs.push(log);
         let again = self.wait_listening();
-        assert_eq!(
-            format!("http://{again}"),
-            self.url,
-            "the restarted API listens elsewhere"
-        );
+        assert_eq!(format!("http://{again}"), self.url, "the restarted API listens elsewhere");
     }
 
     pub fn kill(&mut self) {
@@ -161,9 +135,7 @@ impl Api {
                 panic!("metal-api exited with {status} before listening; its log:\n{text}");
             }
             if Instant::now() > deadline {
-                panic!(
-                    "metal-api printed no `listening on <addr>` line within 30 s; its log:\n{text}"
-                );
+                panic!("metal-api printed no `listening on <addr>` line within 30 s; its log:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -171,11 +143,7 @@ impl Api {
 
     /// Every log of this API, oldest first.
     pub fn log_text(&self) -> String {
-        self.logs
-            .iter()
-            .map(|l| read_text(l))
-            .collect::<Vec<_>>()
-            .join("--- restarted ---\n")
+        self.logs.iter().map(|l| read_text(l)).collect::<Vec<_>>().join("--- restarted ---\n")
     }
 
     /// Runs metalctl against this API with `token` (none: no token anywhere), in a clean
@@ -274,10 +242,7 @@ pub fn clean_ctl(home: &Path) -> Command {
 pub fn listening_addr(log: &str) -> Option<SocketAddr> {
     log.lines()
         .filter_map(|l| l.split_once("listening on").map(|(_, rest)| rest))
-        .find_map(|rest| {
-            rest.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-                .find_map(|w| w.parse().ok())
-        })
+        .find_map(|rest| rest.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).find_map(|w| w.parse().ok()))
 }
 
 /// What a metalctl run printed and how it ended.
@@ -300,38 +265,24 @@ impl From<Output> for Run {
 
 impl Run {
     pub fn ok(self, what: &[&str]) -> String {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "metalctl {what:?} failed:\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(0), "metalctl {what:?} failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         self.stdout
     }
 
     /// Must fail with `code`; returns stderr.
     pub fn fails(self, code: i32, what: &str) -> String {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "{what}: expected exit {code}\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(code), "{what}: expected exit {code}\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         self.stderr
     }
 
     pub fn json<T: DeserializeOwned>(self, what: &[&str]) -> T {
         let out = self.ok(what);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("metalctl {what:?} printed no valid JSON ({e}):\n{out}"))
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("metalctl {what:?} printed no valid JSON ({e}):\n{out}"))
     }
 
     pub fn yaml<T: DeserializeOwned>(self, what: &[&str]) -> T {
         let out = self.ok(what);
-        serde_yaml::from_str(&out)
-            .unwrap_or_else(|e| panic!("metalctl {what:?} printed no valid YAML ({e}):\n{out}"))
+        serde_yaml::from_str(&out).unwrap_or_else(|e| panic!("metalctl {what:?} printed no valid YAML ({e}):\n{out}"))
     }
 }
 
@@ -346,14 +297,8 @@ pub fn now_ms() -> i64 {
 /// A small VM's inventory: 2 cores, 2 GiB, one 10 GiB virtio disk (size `lab-small`).
 pub fn inventory(n: u8) -> Inventory {
     Inventory {
-        uuid: MachineId(uuid::Uuid::from_u128(
-            0x6b1f2c3d_0000_4000_8000_000000000000 + u128::from(n),
-        )),
-        cpus: vec![Cpu {
-            model: "QEMU Virtual CPU".into(),
-            cores: 2,
-            threads: 2,
-        }],
+        uuid: MachineId(uuid::Uuid::from_u128(0x6b1f2c3d_0000_4000_8000_000000000000 + u128::from(n))),
+        cpus: vec![Cpu { model: "QEMU Virtual CPU".into(), cores: 2, threads: 2 }],
         memory_bytes: 2 << 30,
         disks: vec![Disk {
             name: "vda".into(),
@@ -401,9 +346,7 @@ impl SimAgent {
     /// from the command line, report the wipe and `Waiting`.
     pub async fn boot_and_register(api: &Api, pixie_token: &str, n: u8) -> Result<SimAgent> {
         metal_client::tls::install_provider();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         let inventory = inventory(n);
         let mac = inventory.nics[0].mac.clone();
         let pxe = PxeEvent {
@@ -413,84 +356,37 @@ impl SimAgent {
             arch: Arch::BiosX86,
             message: "simulated PXE boot".into(),
         };
-        send(
-            http.post(format!("{}/v1/boot/pxe-event", api.url))
-                .bearer_auth(pixie_token)
-                .json(&pxe),
-        )
-        .await?;
-        let decide = BootRequest {
-            partition: "lab".into(),
-            mac,
-            uuid: Some(inventory.uuid),
-            arch: Arch::BiosX86,
-        };
-        let decision: BootDecision = json(
-            http.post(format!("{}/v1/boot/decide", api.url))
-                .bearer_auth(pixie_token)
-                .json(&decide),
-        )
-        .await?;
-        let BootDecision::Hammer { cmdline, .. } = decision else {
-            bail!("boot decision {decision:?} is not metal-hammer")
-        };
+        send(http.post(format!("{}/v1/boot/pxe-event", api.url)).bearer_auth(pixie_token).json(&pxe)).await?;
+        let decide = BootRequest { partition: "lab".into(), mac, uuid: Some(inventory.uuid), arch: Arch::BiosX86 };
+        let decision: BootDecision =
+            json(http.post(format!("{}/v1/boot/decide", api.url)).bearer_auth(pixie_token).json(&decide)).await?;
+        let BootDecision::Hammer { cmdline, .. } = decision else { bail!("boot decision {decision:?} is not metal-hammer") };
         let enrolment = cmdline::split(&cmdline)
             .into_iter()
             .find(|(k, _)| k == "metal.token")
             .map(|(_, v)| v)
             .with_context(|| format!("no metal.token in {cmdline}"))?;
 
-        let mut agent = SimAgent {
-            api: api.url.clone(),
-            inventory,
-            credential: String::new(),
-            http,
-        };
-        let reg = RegisterRequest {
-            partition: "lab".into(),
-            inventory: agent.inventory.clone(),
-        };
-        let resp: RegisterResponse = json(
-            agent
-                .http
-                .post(format!("{}/v1/agent/register", agent.api))
-                .bearer_auth(&enrolment)
-                .json(&reg),
-        )
-        .await?;
+        let mut agent = SimAgent { api: api.url.clone(), inventory, credential: String::new(), http };
+        let reg = RegisterRequest { partition: "lab".into(), inventory: agent.inventory.clone() };
+        let resp: RegisterResponse =
+            json(agent.http.post(format!("{}/v1/agent/register", agent.api)).bearer_auth(&enrolment).json(&reg)).await?;
         agent.credential = resp.credential;
-        let wipe = WipeReport {
-            disks: vec![DiskWipe {
-                disk: "vda".into(),
-                method: "discard".into(),
-                duration_ms: 12,
-            }],
-        };
+        let wipe = WipeReport { disks: vec![DiskWipe { disk: "vda".into(), method: "discard".into(), duration_ms: 12 }] };
         send(agent.post("/v1/agent/wipe-report").json(&wipe)).await?;
-        agent
-            .events(&[(
-                ProvisioningEvent::Waiting,
-                "disks wiped, waiting for an allocation",
-            )])
-            .await?;
+        agent.events(&[(ProvisioningEvent::Waiting, "disks wiped, waiting for an allocation")]).await?;
         Ok(agent)
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}{path}", self.api))
-            .bearer_auth(&self.credential)
+        self.http.post(format!("{}{path}", self.api)).bearer_auth(&self.credential)
     }
 
     pub async fn events(&self, events: &[(ProvisioningEvent, &str)]) -> Result<()> {
         let batch = EventBatch {
             events: events
                 .iter()
-                .map(|(event, message)| EventReport {
-                    event: *event,
-                    time_ms: now_ms(),
-                    message: message.to_string(),
-                })
+                .map(|(event, message)| EventReport { event: *event, time_ms: now_ms(), message: message.to_string() })
                 .collect(),
         };
         send(self.post("/v1/agent/events").json(&batch)).await
@@ -513,12 +409,8 @@ impl SimAgent {
     pub async fn wait(&self, within: Duration) -> Result<InstallInstructions> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            let resp = self
-                .http
-                .get(format!("{}/v1/agent/wait?timeout_s=2", self.api))
-                .bearer_auth(&self.credential)
-                .send()
-                .await?;
+            let resp =
+                self.http.get(format!("{}/v1/agent/wait?timeout_s=2", self.api)).bearer_auth(&self.credential).send().await?;
             match resp.status().as_u16() {
                 200 => return Ok(resp.json().await?),
                 204 => continue,
@@ -530,11 +422,7 @@ impl SimAgent {
 
     /// Installs as metal-hammer would (events + install report), then phones home as the OS.
     pub async fn install_and_phone_home(&self, ins: &InstallInstructions) -> Result<()> {
-        self.events(&[(
-            ProvisioningEvent::Installing,
-            &format!("image {}", ins.image.id),
-        )])
-        .await?;
+        self.events(&[(ProvisioningEvent::Installing, &format!("image {}", ins.image.id))]).await?;
         let report = InstallReport {
             allocation: ins.allocation,
             success: true,
@@ -547,30 +435,16 @@ impl SimAgent {
             }),
         };
         send(self.post("/v1/agent/install-report").json(&report)).await?;
-        self.events(&[(ProvisioningEvent::BootingNewKernel, "kexec")])
-            .await?;
-        let ph = PhoneHome {
-            machine: self.id(),
-            time_ms: now_ms(),
-            message: "booted".into(),
-        };
+        self.events(&[(ProvisioningEvent::BootingNewKernel, "kexec")]).await?;
+        let ph = PhoneHome { machine: self.id(), time_ms: now_ms(), message: "booted".into() };
         // The URL names the API as the partition's machines reach it (the lab address of the
         // example partition); this test's API listens on loopback, so only the path is used.
         let path = "/v1/agent/phone-home";
         if !ins.phone_home.url.ends_with(path) {
-            bail!(
-                "phone-home URL {} does not end with {path}",
-                ins.phone_home.url
-            );
+            bail!("phone-home URL {} does not end with {path}", ins.phone_home.url);
         }
         let url = format!("{}{path}", self.api);
-        send(
-            self.http
-                .post(url)
-                .bearer_auth(&ins.phone_home.token)
-                .json(&ph),
-        )
-        .await
+        send(self.http.post(url).bearer_auth(&ins.phone_home.token).json(&ph)).await
     }
 }
 
@@ -590,6 +464,5 @@ async fn json<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> Result<T> {
     if !status.is_success() {
         bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }
-    serde_json::from_slice(&body)
-        .with_context(|| format!("decode {}", String::from_utf8_lossy(&body)))
+    serde_json::from_slice(&body).with_context(|| format!("decode {}", String::from_utf8_lossy(&body)))
 }
