@@ -90,6 +90,9 @@ enum Cmd {
         /// An admin token.
         #[arg(long, env = "METAL_TOKEN")]
         token: String,
+        /// The CA bundle an `https://` API's certificate must chain to (default: the system's).
+        #[arg(long, env = "METAL_CA_FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Compress a file (`-` for stdin) the way OS images are compressed: independent zstd frames
     /// of 8 MiB each, with content size and checksum (for images made by other tools, and the
@@ -142,8 +145,8 @@ fn run(cli: Cli) -> image_builder::Result<()> {
                 println!("{}", file.display());
             }
         }
-        Cmd::Publish { manifest, url_base, api, token } => {
-            println!("{}", publish::publish(&manifest, &url_base, &api, &token)?);
+        Cmd::Publish { manifest, url_base, api, token, ca_file } => {
+            println!("{}", publish::publish(&manifest, &url_base, &api, &token, ca_file.as_deref())?);
         }
         Cmd::Compress { input, output, zstd_level } => {
             let w = archive::write_image_zst(&output, zstd_level, "compress", |w| {

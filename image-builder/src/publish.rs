@@ -1,14 +1,13 @@
 //! `image-builder publish`: registers a built image in the API's catalog with
-//! `POST /v1/images` (`metal_types::Image`: the manifest plus the URL machines download from).
+//! `POST /v1/images` (`metal_types::Image`: the manifest plus the URL machines download from),
+//! through the typed client `metal_client::api` (HTTP or HTTPS, trusting `ca_file` when given).
 
 use std::path::Path;
-use std::time::Duration;
 
 use metal_types::{Image, ImageClassification};
 
 use crate::archive;
 use crate::error::{Error, Result};
-use crate::http;
 
 /// The catalog entry for a manifest: `url` is `url_base` + the image file name.
 pub fn image_for(manifest_path: &Path, url_base: &str) -> Result<Image> {
@@ -18,15 +17,25 @@ pub fn image_for(manifest_path: &Path, url_base: &str) -> Result<Image> {
     Ok(Image { id: String::new(), url, classification: ImageClassification::Supported, expires_at: None, manifest })
 }
 
-/// POSTs the image to `<api>/v1/images`; returns the API's answer body.
-pub fn publish(manifest_path: &Path, url_base: &str, api: &str, token: &str) -> Result<String> {
+/// POSTs the image to `<api>/v1/images`; returns the image as the API stored it (JSON). An
+/// `https://` API must chain to `ca_file` when given, else to the system's trust store.
+pub fn publish(manifest_path: &Path, url_base: &str, api: &str, token: &str, ca_file: Option<&Path>) -> Result<String> {
     let image = image_for(manifest_path, url_base)?;
-    let body = serde_json::to_vec(&image).map_err(|e| Error::Invalid(e.to_string()))?;
     let url = format!("{}/v1/images", api.trim_end_matches('/'));
-    let (status, answer) = http::post_json(&url, token, &body, Duration::from_secs(30))?;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    if !(200..300).contains(&status) {
-        return Err(Error::Http { url, message: format!("status {status}: {answer}") });
-    }
-    Ok(answer)
+    let failed = |e: metal_client::api::ClientError| Error::Http {
+        url: url.clone(),
+        message: match e.status() {
+            Some(status) => format!("status {}: {e}", status.as_u16()),
+            None => format!("{e}"),
+        },
+    };
+    let client =
+        metal_client::api::Client::new_as(concat!("image-builder/", env!("CARGO_PKG_VERSION")), api, Some(token.into()), ca_file)
+            .map_err(failed)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the async runtime: {e}")))?;
+    let (stored, _created) = runtime.block_on(client.create(&image)).map_err(failed)?;
+    serde_json::to_string(&stored).map_err(|e| Error::Invalid(e.to_string()))
 }

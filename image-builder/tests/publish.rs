@@ -101,10 +101,11 @@ fn publish_registers_the_image() {
     let (file, manifest) = testos::build(&opts).unwrap();
     let manifest_path = file.with_file_name("test-os-9.tar.zst.json");
 
-    let err = publish::publish(&manifest_path, "http://10.99.0.1:8081/images", &api.url, "wrong-token").unwrap_err().to_string();
+    let err =
+        publish::publish(&manifest_path, "http://10.99.0.1:8081/images", &api.url, "wrong-token", None).unwrap_err().to_string();
     assert!(err.contains("status 401"), "{err}");
 
-    let answer = publish::publish(&manifest_path, "http://10.99.0.1:8081/images/", &api.url, ADMIN).unwrap();
+    let answer = publish::publish(&manifest_path, "http://10.99.0.1:8081/images/", &api.url, ADMIN, None).unwrap();
     let image: Image = serde_json::from_str(&answer).unwrap();
     assert_eq!(image.id, "test-os-9");
     assert_eq!(image.url, "http://10.99.0.1:8081/images/test-os-9.tar.zst");

@@ -88,21 +88,20 @@ impl Lab {
         let admin = ApiClient::new(&services::api_url(), &admin_token, &roots)?;
         let images = services::bootstrap_catalog(&admin, &paths).await.context("bootstrap the lab catalog")?;
         let pixie: TokenResponse = admin
-            .post(
-                "/v1/tokens",
-                &TokenRequest { role: TokenRole::Pixie, project: None, description: "lab pixie".into(), expires_in_s: None },
-            )
+            .create_token(&TokenRequest {
+                role: TokenRole::Pixie,
+                project: None,
+                description: "lab pixie".into(),
+                expires_in_s: None,
+            })
             .await?;
         let tenant: TokenResponse = admin
-            .post(
-                "/v1/tokens",
-                &TokenRequest {
-                    role: TokenRole::Tenant,
-                    project: Some(services::PROJECT.into()),
-                    description: "lab tenant".into(),
-                    expires_in_s: None,
-                },
-            )
+            .create_token(&TokenRequest {
+                role: TokenRole::Tenant,
+                project: Some(services::PROJECT.into()),
+                description: "lab tenant".into(),
+                expires_in_s: None,
+            })
             .await?;
         let pixie_svc = services::start_pixie(&paths, &dir, &pixie.token, tls.as_ref(), &hammer_dir).await?;
         let keep = std::env::var_os("METAL_LAB_KEEP").is_some();

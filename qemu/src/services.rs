@@ -84,42 +84,31 @@ impl Paths {
     }
 }
 
-/// A thin typed client for what the lab asks of the API.
+/// What the lab asks of the API: the typed client (`metal_client::api`, reached through
+/// `Deref`) plus waiting for a machine's events.
 #[derive(Clone)]
 pub struct ApiClient {
-    pub base: String,
+    api: metal_client::api::Client,
+    /// The token it sends (the lab hands it to metalctl too).
     pub token: String,
-    http: reqwest::Client,
+}
+
+impl std::ops::Deref for ApiClient {
+    type Target = metal_client::api::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.api
+    }
 }
 
 impl ApiClient {
     /// `roots`: what an `https://` API must chain to (the lab CA).
     pub fn new(base: &str, token: &str, roots: &Roots) -> Result<ApiClient> {
         let http = metal_client::http::client(&metal_client::http::Options::new(roots.clone()).timeout(Duration::from_secs(90)))?;
-        Ok(ApiClient { base: base.to_string(), token: token.to_string(), http })
-    }
-
-    pub async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
-        let resp = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(body).send().await?;
-        decode(resp, path).await
-    }
-
-    pub async fn get<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R> {
-        let resp = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
-        decode(resp, path).await
-    }
-
-    pub async fn delete<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R> {
-        let resp = self.http.delete(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
-        decode(resp, path).await
-    }
-
-    pub async fn machine(&self, id: MachineId) -> Result<Machine> {
-        self.get(&format!("/v1/machines/{id}")).await
+        Ok(ApiClient { api: metal_client::api::Client::with_http(base, Some(token.into()), http)?, token: token.into() })
     }
 
     pub async fn events(&self, id: MachineId) -> Result<Vec<MachineEvent>> {
-        self.get(&format!("/v1/machines/{id}/events")).await
+        Ok(self.api.machine_events(id).await?)
     }
 
     /// Waits until the machine's timeline holds `event` (at or after index `from`); returns
@@ -164,16 +153,6 @@ impl ApiClient {
         .await?;
         r.map_err(|msg| anyhow::anyhow!("machine {id} reported Crashed while waiting for {event}: {msg}"))
     }
-}
-
-async fn decode<R: serde::de::DeserializeOwned>(resp: reqwest::Response, path: &str) -> Result<R> {
-    let status = resp.status();
-    let bytes = resp.bytes().await?;
-    if !status.is_success() {
-        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
-    }
-    let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-    serde_json::from_slice(body).with_context(|| format!("{path}: decode {}", String::from_utf8_lossy(&bytes)))
 }
 
 /// Starts the API on the bridge address with a SQLite store in `dir`, over HTTPS with the
@@ -293,7 +272,7 @@ pub async fn bootstrap_catalog(admin: &ApiClient, paths: &Paths) -> Result<Vec<I
             api_url: api_url(),
         },
     };
-    let _: serde_json::Value = admin.post("/v1/partitions", &partition).await?;
+    admin.create(&partition).await?;
     const GIB: u64 = 1 << 30;
     let size = Size {
         id: SIZE.into(),
@@ -304,11 +283,11 @@ pub async fn bootstrap_catalog(admin: &ApiClient, paths: &Paths) -> Result<Vec<I
             SizeConstraint { kind: ConstraintKind::Storage, min: GIB, max: 1024 * GIB },
         ],
     };
-    let _: serde_json::Value = admin.post("/v1/sizes", &size).await?;
+    admin.create(&size).await?;
     let layout = lab_layout();
-    let _: serde_json::Value = admin.post("/v1/layouts", &layout).await?;
+    admin.create(&layout).await?;
     let project = Project { id: PROJECT.into(), description: "lab tenant".into() };
-    let _: serde_json::Value = admin.post("/v1/projects", &project).await?;
+    admin.create(&project).await?;
     let mut images = Vec::new();
     for (path, manifest) in paths.image_manifests()? {
         let file = path.file_name().unwrap().to_string_lossy().trim_end_matches(".json").to_string();
@@ -319,7 +298,7 @@ pub async fn bootstrap_catalog(admin: &ApiClient, paths: &Paths) -> Result<Vec<I
             expires_at: None,
             manifest,
         };
-        let created: Image = admin.post("/v1/images", &image).await?;
+        let (created, _) = admin.create(&image).await?;
         images.push(created);
     }
     Ok(images)

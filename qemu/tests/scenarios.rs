@@ -107,7 +107,7 @@ fn faults_bad_checksum_and_service_restarts() -> Result<()> {
         bad.manifest.version = format!("{}-badsum", good.manifest.version);
         bad.manifest.sha256 = "0".repeat(64);
         bad.id = String::new();
-        let bad: Image = lab.admin.post("/v1/images", &bad).await?;
+        let (bad, _) = lab.admin.create(&bad).await?;
 
         let i = lab.add_vm(VmSpec::new("fault1", 3))?;
         let id = lab.vms[i].machine_id();
@@ -180,7 +180,7 @@ fn debian_image_boots_systemd_and_accepts_ssh() -> Result<()> {
             user_data: String::new(),
             idempotency_key: None,
         };
-        let _: metal_types::Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+        lab.tenant.allocate(&req).await?;
         let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(300));
         lab.admin.wait_event(&d, id, Ev::PhonedHome, seen).await?;
         let ip = lab.lease_ip(&lab.vms[i].spec.mac()).context("no lease for the machine in pixie's lease file")?;

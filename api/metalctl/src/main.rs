@@ -21,7 +21,8 @@ use metal_types::{
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use client::{CatalogKind, Client};
+use client::Client;
+use metal_types::CatalogObject;
 use output::{Format, Tabular};
 use watch::{End, FollowOptions, Follower};
 
@@ -331,6 +332,9 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.chain().any(|c| matches!(c.downcast_ref::<client::ClientError>(), Some(client::ClientError::Tls { .. }))) {
+                eprintln!("hint: give the API's CA bundle as `ca_file` in the config file or in METALCTL_CA_FILE");
+            }
             ExitCode::FAILURE
         }
     }
@@ -356,7 +360,7 @@ fn settings(cli: &Cli) -> anyhow::Result<config::Settings> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let s = settings(&cli)?;
-    let client = Client::new(&s.api_url, s.token, s.ca_file.as_deref())?;
+    let client = client::connect(&s.api_url, s.token, s.ca_file.as_deref())?;
     let out = cli.output;
     match cli.command {
         Command::Partition(cmd) => catalog::<Partition>(&client, cmd, out).await?,
@@ -442,7 +446,7 @@ fn print_one<T: Serialize>(format: Format, item: &T) -> anyhow::Result<()> {
 
 async fn catalog<K>(client: &Client, cmd: CatalogCmd, out: Format) -> anyhow::Result<()>
 where
-    K: CatalogKind + Tabular + Sync,
+    K: CatalogObject + Tabular,
 {
     match cmd {
         CatalogCmd::Create { file } => {
@@ -463,7 +467,7 @@ where
 /// and the error says how far it got.
 async fn create_all<K>(client: &Client, objects: input::Objects<K>, out: Format) -> anyhow::Result<()>
 where
-    K: CatalogKind + Tabular + Sync,
+    K: CatalogObject + Tabular,
 {
     let input::Objects { items: objects, list } = objects;
     let total = objects.len();

@@ -3,6 +3,7 @@
 //! catalog fixture and a simulated metal-hammer.
 #![allow(dead_code)]
 
+use metal_client::sim::SimAgent;
 use metal_types::cmdline::HammerParams;
 use metal_types::*;
 use reqwest::{Method, StatusCode};
@@ -97,6 +98,11 @@ impl Api {
         let running = metal_api::start(config, "127.0.0.1:0").await.expect("start API");
         let base = running.base_url();
         Api { running: Some(running), base, http: http_client() }
+    }
+
+    /// The typed client on this API (sharing the test's HTTP client), with `token`.
+    pub fn client(&self, token: Option<&str>) -> metal_client::api::Client {
+        metal_client::api::Client::with_http(&self.base, token.map(Into::into), self.http.clone()).expect("the API's base URL")
     }
 
     pub async fn stop(&mut self) {
@@ -211,7 +217,8 @@ pub fn inventory(uuid: MachineId, mac: &str) -> Inventory {
     }
 }
 
-/// A simulated metal-hammer: speaks the agent contract like the real one.
+/// A simulated metal-hammer: `metal_client::sim::SimAgent` with this module's inventory,
+/// asserting every step succeeds.
 pub struct Agent {
     pub machine: MachineId,
     pub mac: String,
@@ -220,28 +227,21 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(n: u32) -> Agent {
-        let machine = MachineId(uuid::Uuid::from_u128(0x6b1f_2c3d_0000_4000_8000_0000_0000_0000 + u128::from(n)));
-        let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff);
-        Agent { machine, mac, credential: String::new() }
+        Agent { machine: metal_client::sim::machine_id(n), mac: metal_client::sim::mac(n), credential: String::new() }
+    }
+
+    fn sim(&self, api: &Api) -> SimAgent {
+        let sim = SimAgent::with_inventory(&api.client(None), "lab", inventory(self.machine, &self.mac));
+        if self.credential.is_empty() {
+            sim
+        } else {
+            sim.with_credential(self.credential.clone())
+        }
     }
 
     /// What pixie does when the machine PXE boots: report the event, ask for a decision.
     pub async fn pxe_boot(&self, api: &Api, pixie: &str) -> BootDecision {
-        let (s, v) = api
-            .post(
-                "/v1/boot/pxe-event",
-                pixie,
-                json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::NO_CONTENT, "pxe-event: {v}");
-        api.ok(
-            Method::POST,
-            "/v1/boot/decide",
-            pixie,
-            Some(json!({"partition": "lab", "mac": self.mac, "uuid": self.machine, "arch": "bios_x86"})),
-        )
-        .await
+        self.sim(api).pxe_boot(&api.client(Some(pixie))).await.expect("pxe-event and boot decision")
     }
 
     /// Boots metal-hammer from a decision and registers; returns the response.
@@ -249,40 +249,24 @@ impl Agent {
         let BootDecision::Hammer { cmdline, .. } = decision else { panic!("expected a hammer boot, got {decision:?}") };
         let params = HammerParams::parse(cmdline).expect("hammer params on the command line");
         assert_eq!(params.api_url, api.base);
-        let body = json!({"partition": params.partition, "inventory": inventory(self.machine, &self.mac)});
-        let r: RegisterResponse = api.ok(Method::POST, "/v1/agent/register", &params.enrolment_token, Some(body)).await;
+        let mut sim = self.sim(api);
+        let r = sim.register(decision).await.expect("register");
         self.credential = r.credential.clone();
-        // Like metal-hammer: these were queued before the credential existed.
-        self.events(api, &[ProvisioningEvent::Preparing, ProvisioningEvent::Registering]).await;
         r
     }
 
     pub async fn events(&self, api: &Api, events: &[ProvisioningEvent]) {
-        let now = metal_api::now_ms();
-        let evs: Vec<_> = events.iter().map(|e| json!({"event": e, "time_ms": now, "message": "sim"})).collect();
-        let (s, v) = api.post("/v1/agent/events", &self.credential, json!({"events": evs})).await;
-        assert_eq!(s, StatusCode::NO_CONTENT, "events: {v}");
+        let evs: Vec<_> = events.iter().map(|e| (*e, "sim")).collect();
+        self.sim(api).events(&evs).await.expect("events");
     }
 
     pub async fn wipe(&self, api: &Api) {
-        let (s, v) = api
-            .post(
-                "/v1/agent/wipe-report",
-                &self.credential,
-                json!({"disks": [{"disk": "vda", "method": "discard", "duration_ms": 12}]}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::NO_CONTENT, "wipe-report: {v}");
+        self.sim(api).wipe().await.expect("wipe-report");
     }
 
     /// One long-poll. `Some` with instructions, `None` on 204.
     pub async fn wait(&self, api: &Api, timeout_s: u64) -> Option<InstallInstructions> {
-        let (s, v) = api.get(&format!("/v1/agent/wait?timeout_s={timeout_s}"), &self.credential).await;
-        match s {
-            StatusCode::OK => Some(serde_json::from_value(v).expect("InstallInstructions")),
-            StatusCode::NO_CONTENT => None,
-            other => panic!("wait: {other} {v}"),
-        }
+        self.sim(api).wait(timeout_s).await.expect("wait")
     }
 
     /// PXE boot → register → wipe → Waiting.

@@ -90,7 +90,7 @@ async fn demo(args: Args) -> Result<()> {
         idempotency_key: Some("metal-demo".into()),
     };
     let t_alloc = Instant::now();
-    let alloc: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+    let alloc: Allocation = lab.tenant.allocate(&req).await?.allocation;
     println!("    allocation {} on machine {}", alloc.id, alloc.machine);
     let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(600));
     follow(&lab, &mut timeline, id, Ev::PhonedHome, &d).await?;

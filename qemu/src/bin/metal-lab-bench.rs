@@ -17,7 +17,7 @@ use metal_lab::netns::{self, HOST_IP};
 use metal_lab::proc::Service;
 use metal_lab::services::{PARTITION, PROJECT};
 use metal_lab::{run_in_lab, Deadline, Firmware, Lab, LogCursor, VmSpec};
-use metal_types::{Allocation, AllocationRequest, MachineEvent, ProvisioningEvent as Ev};
+use metal_types::{AllocationRequest, MachineEvent, ProvisioningEvent as Ev};
 
 #[derive(Parser)]
 struct Args {
@@ -123,7 +123,7 @@ async fn lifecycle_runs(image_name: &str, runs: usize, cpus: u32) -> Result<Vec<
         lab.admin.wait_event(&d, id, Ev::Waiting, 0).await?;
         let req = allocation_request(id, &image.id, &format!("bench{run}"));
         let alloc_at = unix_now();
-        let _: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+        lab.tenant.allocate(&req).await?;
         let d = Deadline::new("allocation to Phoned Home", Duration::from_secs(600));
         lab.admin.wait_event(&d, id, Ev::PhonedHome, 0).await?;
         let ev = lab.admin.events(id).await?;
@@ -174,7 +174,7 @@ async fn memory_run(args: &Args) -> Result<Vec<String>> {
     let mut req = allocation_request(id, &image.id, hostname);
     req.user_data = serde_json::json!({ "expect": { "hostname": hostname, "userdata_marker": "memory-bench" } }).to_string();
     let alloc_at = unix_now();
-    let _: Allocation = lab.tenant.post("/v1/allocations", &req).await?;
+    lab.tenant.allocate(&req).await?;
     // Under TCG on a shared machine a 2 GiB install takes minutes; the serial console fails the
     // wait at once when the kernel runs out of memory.
     let d = Deadline::new("allocation to install marker", Duration::from_secs(3600));

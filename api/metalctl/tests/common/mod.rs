@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use metal_types::*;
 use serde::de::DeserializeOwned;
 
@@ -290,179 +290,47 @@ impl Run {
 // The simulated agent
 // ---------------------------------------------------------------------------------------------
 
-pub fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// A small VM's inventory: 2 cores, 2 GiB, one 10 GiB virtio disk (size `lab-small`).
-pub fn inventory(n: u8) -> Inventory {
-    Inventory {
-        uuid: MachineId(uuid::Uuid::from_u128(0x6b1f2c3d_0000_4000_8000_000000000000 + u128::from(n))),
-        cpus: vec![Cpu { model: "QEMU Virtual CPU".into(), cores: 2, threads: 2 }],
-        memory_bytes: 2 << 30,
-        disks: vec![Disk {
-            name: "vda".into(),
-            size_bytes: 10 << 30,
-            model: "QEMU HARDDISK".into(),
-            serial: format!("disk-{n}"),
-            wwn: String::new(),
-            rotational: false,
-            logical_sector_size: 512,
-            physical_sector_size: 512,
-            bus: "virtio".into(),
-        }],
-        nics: vec![Nic {
-            name: "eth0".into(),
-            mac: format!("52:54:00:00:00:{n:02x}"),
-            driver: "virtio_net".into(),
-            speed_mbps: None,
-            carrier: true,
-        }],
-        dmi: Dmi {
-            sys_vendor: "QEMU".into(),
-            product_name: "Standard PC (i440FX + PIIX, 1996)".into(),
-            product_serial: format!("serial-{n}"),
-            ..Default::default()
-        },
-        lldp: vec![],
-    }
-}
-
-/// Speaks the agent contract for one machine: pixie's boot decision, register, events, wait,
-/// install report, and the installed OS's phone home.
+/// One machine on `metal_client::sim::SimAgent`, with pixie's token at hand.
 pub struct SimAgent {
-    pub api: String,
-    pub inventory: Inventory,
-    pub credential: String,
-    http: reqwest::Client,
+    sim: metal_client::sim::SimAgent,
+    pixie: metal_client::api::Client,
 }
 
 impl SimAgent {
     pub fn id(&self) -> MachineId {
-        self.inventory.uuid
+        self.sim.id()
     }
 
     /// PXE boot through the boot decision (as pixie), then register with the enrolment token
     /// from the command line, report the wipe and `Waiting`.
     pub async fn boot_and_register(api: &Api, pixie_token: &str, n: u8) -> Result<SimAgent> {
-        metal_client::tls::install_provider();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let inventory = inventory(n);
-        let mac = inventory.nics[0].mac.clone();
-        let pxe = PxeEvent {
-            partition: "lab".into(),
-            mac: mac.clone(),
-            uuid: Some(inventory.uuid),
-            arch: Arch::BiosX86,
-            message: "simulated PXE boot".into(),
-        };
-        send(http.post(format!("{}/v1/boot/pxe-event", api.url)).bearer_auth(pixie_token).json(&pxe)).await?;
-        let decide = BootRequest { partition: "lab".into(), mac, uuid: Some(inventory.uuid), arch: Arch::BiosX86 };
-        let decision: BootDecision =
-            json(http.post(format!("{}/v1/boot/decide", api.url)).bearer_auth(pixie_token).json(&decide)).await?;
-        let BootDecision::Hammer { cmdline, .. } = decision else { bail!("boot decision {decision:?} is not metal-hammer") };
-        let enrolment = cmdline::split(&cmdline)
-            .into_iter()
-            .find(|(k, _)| k == "metal.token")
-            .map(|(_, v)| v)
-            .with_context(|| format!("no metal.token in {cmdline}"))?;
-
-        let mut agent = SimAgent { api: api.url.clone(), inventory, credential: String::new(), http };
-        let reg = RegisterRequest { partition: "lab".into(), inventory: agent.inventory.clone() };
-        let resp: RegisterResponse =
-            json(agent.http.post(format!("{}/v1/agent/register", agent.api)).bearer_auth(&enrolment).json(&reg)).await?;
-        agent.credential = resp.credential;
-        let wipe = WipeReport { disks: vec![DiskWipe { disk: "vda".into(), method: "discard".into(), duration_ms: 12 }] };
-        send(agent.post("/v1/agent/wipe-report").json(&wipe)).await?;
-        agent.events(&[(ProvisioningEvent::Waiting, "disks wiped, waiting for an allocation")]).await?;
-        Ok(agent)
-    }
-
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.post(format!("{}{path}", self.api)).bearer_auth(&self.credential)
+        let base = metal_client::api::Client::new(&api.url, None, None)?;
+        let pixie = base.with_token(pixie_token);
+        let mut sim = metal_client::sim::SimAgent::new(&base, "lab", u32::from(n));
+        sim.join_pool(&pixie).await?;
+        Ok(SimAgent { sim, pixie })
     }
 
     pub async fn events(&self, events: &[(ProvisioningEvent, &str)]) -> Result<()> {
-        let batch = EventBatch {
-            events: events
-                .iter()
-                .map(|(event, message)| EventReport { event: *event, time_ms: now_ms(), message: message.to_string() })
-                .collect(),
-        };
-        send(self.post("/v1/agent/events").json(&batch)).await
+        Ok(self.sim.events(events).await?)
     }
 
     /// What pixie reports when this machine PXE boots.
-    pub async fn pxe_boot(&self, pixie_token: &str) -> Result<()> {
-        let pxe = PxeEvent {
-            partition: "lab".into(),
-            mac: self.inventory.nics[0].mac.clone(),
-            uuid: Some(self.id()),
-            arch: Arch::BiosX86,
-            message: "simulated PXE boot".into(),
-        };
-        let url = format!("{}/v1/boot/pxe-event", self.api);
-        send(self.http.post(url).bearer_auth(pixie_token).json(&pxe)).await
+    pub async fn pxe_boot(&self, _pixie_token: &str) -> Result<()> {
+        Ok(self.sim.pxe_event(&self.pixie).await?)
     }
 
     /// Long-polls until the machine is allocated.
     pub async fn wait(&self, within: Duration) -> Result<InstallInstructions> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            let resp =
-                self.http.get(format!("{}/v1/agent/wait?timeout_s=2", self.api)).bearer_auth(&self.credential).send().await?;
-            match resp.status().as_u16() {
-                200 => return Ok(resp.json().await?),
-                204 => continue,
-                s => bail!("wait: HTTP {s}: {}", resp.text().await.unwrap_or_default()),
-            }
-        }
-        bail!("no allocation for machine {} within {within:?}", self.id())
+        Ok(self.sim.wait_for_allocation(within).await?)
     }
 
     /// Installs as metal-hammer would (events + install report), then phones home as the OS.
     pub async fn install_and_phone_home(&self, ins: &InstallInstructions) -> Result<()> {
-        self.events(&[(ProvisioningEvent::Installing, &format!("image {}", ins.image.id))]).await?;
-        let report = InstallReport {
-            allocation: ins.allocation,
-            success: true,
-            message: String::new(),
-            boot: Some(BootInfo {
-                root_uuid: "0b4e7d1c-9a7e-4a44-a3a0-5b0c8a3f9d11".into(),
-                kernel: "/boot/vmlinuz".into(),
-                initrd: "/boot/initrd.img".into(),
-                cmdline: "console=ttyS0".into(),
-            }),
-        };
-        send(self.post("/v1/agent/install-report").json(&report)).await?;
-        self.events(&[(ProvisioningEvent::BootingNewKernel, "kexec")]).await?;
-        let ph = PhoneHome { machine: self.id(), time_ms: now_ms(), message: "booted".into() };
-        // The URL names the API as the partition's machines reach it (the lab address of the
-        // example partition); this test's API listens on loopback, so only the path is used.
         let path = "/v1/agent/phone-home";
         if !ins.phone_home.url.ends_with(path) {
             bail!("phone-home URL {} does not end with {path}", ins.phone_home.url);
         }
-        let url = format!("{}{path}", self.api);
-        send(self.http.post(url).bearer_auth(&ins.phone_home.token).json(&ph)).await
+        Ok(self.sim.install_and_phone_home(ins).await?)
     }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Result<()> {
-    let resp = req.send().await?;
-    let status = resp.status();
-    if !status.is_success() {
-        bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
-    }
-    Ok(())
-}
-
-async fn json<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> Result<T> {
-    let resp = req.send().await?;
-    let status = resp.status();
-    let body = resp.bytes().await?;
-    if !status.is_success() {
-        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
-    }
-    serde_json::from_slice(&body).with_context(|| format!("decode {}", String::from_utf8_lossy(&body)))
 }
