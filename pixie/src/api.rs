@@ -2,10 +2,16 @@
 //! one call for concurrent identical requests: [`DecisionCache`]) and `PXE Booting` events
 //! (`POST /v1/boot/pxe-event`, fire-and-forget through a bounded queue).
 //!
+//! The decision is behind a seam, [`BootDecider`]: the API-backed [`ApiClient`] in production,
+//! [`StaticDecider`] (answers from a table, requests recorded) in tests, so `/ipxe` is tested
+//! for every decision and architecture without a fake HTTP server.
+//!
 //! One [`reqwest::Client`] is shared by every clone of [`ApiClient`], so calls reuse the pooled
 //! keep-alive connections to the API instead of connecting per request.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +90,61 @@ impl ApiClient {
     }
 }
 
+/// A boxed future of a decision (object-safe trait methods).
+pub type Decision<'a> = Pin<Box<dyn Future<Output = Result<BootDecision, ApiError>> + Send + 'a>>;
+
+/// Who decides what a machine that PXE boots gets.
+pub trait BootDecider: Send + Sync + 'static {
+    fn decide<'a>(&'a self, req: &'a BootRequest) -> Decision<'a>;
+}
+
+impl BootDecider for ApiClient {
+    fn decide<'a>(&'a self, req: &'a BootRequest) -> Decision<'a> {
+        Box::pin(ApiClient::decide(self, req))
+    }
+}
+
+/// Decisions from a table: the answer for the request's MAC, else the default; an `Err` answer
+/// comes back as the API answering 503 with that text. Every request is recorded.
+#[derive(Default)]
+pub struct StaticDecider {
+    by_mac: HashMap<String, Result<BootDecision, String>>,
+    default: Option<Result<BootDecision, String>>,
+    seen: Mutex<Vec<BootRequest>>,
+}
+
+impl StaticDecider {
+    /// Answers every request with `answer`.
+    pub fn always(answer: Result<BootDecision, String>) -> StaticDecider {
+        StaticDecider { default: Some(answer), ..Default::default() }
+    }
+
+    /// Answers requests from `mac` (as `BootRequest::mac` holds it) with `answer`.
+    pub fn with(mut self, mac: &str, answer: Result<BootDecision, String>) -> StaticDecider {
+        self.by_mac.insert(mac.to_string(), answer);
+        self
+    }
+
+    /// The requests asked so far.
+    pub fn seen(&self) -> Vec<BootRequest> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl BootDecider for StaticDecider {
+    fn decide<'a>(&'a self, req: &'a BootRequest) -> Decision<'a> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
+        let answer = self.by_mac.get(&req.mac).or(self.default.as_ref()).cloned();
+        Box::pin(async move {
+            match answer {
+                Some(Ok(d)) => Ok(d),
+                Some(Err(body)) => Err(ApiError::Status { status: 503, body }),
+                None => Err(ApiError::Status { status: 404, body: format!("no decision for {}", req.mac) }),
+            }
+        })
+    }
+}
+
 /// What identifies one machine's question: the answer is reused only for the same triple.
 pub type DecisionKey = (String, Option<MachineId>, Arch);
 
@@ -100,7 +161,7 @@ type Flight = Arc<OnceCell<(Instant, SharedDecision)>>;
 /// request asks the API again. A `ttl` of zero turns both off. Why a short `ttl` cannot boot a
 /// machine into a decision made before its last reboot: docs/pixie.md, "Decision cache".
 pub struct DecisionCache {
-    api: ApiClient,
+    api: Arc<dyn BootDecider>,
     ttl: Duration,
     flights: Mutex<HashMap<DecisionKey, Flight>>,
 }
@@ -118,7 +179,12 @@ pub enum Source {
 const PRUNE_ABOVE: usize = 4096;
 
 impl DecisionCache {
-    pub fn new(api: ApiClient, ttl: Duration) -> DecisionCache {
+    pub fn new(api: impl BootDecider, ttl: Duration) -> DecisionCache {
+        DecisionCache::shared(Arc::new(api), ttl)
+    }
+
+    /// A cache in front of a decider the caller keeps a handle of (a test's [`StaticDecider`]).
+    pub fn shared(api: Arc<dyn BootDecider>, ttl: Duration) -> DecisionCache {
         DecisionCache { api, ttl, flights: Mutex::new(HashMap::new()) }
     }
 

@@ -2,10 +2,8 @@
 //! name the key) and the validated runtime types ([`Config`]) built from it with `TryFrom`.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,34 +24,8 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Value(msg.into())
 }
 
-/// A MAC address, shown lower case and colon separated (the form the API uses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-impl FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = s.trim().split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("{s:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)"));
-        }
-        let mut mac = [0u8; 6];
-        for (b, p) in mac.iter_mut().zip(parts) {
-            if p.len() != 2 {
-                return Err(format!("{s:?} is not a MAC address"));
-            }
-            *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
-        }
-        Ok(Mac(mac))
-    }
-}
+/// MAC addresses are `metal_types::Mac` in every crate (one parser, one printed form).
+pub use metal_types::Mac;
 
 // ---------------------------------------------------------------------------------------------
 // The file as written
@@ -597,7 +569,7 @@ fn validate_dhcp(d: FileDhcp, http: &HttpConfig) -> Result<DhcpConfig, ConfigErr
     let mut reservations = HashMap::new();
     let mut taken = HashMap::new();
     for r in d.reservations {
-        let mac: Mac = r.mac.parse().map_err(invalid)?;
+        let mac: Mac = r.mac.parse().map_err(|e: metal_types::ParseMacError| invalid(e.to_string()))?;
         if !pools.iter().any(|p| p.contains(r.ip)) {
             return Err(invalid(format!("reservation {mac} → {} is outside every pool's subnet", r.ip)));
         }

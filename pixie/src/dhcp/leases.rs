@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Mac, Pool};
+use crate::config::Pool;
+use metal_types::Mac;
 
 /// How long an offered address stays set aside for the client it was offered to.
 pub const OFFER_HOLD_S: u64 = 60;

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::Mac;
+use metal_types::Mac;
 
 /// How many MACs the limiter remembers by default: far more than one partition boots within
 /// one interval.

@@ -17,7 +17,7 @@ use dhcproto::v4::{self, DhcpOption, Message, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use metal_types::{Arch, MachineId};
 
-use crate::config::Mac;
+use metal_types::Mac;
 
 /// Smallest BOOTP message: 236 fixed bytes + the 4-byte magic cookie.
 pub const MIN_LEN: usize = 240;
