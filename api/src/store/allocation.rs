@@ -6,10 +6,12 @@
 //! rules>` inside the same transaction, so a machine is never allocated twice (the unique index
 //! `allocations_one_active_per_machine` is the last line of defence). What differs is how
 //! concurrent requests meet:
-//! - **PostgreSQL**: one transaction per request; the chosen machine is locked with `FOR UPDATE
-//!   SKIP LOCKED` (trying the window in spread order), so requests on several replicas take
-//!   different machines instead of queueing on one; the commit carries a `NOTIFY` that wakes the
-//!   machine's long-poll on whichever replica holds it.
+//! - **PostgreSQL**: one transaction per request; for the pool, the window, the spread and the
+//!   lock are one statement ([`lock_from_pool`]: the window rotated by the spread, the first row
+//!   no concurrent request holds locked `FOR UPDATE SKIP LOCKED`, and the newest free one beyond
+//!   the window when they hold all of it), so requests on several replicas take different
+//!   machines instead of queueing on one or retrying; the commit carries a `NOTIFY` that wakes
+//!   the machine's long-poll on whichever replica holds it.
 //! - **SQLite**: one writer task runs every queued request in one transaction (group commit: one
 //!   fsync for many allocations); a request is answered only after its transaction committed.
 //!
@@ -304,6 +306,50 @@ async fn lock_one(c: &mut AnyConnection, picks: &[MachineId], cutoff: i64) -> Re
     Ok(None)
 }
 
+/// PostgreSQL, pool allocation: the same window and spread as [`policy::pick`] on SQLite, in one
+/// statement. The [`CANDIDATE_WINDOW`] newest eligible machines are numbered, rotated by the
+/// spread (its choice first, then the rest of the window in order), and the first one no
+/// concurrent request holds is locked (`FOR UPDATE SKIP LOCKED`, one row). When concurrent
+/// requests hold the whole window, the newest eligible machine they do not hold is taken
+/// instead, so a request never waits while a machine is free.
+async fn lock_from_pool(
+    c: &mut AnyConnection,
+    partition: &str,
+    size: &str,
+    cutoff: i64,
+    spread: u64,
+) -> Result<Option<MachineId>> {
+    let eligible = policy::eligible_sql("$3");
+    let eligible_m = policy::ELIGIBLE.iter().map(|r| format!("m.{}", r.sql("$3"))).collect::<Vec<_>>().join(" AND ");
+    let window = sqlx::query(&format!(
+        "WITH w AS (SELECT id, row_number() OVER (ORDER BY last_seen_ms DESC) AS rn FROM machines \
+         WHERE partition = $1 AND size = $2 AND {eligible} ORDER BY last_seen_ms DESC LIMIT {CANDIDATE_WINDOW}) \
+         SELECT m.id FROM machines m JOIN w ON m.id = w.id WHERE {eligible_m} \
+         ORDER BY (w.rn + $4) % {CANDIDATE_WINDOW} LIMIT 1 FOR UPDATE OF m SKIP LOCKED"
+    ))
+    .bind(partition)
+    .bind(size)
+    .bind(cutoff)
+    .bind((spread % CANDIDATE_WINDOW as u64) as i64)
+    .fetch_optional(&mut *c)
+    .await?;
+    let row = match window {
+        Some(r) => Some(r),
+        None => {
+            sqlx::query(&format!(
+                "SELECT id FROM machines WHERE partition = $1 AND size = $2 AND {eligible} \
+                 ORDER BY last_seen_ms DESC LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(partition)
+            .bind(size)
+            .bind(cutoff)
+            .fetch_optional(&mut *c)
+            .await?
+        }
+    };
+    row.map(|r| parse_machine_id(&r.try_get::<String, _>("id")?)).transpose()
+}
+
 /// One try at an allocation inside the caller's transaction. On `Retry` and on errors the caller
 /// must undo what this wrote (roll back, or delete the allocation row it names).
 async fn allocate_attempt(
@@ -329,21 +375,27 @@ async fn allocate_attempt(
         }
     }
     let cutoff = now - dead_after_ms;
-    let cands = candidates(c, plan, cutoff).await?;
     let spread: u64 = rand::random();
-    let Some(first) = policy::pick(&cands, now, dead_after_ms, spread) else {
-        return Err(why_no_machine(plan, cands.first(), now, dead_after_ms).into());
-    };
-    let machine = if pg {
-        // The spread's choice first, then the rest of the window.
-        let mut picks = vec![first];
-        picks.extend(cands.iter().filter(|x| x.id != first && x.eligible(now, dead_after_ms)).map(|x| x.id));
-        match lock_one(c, &picks, cutoff).await? {
+    let machine = match (pg, &plan.size, &plan.machine) {
+        // The pool on PostgreSQL: the window and the lock in one statement.
+        (true, Some(size), None) => match lock_from_pool(c, &plan.partition, size, cutoff, spread).await? {
             Some(m) => m,
-            None => return Ok(Attempt::Retry),
+            None => return Err(NoMachine::PoolEmpty { size: size.clone(), partition: plan.partition.clone() }.into()),
+        },
+        _ => {
+            let cands = candidates(c, plan, cutoff).await?;
+            let Some(first) = policy::pick(&cands, now, dead_after_ms, spread) else {
+                return Err(why_no_machine(plan, cands.first(), now, dead_after_ms).into());
+            };
+            if pg {
+                match lock_one(c, &[first], cutoff).await? {
+                    Some(m) => m,
+                    None => return Ok(Attempt::Retry),
+                }
+            } else {
+                first
+            }
         }
-    } else {
-        first
     };
     let alloc = Allocation {
         id: AllocationId::new_random(),
