@@ -8,11 +8,33 @@ use super::{parse_json, Conflict, Result, Store, StoreError};
 use crate::policy;
 use metal_types::CatalogObject;
 use metal_types::Image;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 use std::sync::Arc;
 
 /// (version, expires_ms, body) of one image.
 pub(super) type ImageRow = (String, Option<i64>, String);
+
+/// Whether `table` holds a document `id` identical to `body` (`Ok(true)`), none (`Ok(false)`), or
+/// one with other content (a conflict: catalog objects are changed by deleting and creating).
+async fn stored_identical(
+    c: &mut AnyConnection,
+    table: &str,
+    noun: &'static str,
+    id: &str,
+    body: &serde_json::Value,
+) -> Result<bool> {
+    let existing: Option<String> = sqlx::query(&format!("SELECT body FROM {table} WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(c)
+        .await?
+        .map(|r| r.try_get("body"))
+        .transpose()?;
+    match existing {
+        None => Ok(false),
+        Some(existing) if &parse_json::<serde_json::Value>(noun, &existing)? == body => Ok(true),
+        Some(_) => Err(Conflict::Exists { kind: noun, id: id.to_string() }.into()),
+    }
+}
 
 impl Store {
     /// Inserts a catalog document. `Ok(true)`: created; `Ok(false)`: an identical one existed.
@@ -21,19 +43,8 @@ impl Store {
         let body = serde_json::to_value(item).expect("wire types always serialize");
         let body = &body;
         let mut tx = self.write().await?;
-        let existing: Option<String> = sqlx::query(&format!("SELECT body FROM {} WHERE id = $1", T::PLURAL))
-            .bind(id)
-            .fetch_optional(tx.c())
-            .await?
-            .map(|r| r.try_get("body"))
-            .transpose()?;
-        if let Some(existing) = existing {
-            let existing: serde_json::Value = parse_json("catalog object", &existing)?;
-            return if &existing == body {
-                Ok(false)
-            } else {
-                Err(Conflict::Exists { kind: T::NOUN, id: id.to_string() }.into())
-            };
+        if stored_identical(tx.c(), T::PLURAL, T::NOUN, id, body).await? {
+            return Ok(false);
         }
         sqlx::query(&format!("INSERT INTO {} (id, body, created_ms) VALUES ($1, $2, $3)", T::PLURAL))
             .bind(id)
@@ -122,19 +133,8 @@ impl Store {
     pub async fn put_image(&self, image: &Image, expires_ms: Option<i64>) -> Result<bool> {
         let body = serde_json::to_value(image).expect("wire types always serialize");
         let mut tx = self.write().await?;
-        let existing: Option<String> = sqlx::query("SELECT body FROM images WHERE id = $1")
-            .bind(&image.id)
-            .fetch_optional(tx.c())
-            .await?
-            .map(|r| r.try_get("body"))
-            .transpose()?;
-        if let Some(existing) = existing {
-            let existing: serde_json::Value = parse_json("image", &existing)?;
-            return if existing == body {
-                Ok(false)
-            } else {
-                Err(Conflict::Exists { kind: "image", id: image.id.clone() }.into())
-            };
+        if stored_identical(tx.c(), Image::PLURAL, Image::NOUN, &image.id, &body).await? {
+            return Ok(false);
         }
         sqlx::query("INSERT INTO images (id, name, version, expires_ms, body, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&image.id)
