@@ -195,26 +195,14 @@ pub struct Catalog {
     pub tenant2: String,
 }
 
+/// The simulated machine's inventory (`metal_client::sim::inventory`) with this suite's disk
+/// (8 GiB, serial `d1`) and DMI names.
 pub fn inventory(uuid: MachineId, mac: &str) -> Inventory {
-    Inventory {
-        uuid,
-        cpus: vec![Cpu { model: "QEMU Virtual CPU".into(), cores: 2, threads: 2 }],
-        memory_bytes: 2 << 30,
-        disks: vec![Disk {
-            name: "vda".into(),
-            size_bytes: 8 << 30,
-            model: "QEMU HARDDISK".into(),
-            serial: "d1".into(),
-            rotational: false,
-            logical_sector_size: 512,
-            physical_sector_size: 512,
-            bus: "virtio".into(),
-            ..Default::default()
-        }],
-        nics: vec![Nic { name: "eth0".into(), mac: mac.into(), driver: "virtio_net".into(), speed_mbps: None, carrier: true }],
-        dmi: Dmi { sys_vendor: "QEMU".into(), product_name: "Standard PC".into(), ..Default::default() },
-        lldp: vec![],
-    }
+    let mut inv = metal_client::sim::inventory(uuid, mac);
+    inv.disks[0].size_bytes = 8 << 30;
+    inv.disks[0].serial = "d1".into();
+    inv.dmi = Dmi { sys_vendor: "QEMU".into(), product_name: "Standard PC".into(), ..Default::default() };
+    inv
 }
 
 /// A simulated metal-hammer: `metal_client::sim::SimAgent` with this module's inventory,
