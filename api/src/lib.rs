@@ -203,6 +203,7 @@ impl App {
             sqlite_sync_normal: config.sqlite_sync_normal,
             cache_ttl,
             dead_after_ms: config.dead_after_s as i64 * 1000,
+            beat_interval: std::time::Duration::from_secs(1),
             clock: config.clock.clone(),
         };
         let store = store::Store::open(&config.db, opts).await?;

@@ -10,17 +10,8 @@ use metal_types::cmdline::HammerParams;
 use metal_types::*;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 use std::time::{Duration, Instant};
-
-async fn sql_i64(db: &Db, query: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let mut c = sqlx::AnyConnection::connect(&db.url).await.expect("connect to the test database");
-    let r = sqlx::query(query).fetch_one(&mut c).await.unwrap_or_else(|e| panic!("{query}: {e}"));
-    let v = r.try_get::<i64, _>(0).unwrap_or_else(|e| panic!("{query}: {e}"));
-    c.close().await.ok();
-    v
-}
 
 async fn sql_exec(db: &Db, query: &str) {
     sqlx::any::install_default_drivers();

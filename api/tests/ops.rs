@@ -131,6 +131,45 @@ async fn dead_machines_are_not_allocated() {
 }
 
 #[tokio::test]
+async fn heartbeats_are_seen_at_once_written_within_a_second_and_not_lost_on_shutdown() {
+    let db = Db::sqlite();
+    let mut api = Api::start(&db).await;
+    let cat = api.catalog().await;
+    let mut agent = Agent::new(51);
+    agent.join_pool(&api, &cat.pixie).await;
+    let stored = format!("SELECT last_seen_ms FROM machines WHERE id = '{}'", agent.machine);
+    let last_seen = |m: &Machine| chrono_ms(m.last_seen.as_deref().expect("last_seen"));
+
+    // A beat shows in the API at once, and reaches the database within the flush interval.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let before = metal_api::now_ms();
+    assert_eq!(agent.wait(&api, 0).await, None);
+    let m: Machine = api.ok(Method::GET, &format!("/v1/machines/{}", agent.machine), ADMIN, None).await;
+    assert!(last_seen(&m) >= before, "the API shows the beat it was just sent");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(sql_i64(&db, &stored).await >= before, "written by the flusher within its interval");
+
+    // The allocator sees a beat not yet flushed (SQLite writes pending beats with the batch).
+    let before = metal_api::now_ms();
+    assert_eq!(agent.wait(&api, 0).await, None);
+    let (s, v) = api.post("/v1/allocations", &cat.tenant1, alloc_body("hb")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(sql_i64(&db, &stored).await >= before, "written with the allocation");
+
+    // A beat just before a shutdown is written by the shutdown.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let before = metal_api::now_ms();
+    agent.wait(&api, 0).await.expect("instructions of the allocation");
+    api.stop().await;
+    assert!(sql_i64(&db, &stored).await >= before, "the last beat is not lost on shutdown");
+}
+
+fn chrono_ms(rfc3339: &str) -> i64 {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[tokio::test]
 async fn image_names_resolve_to_the_newest_unexpired_version() {
     let db = Db::sqlite();
     let mut api = Api::start(&db).await;

@@ -510,6 +510,7 @@ pub(super) async fn group_writer(
     pool: AnyPool,
     lock: Arc<Mutex<()>>,
     clock: ClockRef,
+    beats: Arc<super::beats::Beats>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<AllocJob>,
 ) {
     const MAX_BATCH: usize = 256;
@@ -522,7 +523,14 @@ pub(super) async fn group_writer(
             }
         }
         let _guard = lock.lock().await;
-        match run_batch(&pool, &batch, clock.now_ms()).await {
+        // The beats recorded so far go into the same transaction: the allocator sees every
+        // machine that said it is alive, at no extra commit.
+        let taken = beats.take();
+        let outcome = run_batch(&pool, &taken, &batch, clock.now_ms()).await;
+        if outcome.is_err() {
+            beats.restore(taken);
+        }
+        match outcome {
             Ok(results) => {
                 for (job, r) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(r);
@@ -541,8 +549,14 @@ pub(super) async fn group_writer(
 
 /// Runs a batch in one transaction. `Err` only when the transaction itself failed (then nothing
 /// was committed); a request's own failure (no machine, …) is its result and wrote nothing.
-async fn run_batch(pool: &AnyPool, batch: &[AllocJob], now: i64) -> Result<Vec<Result<AllocOutcome>>> {
+async fn run_batch(
+    pool: &AnyPool,
+    beats: &[(MachineId, i64)],
+    batch: &[AllocJob],
+    now: i64,
+) -> Result<Vec<Result<AllocOutcome>>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    super::beats::write(&mut tx, beats).await?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let mut result = Err(Conflict::Contended { attempts: ATTEMPTS }.into());

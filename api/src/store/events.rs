@@ -50,7 +50,7 @@ impl Store {
             reclaim_ms: r.try_get("reclaim_ms")?,
             failed_reclaim: r.try_get::<i64, _>("failed_reclaim")? != 0,
         };
-        Ok(Some((fsm, r.try_get("last_seen_ms")?)))
+        Ok(Some((fsm, self.beats.overlay(id, r.try_get("last_seen_ms")?))))
     }
 
     /// Runs events through the state machine and stores them, inside `c`'s transaction.

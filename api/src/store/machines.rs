@@ -70,7 +70,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
-            .map(machine_row)
+            .map(|r| machine_row(r).map(|m| self.with_beat(m)))
             .transpose()
     }
 
@@ -82,7 +82,7 @@ impl Store {
                 sqlx::query(&format!("{MACHINE_SELECT} WHERE a.project = $1 ORDER BY m.id")).bind(p).fetch_all(&self.pool).await?
             }
         };
-        rows.iter().map(machine_row).collect()
+        rows.iter().map(|r| machine_row(r).map(|m| self.with_beat(m))).collect()
     }
 
     /// For the boot decision, in one query: the machine that owns `mac`, or else the one named
@@ -114,14 +114,15 @@ impl Store {
     }
 
     /// A heartbeat: the machine's agent is alive.
+    /// Recorded in memory and written with the others of this interval (`super::beats`).
     pub async fn heartbeat(&self, id: MachineId) -> Result<()> {
-        let mut tx = self.write().await?;
-        sqlx::query("UPDATE machines SET last_seen_ms = $1 WHERE id = $2")
-            .bind(self.now_ms())
-            .bind(id.to_string())
-            .execute(tx.c())
-            .await?;
-        tx.commit().await
+        self.beats.record(id, self.now_ms());
+        Ok(())
+    }
+
+    fn with_beat(&self, mut row: MachineRow) -> MachineRow {
+        row.last_seen_ms = self.beats.overlay(row.id, row.last_seen_ms);
+        row
     }
 
     /// Registers (or re-registers) a machine and replaces its credential. A sign of life.

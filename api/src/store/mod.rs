@@ -9,6 +9,7 @@
 //! | [`catalog`] | partitions, sizes, layouts, projects (one JSON document per id), images |
 //! | [`tokens`] | stored tokens (hashes only) and shared secrets |
 //! | [`machines`] | machine rows, registration, boot lookups, reports |
+//! | [`beats`] | heartbeats kept in memory and written once per interval |
 //! | [`events`] | the provisioning timeline through the state machine (`crate::fsm`) |
 //! | [`allocation`] | how a machine is picked and allocated, freed, phoned home |
 //! | [`error`] | what the store reports ([`StoreError`]); `crate::error` makes messages of it |
@@ -20,6 +21,7 @@
 //! PostgreSQL it is a plain transaction and row locks do the rest.
 
 pub mod allocation;
+pub mod beats;
 pub mod cache;
 pub mod catalog;
 pub mod error;
@@ -83,6 +85,8 @@ pub struct Store {
     /// A machine silent for this long is dead: pixie's sightings of a machine whose
     /// metal-hammer was heard from more recently are ignored (`fsm::Origin::Pixie`).
     dead_after_ms: i64,
+    /// Heartbeats not written yet ([`beats`]).
+    beats: Arc<beats::Beats>,
 }
 
 /// A write transaction (and, on SQLite, the process-wide writer lock). Dropping it rolls back.
@@ -131,6 +135,8 @@ pub struct Options {
     pub cache_ttl: Duration,
     /// A machine not heard from for this long is dead.
     pub dead_after_ms: i64,
+    /// How often heartbeats are written ([`beats`]); at most a tenth of `dead_after_ms`.
+    pub beat_interval: Duration,
     pub clock: ClockRef,
 }
 
@@ -140,6 +146,7 @@ impl Default for Options {
             sqlite_sync_normal: false,
             cache_ttl: Duration::from_secs(5),
             dead_after_ms: 60_000,
+            beat_interval: Duration::from_secs(1),
             clock: ClockRef::default(),
         }
     }
@@ -184,11 +191,15 @@ impl Store {
         }
         let sqlite = backend == Backend::Sqlite;
         let write_lock = sqlite.then(|| Arc::new(Mutex::new(())));
+        let beat_interval =
+            opts.beat_interval.min(Duration::from_millis((opts.dead_after_ms.max(0) / 10) as u64)).max(Duration::from_millis(20));
+        let beats = Arc::new(beats::Beats::new(beat_interval));
         let group_writer = write_lock.as_ref().map(|lock| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(allocation::group_writer(pool.clone(), lock.clone(), opts.clock.clone(), rx));
+            tokio::spawn(allocation::group_writer(pool.clone(), lock.clone(), opts.clock.clone(), beats.clone(), rx));
             tx
         });
+        tokio::spawn(flush_beats(pool.clone(), backend, write_lock.clone(), beats.clone()));
         let ttl = opts.cache_ttl;
         let store = Store {
             pool,
@@ -206,6 +217,7 @@ impl Store {
             boot_tokens: Cache::new(ttl),
             group_writer,
             dead_after_ms: opts.dead_after_ms,
+            beats,
         };
         migrate::run(&store).await?;
         Ok(store)
@@ -253,8 +265,17 @@ impl Store {
         &self.url
     }
 
+    /// Writes the beats not written yet and closes the pool.
     pub async fn close(&self) {
+        if let Err(e) = flush_once(&self.pool, self.backend, self.write_lock.as_ref(), &self.beats).await {
+            tracing::warn!(error = %e, "could not write the last heartbeats before closing");
+        }
         self.pool.close().await;
+    }
+
+    /// Writes the beats not written yet now (normally the flusher does, every interval).
+    pub async fn flush_beats(&self) -> Result<()> {
+        flush_once(&self.pool, self.backend, self.write_lock.as_ref(), &self.beats).await
     }
 
     /// Starts a write transaction.
@@ -273,5 +294,45 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// One write of every pending beat, in its own transaction; on failure they go back.
+async fn flush_once(pool: &AnyPool, backend: Backend, lock: Option<&Arc<Mutex<()>>>, beats: &beats::Beats) -> Result<()> {
+    if beats.is_empty() {
+        return Ok(());
+    }
+    let _guard = match lock {
+        Some(l) => Some(l.lock().await),
+        None => None,
+    };
+    let taken = beats.take();
+    let result = async {
+        let mut tx = match backend {
+            Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => pool.begin().await?,
+        };
+        beats::write(&mut tx, &taken).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        beats.restore(taken);
+    }
+    result
+}
+
+/// The flusher: every interval until the pool closes. A failed write keeps the beats for the next.
+async fn flush_beats(pool: AnyPool, backend: Backend, lock: Option<Arc<Mutex<()>>>, beats: Arc<beats::Beats>) {
+    let mut tick = tokio::time::interval(beats.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !pool.is_closed() {
+        tick.tick().await;
+        if let Err(e) = flush_once(&pool, backend, lock.as_ref(), &beats).await {
+            if !pool.is_closed() {
+                tracing::warn!(error = %e, pending = beats.len(), "writing heartbeats failed; retrying next interval");
+            }
+        }
     }
 }

@@ -270,3 +270,13 @@ impl Agent {
 pub fn event_names(events: &[MachineEvent]) -> Vec<&'static str> {
     events.iter().map(|e| e.event.as_str()).collect()
 }
+
+/// One integer from the test database, read on a connection of its own.
+pub async fn sql_i64(db: &Db, query: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&db.url).await.expect("connect to the test database");
+    let r = sqlx::query(query).fetch_one(&mut c).await.unwrap_or_else(|e| panic!("{query}: {e}"));
+    let v = sqlx::Row::try_get::<i64, _>(&r, 0).unwrap_or_else(|e| panic!("{query}: {e}"));
+    c.close().await.ok();
+    v
+}
