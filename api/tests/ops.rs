@@ -138,7 +138,7 @@ async fn heartbeats_are_seen_at_once_written_within_a_second_and_not_lost_on_shu
     let mut agent = Agent::new(51);
     agent.join_pool(&api, &cat.pixie).await;
     let stored = format!("SELECT last_seen_ms FROM machines WHERE id = '{}'", agent.machine);
-    let last_seen = |m: &Machine| chrono_ms(m.last_seen.as_deref().expect("last_seen"));
+    let last_seen = |m: &Machine| metal_api::parse_rfc3339(m.last_seen.as_deref().expect("last_seen")).expect("RFC 3339");
 
     // A beat shows in the API at once, and reaches the database within the flush interval.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -162,11 +162,6 @@ async fn heartbeats_are_seen_at_once_written_within_a_second_and_not_lost_on_shu
     agent.wait(&api, 0).await.expect("instructions of the allocation");
     api.stop().await;
     assert!(sql_i64(&db, &stored).await >= before, "the last beat is not lost on shutdown");
-}
-
-fn chrono_ms(rfc3339: &str) -> i64 {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[tokio::test]

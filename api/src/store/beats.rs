@@ -41,9 +41,7 @@ impl Beats {
 
     /// Records that `id` was heard from at `at_ms`.
     pub fn record(&self, id: MachineId, at_ms: i64) {
-        let mut p = self.pending.lock().expect("beats lock");
-        let e = p.entry(id).or_insert(at_ms);
-        *e = (*e).max(at_ms);
+        merge(&mut self.pending.lock().expect("beats lock"), id, at_ms);
     }
 
     /// The beat of `id` not written yet, if any.
@@ -73,8 +71,7 @@ impl Beats {
     pub fn restore(&self, beats: Vec<(MachineId, i64)>) {
         let mut p = self.pending.lock().expect("beats lock");
         for (id, at) in beats {
-            let e = p.entry(id).or_insert(at);
-            *e = (*e).max(at);
+            merge(&mut p, id, at);
         }
     }
 
@@ -85,6 +82,12 @@ impl Beats {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The newer of the pending beat and `at_ms`.
+fn merge(pending: &mut HashMap<MachineId, i64>, id: MachineId, at_ms: i64) {
+    let e = pending.entry(id).or_insert(at_ms);
+    *e = (*e).max(at_ms);
 }
 
 /// Writes `beats` inside `c`'s transaction: one statement per [`CHUNK`] machines, and a row's

@@ -273,22 +273,9 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Writes the beats not written yet now (normally the flusher does, every interval).
-    pub async fn flush_beats(&self) -> Result<()> {
-        flush_once(&self.pool, self.backend, self.write_lock.as_ref(), &self.beats).await
-    }
-
     /// Starts a write transaction.
     pub async fn write(&self) -> Result<Tx> {
-        let guard = match &self.write_lock {
-            Some(l) => Some(l.clone().lock_owned().await),
-            None => None,
-        };
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(Tx { tx, _guard: guard })
+        begin_write(&self.pool, self.backend, self.write_lock.as_ref()).await
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -297,26 +284,30 @@ impl Store {
     }
 }
 
+/// A write transaction: on SQLite the process-wide writer lock first, then `BEGIN IMMEDIATE`.
+async fn begin_write(pool: &AnyPool, backend: Backend, lock: Option<&Arc<Mutex<()>>>) -> Result<Tx> {
+    let guard = match lock {
+        Some(l) => Some(l.clone().lock_owned().await),
+        None => None,
+    };
+    let tx = match backend {
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => pool.begin().await?,
+    };
+    Ok(Tx { tx, _guard: guard })
+}
+
 /// One write of every pending beat, in its own transaction; on failure they go back.
 async fn flush_once(pool: &AnyPool, backend: Backend, lock: Option<&Arc<Mutex<()>>>, beats: &beats::Beats) -> Result<()> {
     if beats.is_empty() {
         return Ok(());
     }
-    let _guard = match lock {
-        Some(l) => Some(l.lock().await),
-        None => None,
-    };
+    let mut tx = begin_write(pool, backend, lock).await?;
     let taken = beats.take();
-    let result = async {
-        let mut tx = match backend {
-            Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => pool.begin().await?,
-        };
-        beats::write(&mut tx, &taken).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-    .await;
+    let result = match beats::write(tx.c(), &taken).await {
+        Ok(()) => tx.commit().await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         beats.restore(taken);
     }
